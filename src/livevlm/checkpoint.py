@@ -1,0 +1,135 @@
+"""Save and load LiveModel checkpoints (safetensors): only what was trained, plus the recipe to rebuild it.
+
+A checkpoint folder holds:
+    livevlm.yaml            the model and format sections of the recipe (base LLM, vision tower, layout)
+    connector.safetensors   the connector
+    adapter_model.safetensors + adapter_config.json   LoRA (peft's own format), when finetune = lora
+    llm/                    the whole LLM (HF format), when finetune = full
+    tokenizer/              the tokenizer with the placeholder registered (exact ids at inference)
+The base LLM and vision tower are named in livevlm.yaml ("default" = the packaged backbones), so a LoRA
+checkpoint is a few MB.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from livevlm.config import FormatConfig, ModelConfig, from_dict, to_dict
+from livevlm.model import LiveModel
+
+log = logging.getLogger(__name__)
+CONFIG_NAME = "livevlm.yaml"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing or incomplete; the message names the folder and the missing file."""
+
+
+@dataclass
+class LoadedModel:
+    model: LiveModel
+    tokenizer: object
+    model_config: ModelConfig
+    format_config: FormatConfig
+
+
+def save_checkpoint(model: LiveModel, tokenizer, model_config: ModelConfig, format_config: FormatConfig,
+                    folder: str | Path) -> Path:
+    """Write the checkpoint into `folder` atomically: a temporary sibling is renamed over it when complete,
+    so a crash (or a full disk) mid-write leaves the previous checkpoint intact."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        sections = {"model": to_dict(model_config), "format": to_dict(format_config)}
+        (tmp / CONFIG_NAME).write_text(yaml.safe_dump(sections, sort_keys=False, allow_unicode=True))
+        connector = {k: v.detach().cpu().contiguous() for k, v in model.connector.state_dict().items()}
+        save_file(connector, str(tmp / "connector.safetensors"))
+        if model_config.finetune == "lora":
+            # peft: adapter_model.safetensors + adapter_config.json. A LoRA on a tied lm_head makes peft
+            # want to save the (frozen) embedding table too: tens of MB for nothing.
+            model.llm.save_pretrained(str(tmp), save_embedding_layers=False)
+        elif model_config.finetune == "full":
+            model.llm.save_pretrained(str(tmp / "llm"))
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        _replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move `src` to `dst`, replacing it; the old one is removed only after the new one is in place."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        dst.rename(old)
+    src.rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_checkpoint_config(folder: str | Path) -> tuple[ModelConfig, FormatConfig]:
+    folder = Path(folder)
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder} is not a livevlm checkpoint: {CONFIG_NAME} is missing "
+                              "(train one with `livevlm train`, or omit --model for the default model)")
+    data = yaml.safe_load(config_file.read_text()) or {}
+    return from_dict(ModelConfig, data.get("model", {}), "model."), from_dict(FormatConfig, data.get("format", {}),
+                                                                             "format.")
+
+
+def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    trainable: bool = False, merge_lora: bool = True) -> LoadedModel:
+    """Rebuild a LiveModel from a checkpoint folder.
+
+    Args:
+        folder: a folder written by `save_checkpoint`.
+        trainable: keep LoRA weights trainable (resuming); otherwise the model is put in eval mode and,
+            with `merge_lora`, LoRA is merged into the base weights (faster inference, same outputs).
+
+    Raises:
+        CheckpointError: a required file is missing.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from livevlm.backbones import resolve_llm
+
+    folder = Path(folder)
+    model_config, format_config = read_checkpoint_config(folder)
+    for name in ("connector.safetensors", "tokenizer"):
+        if not (folder / name).exists():
+            raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    if model_config.finetune == "full":
+        llm = AutoModelForCausalLM.from_pretrained(str(folder / "llm"), dtype=dtype)
+    else:
+        llm = AutoModelForCausalLM.from_pretrained(resolve_llm(model_config.llm), dtype=dtype)
+    if model_config.finetune == "lora":
+        from peft import PeftModel
+
+        if not (folder / "adapter_config.json").is_file():
+            raise CheckpointError(f"checkpoint {folder} says finetune=lora but adapter_config.json is missing")
+        llm = PeftModel.from_pretrained(llm, str(folder), is_trainable=trainable)
+        if not trainable and merge_lora:
+            llm = llm.merge_and_unload()
+    connector_state = load_file(str(folder / "connector.safetensors"))
+    vision_dim = connector_state["fc1.weight"].shape[1]
+    placeholder_id = tokenizer.convert_tokens_to_ids(format_config.placeholder)
+    model = LiveModel(llm, vision_dim, placeholder_id, model_config.connector_hidden)
+    model.connector.load_state_dict(connector_state)
+    model.to(device=device, dtype=dtype)
+    if not trainable:
+        model.eval().requires_grad_(False)
+    return LoadedModel(model, tokenizer, model_config, format_config)

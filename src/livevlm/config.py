@@ -1,0 +1,315 @@
+"""Typed configuration: dataclasses for model / format / train / engine, YAML recipes, CLI overrides.
+
+A recipe is a YAML file whose top-level keys are the sections of `Recipe` (`model`, `format`, `train`,
+`engine`). Command-line overrides use dotted keys: `train.lr=1e-4 model.grid=2`. Unknown keys and values
+of the wrong type raise `ConfigError` naming the key, so a typo never silently falls back to a default.
+
+The same machinery builds argparse parsers from small argument dataclasses (`add_dataclass_arguments`):
+fields without a default become positional arguments, the rest `--options`, with help from the field's
+`metadata["help"]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+OFFICIAL_SYSTEM_PROMPT = (
+    "A multimodal AI assistant is helping users with some activities. Below is their conversation, "
+    "interleaved with the list of video frames received by the assistant."
+)
+OFFICIAL_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """What the model is made of. `llm` / `vision` are a local folder, a hub name, or "default"."""
+
+    llm: str = "default"
+    vision: str = "default"
+    frame_size: int = 224  # square side the frames are letterboxed to before the vision encoder
+    pooled_token: bool = True  # one pooled/CLS token per frame, before the grid
+    grid: int = 3  # k: the patch grid is average-pooled to k x k tokens (0 = no grid tokens)
+    connector_hidden: int = 0  # hidden width of the 2-layer MLP connector; 0 = the LLM's hidden size
+    finetune: Literal["lora", "full", "connector"] = "lora"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: list(OFFICIAL_LORA_TARGETS))
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self) -> None:
+        if self.grid < 0:
+            raise ConfigError(f"model.grid must be >= 0, got {self.grid}")
+        if not self.pooled_token and self.grid == 0:
+            raise ConfigError("model: a frame needs at least one token: set model.pooled_token=true or grid>0")
+        if self.frame_size <= 0:
+            raise ConfigError(f"model.frame_size must be positive, got {self.frame_size}")
+        if self.lora_r <= 0 and self.finetune == "lora":
+            raise ConfigError(f"model.lora_r must be positive for LoRA, got {self.lora_r}")
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return int(self.pooled_token) + self.grid * self.grid
+
+
+@dataclass
+class FormatConfig:
+    """The interleaved text layout (official VideoLLM-online v1+ by default).
+
+    With `separator=""` frames are not separated (the one-token-per-frame v1 layout): the silence
+    target of a frame's last token is then the tokenizer's eos.
+    """
+
+    system_prompt: str = OFFICIAL_SYSTEM_PROMPT
+    placeholder: str = "<v>"
+    separator: str = ","
+    frames_open: str = "\n["
+    frames_close: str = "]\n"
+    user_role: str = "User"
+    assistant_role: str = "Assistant"
+    fps: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.fps <= 0:
+            raise ConfigError(f"format.fps must be positive, got {self.fps}")
+        if not self.placeholder:
+            raise ConfigError("format.placeholder must not be empty (the official one is '<v>')")
+        if not self.frames_close:
+            raise ConfigError("format.frames_close must not be empty (the official one is ']\\n')")
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # dialogue JSONL
+    features: str = ""  # feature cache folder (from `livevlm data encode`)
+    eval_data: str = ""
+    output_dir: str = "runs/default"
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    max_frames: int = 256
+    stream_loss_weight: float = 1.0
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    seed: int = 42
+    save_steps: int = 200
+    eval_steps: int = 0
+    log_steps: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_frames"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class EngineConfig:
+    threshold: float = 0.725  # stay silent while P(separator) >= threshold
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_frames_per_forward: int = 8
+    window_frames: int = 0  # 0 = keep everything up to the context length, then slide
+    realtime: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"engine.threshold must be in [0, 1], got {self.threshold}")
+        if self.max_new_tokens <= 0:
+            raise ConfigError(f"engine.max_new_tokens must be positive, got {self.max_new_tokens}")
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    format: FormatConfig = field(default_factory=FormatConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+T = TypeVar("T")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check/convert one value against a (resolved) type annotation, naming `key` on failure."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {annotation.__name__} fields, got {value!r}")
+        return from_dict(annotation, value, prefix=f"{key}.")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if annotation is Path:
+        return Path(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrongly typed values."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!s}; valid keys here: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{prefix or cls.__name__}: {exc}") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings to a nested dict (values parsed as YAML scalars)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-4")
+        dotted, raw = item.split("=", 1)
+        *parents, leaf = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return data
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load a YAML recipe (or the defaults when `path` is None) and apply CLI overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe {path} does not exist; the shipped ones are under recipes/")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"recipe {path} must be a mapping of sections (model, format, train, engine)")
+        data = loaded
+    data = apply_overrides(data, overrides or [])
+    try:
+        return from_dict(Recipe, data)
+    except ConfigError as exc:
+        where = f"recipe {path}: " if path is not None else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False, allow_unicode=True))
+
+
+# ---------------------------------------------------------------------------------------------------
+# argparse from dataclasses
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one argument per field of `cls`: positional without a default, `--name` otherwise.
+
+    Field metadata: "help"; "aliases" (extra flags, e.g. ["--from"]); "nargs" on a list field makes it a
+    trailing positional list (e.g. `key=value` overrides).
+    """
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        annotation = hints[f.name]
+        help_text = f.metadata.get("help", "")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        origin = typing.get_origin(annotation)
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", [])]
+        if origin is list and "nargs" in f.metadata:  # trailing positional list: `train RECIPE a=1 b=2`
+            (item_type,) = typing.get_args(annotation)
+            parser.add_argument(f.name, type=item_type, nargs=f.metadata["nargs"], help=help_text)
+            continue
+        if origin is list:
+            (item_type,) = typing.get_args(annotation)
+            default = [] if required else (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+            parser.add_argument(*flags, dest=f.name, type=item_type, action="append", default=None,
+                                help=f"{help_text} (repeatable)")
+            parser.set_defaults(**{f.name: default})
+            continue
+        kwargs: dict[str, Any] = {"help": help_text}
+        if origin is Literal:
+            kwargs["choices"] = list(typing.get_args(annotation))
+        elif annotation is bool:
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=f.default, help=help_text)
+            continue
+        elif origin in (typing.Union, types.UnionType):
+            inner = [a for a in typing.get_args(annotation) if a is not type(None)][0]
+            kwargs["type"] = inner
+        else:
+            kwargs["type"] = annotation
+        if required:
+            parser.add_argument(f.name, **kwargs)
+        else:
+            kwargs["help"] = f"{help_text} (default: {f.default})".strip()
+            parser.add_argument(*flags, dest=f.name, default=f.default, **kwargs)
+
+
+def dataclass_from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    return cls(**{n: getattr(namespace, n) for n in names})

@@ -1,0 +1,298 @@
+"""Synthetic-world annotations → narration, reminder and question dialogues with exact answers.
+
+Input: the world generator's `annotations.jsonl`, one video per line: `{"video": "videos/000.mp4",
+"duration_s": 30.0, "fps": 2, "events": [{"time_s": 3.5, "text": "A small red circle appears on the
+left.", "kind": "appear", "object": {"id": 0, "shape": "circle", "color": "red", "size": "small"}, ...}],
+"steps": [...]}`. Event kinds: appear, move (`direction`), stop, color (`new_color`), size (`new_size`),
+collide (`other`: the object hit; both stop), leave; `object` is the object as it was before the event.
+Unknown kinds and extra fields are ignored; the video path is rewritten relative to the output folder.
+
+Per video (all clips are the whole video; every answer is computed from the events up to its time):
+- `{stem}-narration`: a narration prompt at the first frame, answered by an acknowledgement (or by the
+  first events when they are due there); every event said at the first frame at or after it, same-frame
+  events merged with " ".
+- `{stem}-reminder-{j}`: "Tell me when the blue square leaves." asked at a random frame up to a minute
+  before a future event of that object and kind (the object unambiguous then, and that event the first of its kind for
+  it since), acknowledged at once, answered with the event's sentence at its frame.
+- `{stem}-questions`: questions at distinct random frames, answered at once: past ("What just
+  happened?", "What appeared last?"), present ("How many objects are there?", "What colour is the
+  circle?", "How big is the red circle?") and ongoing ("What is the red circle doing?" → "It is moving
+  to the right." while it moves).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from livevlm.data.converters.common import (
+    NUMBER,
+    ConvertArgs,
+    StreamBuilder,
+    VideoPaths,
+    ceil_frame,
+    count_frames,
+    read_jsonl,
+    rebase,
+    require,
+    sentence,
+)
+from livevlm.data.schema import FRAME_EPS, Dialogue
+
+NARRATION_PROMPTS = ("Please narrate the video in real time.", "Tell me what happens as soon as it happens.",
+                     "Describe every change you see in the scene.", "Narrate the scene for me.")
+NARRATION_ACKS = ("Sure, I will narrate what happens.", "OK, I will describe each change as it happens.")
+REMINDER_ACKS = ("Sure, I will tell you when it happens.", "OK, I will let you know.")
+REMINDERS = {"appear": "Tell me when {a_name} appears.", "move": "Tell me when the {name} starts moving.",
+             "stop": "Tell me when the {name} stops.", "color": "Tell me when the {name} changes colour.",
+             "size": "Tell me when the {name} changes size.",
+             "collide": "Tell me when the {name} bumps into something.", "leave": "Tell me when the {name} leaves."}
+_KIND_ALIASES = {"colour": "color", "change color": "color", "change colour": "color", "recolor": "color",
+                 "change size": "size", "grow": "size", "shrink": "size", "collision": "collide",
+                 "exit": "leave", "vanish": "leave", "disappear": "leave", "start moving": "move"}
+MOVE_PHRASES = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
+REMINDER_WINDOW_S = 60.0  # a reminder is asked at most this long before its event (bounds the search, too)
+_NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+@dataclass
+class Event:
+    """One world event, normalised: kind in REMINDERS' keys (or as given), the object before it."""
+
+    time_s: float
+    text: str
+    kind: str
+    obj: dict[str, Any]
+    raw: dict[str, Any]
+
+    @property
+    def oid(self) -> Any:
+        return self.obj.get("id")
+
+    def involves(self, oid: Any) -> bool:
+        other = self.raw.get("other")
+        return self.oid == oid or (isinstance(other, dict) and other.get("id") == oid)
+
+
+@dataclass
+class ObjState:
+    shape: str
+    color: str
+    size: str
+    direction: str | None = None  # None while still; "" when moving in an unknown direction
+
+    @property
+    def name(self) -> str:
+        return f"{self.color} {self.shape}"
+
+
+def _kind(raw: Any) -> str:
+    kind = str(raw or "").lower().replace("_", " ").replace("-", " ").strip()
+    return _KIND_ALIASES.get(kind, kind)
+
+
+def parse_events(items: list[Any], where: str) -> list[Event]:
+    """Events of one annotation line, checked for time_s and text, in time order."""
+    events = []
+    for i, item in enumerate(items):
+        here = f"{where}: events[{i}]"
+        time_s = float(require(item, "time_s", here, NUMBER))
+        text = require(item, "text", here, str).strip()
+        obj = item.get("object") if isinstance(item.get("object"), dict) else {}
+        events.append(Event(time_s, text, _kind(item.get("kind")), obj, item))
+    return sorted(events, key=lambda e: e.time_s)
+
+
+def state_at(events: list[Event], time_s: float) -> dict[Any, ObjState]:
+    """The objects on screen after every event at or before `time_s`, by object id."""
+    objects: dict[Any, ObjState] = {}
+    for event in events:
+        if event.time_s > time_s + FRAME_EPS:
+            break
+        _apply(objects, event)
+    return objects
+
+
+def _apply(objects: dict[Any, ObjState], event: Event) -> None:
+    obj, kind, raw = event.obj, event.kind, event.raw
+    if kind == "appear":
+        objects[event.oid] = ObjState(str(obj.get("shape", "object")), str(obj.get("color", "")),
+                                      str(obj.get("size", "")))
+        return
+    state = objects.get(event.oid)
+    if state is None:
+        return
+    if kind == "move":
+        state.direction = str(raw.get("direction") or "")
+    elif kind == "stop":
+        state.direction = None
+    elif kind == "color" and raw.get("new_color"):
+        state.color = str(raw["new_color"])
+    elif kind == "size" and raw.get("new_size"):
+        state.size = str(raw["new_size"])
+    elif kind == "collide":
+        state.direction = None
+        other = raw.get("other")
+        if isinstance(other, dict) and other.get("id") in objects:
+            objects[other.get("id")].direction = None
+    elif kind == "leave":
+        del objects[event.oid]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the three dialogue kinds
+
+
+@dataclass
+class WorldVideo:
+    stem: str
+    video: str
+    duration_s: float
+    events: list[Event]
+
+    def dialogue(self, suffix: str, builder: StreamBuilder, task: str) -> Dialogue:
+        return Dialogue(id=f"{self.stem}-{suffix}", video=self.video, fps=builder.fps, turns=builder.turns(),
+                        duration_s=self.duration_s, start_s=0.0, end_s=self.duration_s, task=task,
+                        meta={"source": "world"})
+
+
+def narration(video: WorldVideo, fps: float, rng: random.Random) -> Dialogue:
+    """Every event narrated at the first frame at or after it."""
+    builder = StreamBuilder(fps, 0.0, video.duration_s)
+    builder.ask(0.0, rng.choice(NARRATION_PROMPTS), rng.choice(NARRATION_ACKS), absorb=True)
+    for event in video.events:
+        builder.say(event.time_s, event.text)
+    return video.dialogue("narration", builder, "narration")
+
+
+def _reminder_ok(events: list[Event], target: Event, ask_s: float) -> bool:
+    """Whether "tell me when <target>" asked at `ask_s` is unambiguous and answered first by `target`."""
+    if target.time_s <= ask_s + FRAME_EPS:
+        return False
+    objects = state_at(events, ask_s)
+    name = f"{target.obj.get('color')} {target.obj.get('shape')}"
+    between = [e for e in events if ask_s + FRAME_EPS < e.time_s and e is not target and e.time_s <= target.time_s]
+    if target.kind == "appear":
+        return (all(o.name != name for o in objects.values())
+                and not any(e.kind == "appear" and f"{e.obj.get('color')} {e.obj.get('shape')}" == name
+                            for e in between))
+    state = objects.get(target.oid)
+    if state is None or state.name != name or sum(o.name == name for o in objects.values()) != 1:
+        return False
+    if (target.kind == "stop" and state.direction is None) or (target.kind == "move" and state.direction is not None):
+        return False  # "tell me when it stops" about a still object (or "starts moving" about a moving one)
+    blocked = {target.kind, "color"}  # an earlier event of the kind would answer; a new colour renames it
+    return not any(e.involves(target.oid) and e.kind in blocked for e in between)
+
+
+def reminders(video: WorldVideo, fps: float, count: int, rng: random.Random) -> list[Dialogue]:
+    """Up to `count` reminder dialogues, each about a different future event."""
+    candidates = [e for e in video.events if e.kind in REMINDERS and e.obj.get("color") and e.obj.get("shape")
+                  and ceil_frame(e.time_s, fps) >= 1 and e.time_s <= video.duration_s]
+    rng.shuffle(candidates)
+    dialogues: list[Dialogue] = []
+    for target in candidates:
+        if len(dialogues) == count:
+            break
+        last = min(ceil_frame(target.time_s, fps), count_frames(0.0, video.duration_s, fps) - 1)
+        first = max(0, last - round(REMINDER_WINDOW_S * fps))
+        asks = [k for k in range(first, last) if _reminder_ok(video.events, target, k / fps)]
+        if not asks:
+            continue
+        ask = rng.choice(asks)
+        name = f"{target.obj.get('color')} {target.obj.get('shape')}"
+        builder = StreamBuilder(fps, 0.0, video.duration_s)
+        builder.ask(ask / fps, REMINDERS[target.kind].format(name=name, a_name=with_article(name)),
+                    rng.choice(REMINDER_ACKS))
+        builder.say(target.time_s, target.text)
+        dialogues.append(video.dialogue(f"reminder-{len(dialogues)}", builder, "reminder"))
+    return dialogues
+
+
+def with_article(name: str) -> str:
+    """"orange star" → "an orange star", "red circle" → "a red circle"."""
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def _count(n: int) -> str:
+    word = _NUMBERS[n] if n < len(_NUMBERS) else str(n)
+    return "There is one object." if n == 1 else f"There are {word} objects."
+
+
+def question_options(events: list[Event], time_s: float) -> dict[str, list[tuple[str, str]]]:
+    """Every (question, answer) computable from the events up to `time_s`, by tense: past, present, ongoing."""
+    seen = [e for e in events if e.time_s <= time_s + FRAME_EPS]
+    objects = state_at(events, time_s)
+    latest = [e.text for e in seen if e.time_s == seen[-1].time_s]
+    appeared = [e for e in seen if e.kind == "appear"]
+    options: dict[str, list[tuple[str, str]]] = {
+        "past": [("What just happened?", " ".join(latest) if latest else "Nothing has happened yet."),
+                 ("What appeared last?", sentence(with_article(f"{appeared[-1].obj.get('color')} "
+                                                               f"{appeared[-1].obj.get('shape')}")) + "."
+                  if appeared else "Nothing has appeared yet.")],
+        "present": [("How many objects are there?", _count(len(objects)))],
+        "ongoing": []}
+    for state in objects.values():
+        if sum(o.shape == state.shape for o in objects.values()) == 1 and state.color:
+            options["present"].append((f"What colour is the {state.shape}?", f"It is {state.color}."))
+        if sum(o.name == state.name for o in objects.values()) != 1:
+            continue
+        if state.size:
+            options["present"].append((f"How big is the {state.name}?", f"It is {state.size}."))
+        phrase = MOVE_PHRASES.get(state.direction or "", state.direction or "")
+        doing = ("It is standing still." if state.direction is None
+                 else f"It is moving {phrase}." if phrase else "It is moving.")
+        options["ongoing"].append((f"What is the {state.name} doing?", doing))
+    return options
+
+
+def questions(video: WorldVideo, fps: float, count: int, rng: random.Random) -> Dialogue | None:
+    """One dialogue of `count` questions at distinct random frames (a random tense, then a random question
+    of it), or None when count is 0."""
+    n_frames = count_frames(0.0, video.duration_s, fps)
+    if count <= 0 or n_frames == 0:
+        return None
+    builder = StreamBuilder(fps, 0.0, video.duration_s)
+    for frame in sorted(rng.sample(range(n_frames), min(count, n_frames))):
+        options = question_options(video.events, frame / fps)
+        tense = rng.choice([t for t, items in options.items() if items])
+        question, answer = rng.choice(options[tense])
+        builder.ask(frame / fps, question, answer)
+    return video.dialogue("questions", builder, "questions")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def parse_world(args: ConvertArgs) -> list[WorldVideo]:
+    """The videos of an annotations.jsonl, video paths rebased onto the output folder."""
+    source = Path(args.input)
+    paths = VideoPaths.from_args(args, check_with_root=False)
+    videos, stems = [], set()
+    for number, record in read_jsonl(source):
+        where = f"{source} line {number}"
+        hint = "each line needs video, duration_s, events"
+        video = rebase(require(record, "video", where, str, hint), source.parent, paths.out_dir)
+        duration = float(require(record, "duration_s", where, NUMBER, hint))
+        events = parse_events(require(record, "events", where, list, hint), where)
+        if not paths.exists(video, f"line {number}"):
+            continue
+        stem = Path(video).stem if Path(video).stem not in stems else f"{Path(video).stem}-{number}"
+        stems.add(stem)
+        videos.append(WorldVideo(stem, video, duration, events))
+    return videos
+
+
+def convert_world(args: ConvertArgs) -> list[Dialogue]:
+    """annotations.jsonl (`args.input`) → narration, reminder and question dialogues per video."""
+    dialogues: list[Dialogue] = []
+    for video in parse_world(args):
+        rng = random.Random(f"{args.seed}:world:{video.stem}")
+        dialogues.append(narration(video, args.fps, rng))
+        dialogues.extend(reminders(video, args.fps, args.reminders, rng))
+        asked = questions(video, args.fps, args.questions, rng)
+        if asked is not None:
+            dialogues.append(asked)
+    return dialogues

@@ -1,0 +1,115 @@
+"""The feature cache: every video of a dialogue file encoded once into `[T, N, D]` frame tokens.
+
+One safetensors file per (video, fps), named after the video's path relative to the dialogue file
+(`videos/000.mp4` → `videos__000.mp4.safetensors`), holding `tokens` `[T, N, D]` (frames at 0, 1/fps, …)
+and metadata (fps, encoder, frame size, grid). Files are written to a temporary name and renamed when
+complete, so a killed run never leaves a file that reads as valid; a rerun skips finished videos.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from livevlm.data.schema import Dialogue, read_dialogues
+
+log = logging.getLogger(__name__)
+
+
+def feature_name(video: str) -> str:
+    """Cache file name of a video path (relative to the dialogue file)."""
+    return video.replace("\\", "/").lstrip("./").replace("/", "__") + ".safetensors"
+
+
+def feature_file(dialogue: Dialogue, root: Path, cache_dir: Path | None) -> Path | None:
+    """Where the features of `dialogue` live: its own `features` field, else the cache entry of its video."""
+    if dialogue.features is not None:
+        return root / dialogue.features
+    if cache_dir is None or dialogue.video is None:
+        return None
+    return cache_dir / feature_name(dialogue.video)
+
+
+def load_features(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
+    """→ (tokens `[T, N, D]` float32, metadata)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.get_tensor("tokens").float(), dict(handle.metadata() or {})
+
+
+def save_features(path: Path, tokens: torch.Tensor, metadata: dict[str, str]) -> None:
+    """Atomic write: a temporary file renamed into place only once complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({"tokens": tokens.contiguous()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class EncodeArgs:
+    dialogues: str = field(metadata={"help": "dialogue JSONL whose videos to encode"})
+    out: str = field(default="", metadata={"help": "cache folder (default: features/ beside the JSONL)"})
+    encoder: str = field(default="default", metadata={"help": "vision tower folder, or 'default' (DINOv2-small)"})
+    frame_size: int = field(default=224, metadata={"help": "square side frames are letterboxed to"})
+    grid: int = field(default=3, metadata={"help": "k of the k x k pooled patch grid"})
+    pooled_token: bool = field(default=True, metadata={"help": "prepend the pooled/CLS token"})
+    batch_size: int = field(default=16, metadata={"help": "frames per encoder forward"})
+    fps: float = field(default=0.0, metadata={"help": "sampling rate; 0 = each dialogue's own fps"})
+
+
+def encode_dialogue_videos(dialogues_path: str | Path, encoder, out_dir: str | Path, fps: float | None = None,
+                           batch_size: int = 16, encoder_name: str = "") -> list[Path]:
+    """Encode every distinct video of a dialogue file into the cache (skipping finished ones).
+
+    Returns the cache files, one per distinct video. Raises `VideoError` naming a missing/broken video.
+    """
+    from tqdm import tqdm
+
+    from livevlm.video import read_frames
+
+    dialogues_path = Path(dialogues_path)
+    root = dialogues_path.parent
+    out_dir = Path(out_dir)
+    videos: dict[str, float] = {}
+    for d in read_dialogues(dialogues_path):
+        if d.video is not None:
+            videos.setdefault(d.video, fps or d.fps)
+    files = []
+    for video, rate in tqdm(sorted(videos.items()), desc="encode videos", unit="video"):
+        target = out_dir / feature_name(video)
+        files.append(target)
+        if target.is_file():
+            continue
+        chunks, batch = [], []
+        for _, frame in read_frames(root / video, fps=rate, size=encoder.image_size):
+            batch.append(frame)
+            if len(batch) == batch_size:
+                chunks.append(encoder.encode(batch, batch_size))
+                batch = []
+        if batch:
+            chunks.append(encoder.encode(batch, batch_size))
+        tokens = torch.cat(chunks) if chunks else torch.zeros(0, encoder.tokens_per_frame, encoder.hidden_size)
+        save_features(target, tokens, {"fps": str(rate), "video": video, "encoder": encoder_name,
+                                       "frame_size": str(encoder.image_size), "grid": str(encoder.grid),
+                                       "pooled_token": str(encoder.pooled_token)})
+    return files
+
+
+def encode_command(args: EncodeArgs) -> int:
+    from livevlm.backbones import resolve_vision
+    from livevlm.vision import load_frame_encoder
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    encoder = load_frame_encoder(resolve_vision(args.encoder), args.frame_size, args.pooled_token, args.grid)
+    out = Path(args.out) if args.out else Path(args.dialogues).parent / "features"
+    files = encode_dialogue_videos(args.dialogues, encoder, out, args.fps or None, args.batch_size, args.encoder)
+    print(f"{len(files)} videos encoded into {out}")
+    return 0

@@ -1,0 +1,171 @@
+"""LiveModel: an MLP connector + any HF causal LM, the joint frame/text embedding and the streaming loss.
+
+Read top to bottom: `Connector` maps frame tokens into the LLM's embedding space; `LiveModel` puts them
+at the placeholder positions of the token stream and runs the LLM; `streaming_loss` is the paper's
+objective; `apply_finetuning` decides what trains (LoRA / full / connector only); `build_live_model`
+puts a model together from a config. The vision encoder is not held here: frames are encoded by
+`vision.FrameEncoder` (or read from a feature cache) before they reach the model, which is what lets
+training use cached features and the engine run encoding in its own pipeline stage.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from livevlm.config import ModelConfig
+from livevlm.stream_format import IGNORE
+
+log = logging.getLogger(__name__)
+
+
+class Connector(nn.Module):
+    """Linear(vision_dim → hidden) → GELU → Linear(hidden → llm_dim), as the official v1+ connector."""
+
+    def __init__(self, vision_dim: int, llm_dim: int, hidden: int = 0) -> None:
+        super().__init__()
+        hidden = hidden or llm_dim
+        self.fc1 = nn.Linear(vision_dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, llm_dim)
+
+    def forward(self, frame_tokens: torch.Tensor) -> torch.Tensor:
+        """`[..., vision_dim]` → `[..., llm_dim]`."""
+        return self.fc2(self.act(self.fc1(frame_tokens)))
+
+
+def streaming_loss(logits: torch.Tensor, labels: torch.Tensor, frame_target: torch.Tensor,
+                   stream_loss_weight: float = 1.0) -> torch.Tensor:
+    """The LIVE objective: Σ wⱼ·CEⱼ / (number of labelled tokens).
+
+    Args:
+        logits: `[B, L, V]`.
+        labels: `[B, L]` targets, already shifted (labels[:, i] is what position i predicts); -100 = ignore.
+        frame_target: `[B, L]` bool, True at the frame positions (stay silent / speak targets).
+        stream_loss_weight: wⱼ at frame positions; 1 elsewhere.
+
+    Returns:
+        A scalar; 0 (with a gradient path) when nothing is labelled.
+    """
+    flat_labels = labels.reshape(-1)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat_labels,
+                         ignore_index=IGNORE, reduction="none")  # [B*L], 0 where ignored
+    weights = torch.where(frame_target.reshape(-1), stream_loss_weight, 1.0)
+    count = (flat_labels != IGNORE).sum().clamp(min=1)
+    return (ce * weights).sum() / count
+
+
+class LiveModel(nn.Module):
+    """Connector + causal LM. Frame tokens replace the placeholder ids in the token stream.
+
+    Args:
+        llm: any HF causal LM (or a peft wrapper of one).
+        vision_dim: width D of the frame tokens.
+        placeholder_id: the token id of `<v>`; it may lie outside the LLM's embedding table (the official
+            checkpoint's 128256 does): those positions are never looked up.
+        connector_hidden: hidden width of the connector (0 = the LLM's hidden size).
+    """
+
+    def __init__(self, llm: nn.Module, vision_dim: int, placeholder_id: int, connector_hidden: int = 0) -> None:
+        super().__init__()
+        self.llm = llm
+        self.placeholder_id = placeholder_id
+        llm_dim = llm.get_input_embeddings().embedding_dim
+        self.connector = Connector(vision_dim, llm_dim, connector_hidden)
+        self.connector.to(next(llm.parameters()).dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.connector.parameters()).device
+
+    def embed(self, input_ids: torch.Tensor, frame_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Joint embedding.
+
+        Args:
+            input_ids: `[B, L]`.
+            frame_tokens: `[P, D]` or `[T, N, D]` with T·N = P = the number of placeholder ids in
+                input_ids, in row-major order (batch row, then position); None when there are none.
+
+        Returns:
+            inputs_embeds `[B, L, H]`.
+        """
+        is_frame = input_ids == self.placeholder_id  # [B, L]
+        token_embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(is_frame, 0))  # [B, L, H]
+        count = int(is_frame.sum())
+        if count == 0:
+            return token_embeds
+        if frame_tokens is None:
+            raise ValueError(f"input_ids hold {count} frame placeholders but no frame_tokens were given")
+        frame_tokens = frame_tokens.reshape(-1, frame_tokens.shape[-1])  # [P, D]
+        if frame_tokens.shape[0] != count:
+            raise ValueError(f"input_ids hold {count} frame placeholders but frame_tokens has "
+                             f"{frame_tokens.shape[0]} tokens")
+        projected = self.connector(frame_tokens.to(token_embeds.dtype))  # [P, H]
+        return token_embeds.masked_scatter(is_frame[..., None], projected)
+
+    def forward(self, input_ids: torch.Tensor, frame_tokens: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                frame_target: torch.Tensor | None = None, stream_loss_weight: float = 1.0,
+                past_key_values=None, use_cache: bool = False, position_ids: torch.Tensor | None = None):
+        """Run the LLM on the joint embedding; with `labels`, also return the streaming loss.
+
+        Returns:
+            (logits `[B, L, V]`, loss or None, past_key_values or None).
+        """
+        inputs_embeds = self.embed(input_ids, frame_tokens)
+        kwargs = {}
+        if past_key_values is not None:  # transformers >= 5.2x calls it `cache`, older ones `past_key_values`
+            kwargs[_CACHE_KWARG] = past_key_values
+        out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=use_cache,
+                       position_ids=position_ids, **kwargs)
+        loss = None
+        if labels is not None:
+            if frame_target is None:
+                frame_target = torch.zeros_like(labels, dtype=torch.bool)
+            loss = streaming_loss(out.logits, labels, frame_target, stream_loss_weight)
+        return out.logits, loss, (out.past_key_values if use_cache else None)
+
+
+def _cache_kwarg_name() -> str:
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+_CACHE_KWARG = _cache_kwarg_name()
+
+
+def apply_finetuning(model: LiveModel, config: ModelConfig) -> LiveModel:
+    """Make what `config.finetune` says trainable; the connector always trains.
+
+    "lora": LoRA (peft) on `config.lora_targets` that exist in the LLM; "full": every LLM weight;
+    "connector": the LLM stays frozen.
+    """
+    if config.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        names = {name.rsplit(".", 1)[-1] for name, module in model.llm.named_modules() if isinstance(module, nn.Linear)}
+        targets = [t for t in config.lora_targets if t in names]
+        if not targets:
+            raise ValueError(f"none of model.lora_targets {config.lora_targets} names a Linear layer of the LLM; "
+                             f"its Linear layers are {sorted(names)}")
+        lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          target_modules=targets, bias="none")
+        model.llm = get_peft_model(model.llm, lora)
+    else:
+        model.llm.requires_grad_(config.finetune == "full")
+    model.connector.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("finetune=%s: %.2fM trainable parameters", config.finetune, trainable / 1e6)
+    return model
+
+
+def build_live_model(config: ModelConfig, llm: nn.Module, vision_dim: int, placeholder_id: int) -> LiveModel:
+    """A LiveModel around an already loaded LLM, with a fresh connector and the configured finetuning."""
+    model = LiveModel(llm, vision_dim, placeholder_id, config.connector_hidden)
+    return apply_finetuning(model, config)

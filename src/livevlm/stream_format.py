@@ -1,0 +1,400 @@
+"""The interleaved stream layout: conversations of frames and turns → token ids and token-level labels.
+
+The official VideoLLM-online v1+ layout (a plain-text template, not the LLM's chat template):
+
+    <bos>{system}\\n
+    \\n[<v>…<v>,<v>…<v>,…]\\nUser: {query}
+    \\nAssistant: {response}<eos>
+    \\n[<v>…<v>,…]\\nAssistant: {response}<eos>
+
+How labels are built (nanochat's `render_conversation` idea): the stream is a list of *pieces*, each a
+special token id (bos, `<v>`, eos) or a text, with a flag saying whether it is learned. Neighbouring
+text pieces with the same flag are tokenised as one string, so the ids match a whole-string tokenisation
+of the official template (Llama-3 merges "]\\n" and ".\\n\\n"); the flag changes only at "\\n" | "Assistant",
+a pre-tokeniser boundary of every BPE tokenizer we know. Labels are *targets*: `labels[i]` is the token
+position i must predict (already shifted), -100 where nothing is learned:
+
+* the last token of every frame predicts the separator (stay silent) or the first token of the closing
+  "]\\n" (speak: an assistant turn follows); this is the frame target, weighted by the stream-loss weight;
+* the frame just before a user query is NOT labelled (it cannot know a query is coming: a defect of the
+  public code fixed here);
+* response tokens — "Assistant", ":", the text and eos — are learned; everything else is context.
+
+With `separator=""` frames are not separated (the one-token-per-frame v1 layout) and the silence target
+is eos. The streaming engine builds its inputs from the same pieces (`StreamFormat.*_ids`), so inference
+sees exactly the layout training saw.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from livevlm.config import FormatConfig
+
+IGNORE = -100
+Role = Literal["system", "user", "assistant"]
+
+
+class StreamFormatError(ValueError):
+    """A conversation or tokenizer cannot be rendered in the stream layout; the message says why."""
+
+
+@dataclass(frozen=True)
+class Frames:
+    """A run of `count` consecutive video frames."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    text: str
+
+
+Item = Frames | Message
+
+
+@dataclass
+class RenderedStream:
+    """Token ids with targets. All lists have the same length L.
+
+    labels[i]: the token position i must predict, or -100 (IGNORE).
+    frame_target[i]: True where labels[i] is a frame's stay-silent / speak target.
+    frame_ends: the position of every frame's last token, labelled or not (one per frame, in order).
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    frame_target: list[bool]
+    num_frames: int
+    frame_ends: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class _Piece:
+    text: str = ""
+    token_id: int | None = None  # a special token instead of text
+    learned: bool = False
+    frame_end: bool = False  # only for placeholder pieces: the last token of a frame
+
+
+@dataclass
+class _Pieces:
+    items: list[_Piece] = field(default_factory=list)
+
+    def text(self, text: str, learned: bool = False) -> None:
+        if text:
+            self.items.append(_Piece(text=text, learned=learned))
+
+    def special(self, token_id: int, learned: bool = False, frame_end: bool = False) -> None:
+        self.items.append(_Piece(token_id=token_id, learned=learned, frame_end=frame_end))
+
+
+def register_placeholder(tokenizer, placeholder: str = "<v>") -> int:
+    """Register `placeholder` as a special token of `tokenizer` (in place) and return its id.
+
+    A special token is never merged with its neighbours (SmolLM2's BPE would otherwise produce ">,").
+    The id may lie outside the LLM's embedding table: LiveModel never looks it up.
+    """
+    from tokenizers import AddedToken
+
+    if len(tokenizer.encode(placeholder, add_special_tokens=False)) != 1:
+        tokenizer.add_tokens([AddedToken(placeholder, special=True, normalized=False)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(placeholder)
+
+
+class StreamFormat:
+    """Renders conversations in the stream layout for one tokenizer, and gives the engine its inputs.
+
+    Args:
+        tokenizer: any HF tokenizer with an eos token; the placeholder must already be registered as a
+            special token (`register_placeholder`).
+        config: the layout strings.
+        tokens_per_frame: placeholder tokens per frame (the vision side's N).
+
+    Raises:
+        StreamFormatError: naming the tokenizer, when the placeholder is not one special token, the
+            separator is not exactly one token, or the separator equals the speak token.
+    """
+
+    def __init__(self, tokenizer, config: FormatConfig, tokens_per_frame: int) -> None:
+        if tokens_per_frame <= 0:
+            raise StreamFormatError(f"tokens_per_frame must be positive, got {tokens_per_frame}")
+        self.tokenizer = tokenizer
+        self.config = config
+        self.tokens_per_frame = tokens_per_frame
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        placeholder_ids = self._encode(config.placeholder)
+        # A registered special token encodes alone and never merges with the text around it (">,").
+        probe = self._encode(f"{config.placeholder}{config.placeholder}>,{config.placeholder}")
+        if len(placeholder_ids) != 1 or probe[:2] + probe[-1:] != placeholder_ids * 3:
+            raise StreamFormatError(
+                f"tokenizer {name!r}: the frame placeholder {config.placeholder!r} is not a registered special "
+                f"token (it encodes to {placeholder_ids}); call livevlm.stream_format.register_placeholder("
+                f"tokenizer, {config.placeholder!r}) first")
+        self.placeholder_id: int = placeholder_ids[0]
+        if tokenizer.eos_token_id is None:
+            raise StreamFormatError(f"tokenizer {name!r} has no eos token; set tokenizer.eos_token")
+        self.eos_id: int = tokenizer.eos_token_id
+        self.bos_ids: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        close_ids = self._encode(config.frames_close)
+        if not close_ids:
+            raise StreamFormatError(f"tokenizer {name!r}: frames_close {config.frames_close!r} encodes to nothing")
+        # The speak target is the FIRST token of the closing sequence: "]\n" is one token in Llama-3 (933)
+        # but "]" then "\n" in SmolLM2's tokenizer (77, 198).
+        self.speak_id: int = close_ids[0]
+        if config.separator:
+            sep_ids = self._encode(config.separator)
+            if len(sep_ids) != 1:
+                raise StreamFormatError(
+                    f"tokenizer {name!r}: the separator {config.separator!r} must be exactly one token, "
+                    f"got {sep_ids}; choose another format.separator")
+            self.separator_id: int = sep_ids[0]
+        else:  # one-token-per-frame v1 layout: silence is eos
+            self.separator_id = self.eos_id
+        if self.separator_id == self.speak_id:
+            raise StreamFormatError(
+                f"tokenizer {name!r}: the silence token {self.separator_id} equals the speak token (first "
+                f"token of {config.frames_close!r}); choose another format.separator or frames_close")
+
+    # ----------------------------------------------------------------------------------------------
+    # tokenisation of pieces
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+    def _tokenize(self, pieces: _Pieces) -> tuple[list[int], list[bool], list[bool]]:
+        """Pieces → (ids, learned per token, frame_end per token); same-flag texts tokenised together."""
+        ids: list[int] = []
+        learned: list[bool] = []
+        frame_end: list[bool] = []
+        pending: list[str] = []
+        pending_learned = False
+
+        def flush() -> None:
+            token_ids = self._encode("".join(pending))
+            ids.extend(token_ids)
+            learned.extend([pending_learned] * len(token_ids))
+            frame_end.extend([False] * len(token_ids))
+            pending.clear()
+
+        for piece in pieces.items:
+            if piece.token_id is not None:
+                flush()
+                ids.append(piece.token_id)
+                learned.append(piece.learned)
+                frame_end.append(piece.frame_end)
+            else:
+                if pending and piece.learned != pending_learned:
+                    flush()
+                pending.append(piece.text)
+                pending_learned = piece.learned
+        flush()
+        return ids, learned, frame_end
+
+    def _ids(self, pieces: _Pieces) -> list[int]:
+        return self._tokenize(pieces)[0]
+
+    # ----------------------------------------------------------------------------------------------
+    # pieces of the layout (shared by render and the engine)
+
+    def _add_frames(self, pieces: _Pieces, count: int, run_open: bool) -> None:
+        if not run_open:
+            pieces.text(self.config.frames_open)
+        for i in range(count):
+            if (run_open or i > 0) and self.config.separator:
+                pieces.text(self.config.separator)
+            for j in range(self.tokens_per_frame):
+                pieces.special(self.placeholder_id, frame_end=j == self.tokens_per_frame - 1)
+
+    def _add_turn_prefix(self, pieces: _Pieces, run_open: bool, learned: bool) -> None:
+        # After frames the turn starts with the closing "]\n"; otherwise with a newline.
+        pieces.text(self.config.frames_close if run_open else "\n", learned=learned)
+
+    def _add_user(self, pieces: _Pieces, text: str, run_open: bool) -> None:
+        self._add_turn_prefix(pieces, run_open, learned=False)
+        pieces.text(f"{self.config.user_role}: {text}")
+
+    def _add_assistant_header(self, pieces: _Pieces, run_open: bool) -> None:
+        # "]\n" after frames is the speak target (learned); the "\n" after a query or eos is not.
+        self._add_turn_prefix(pieces, run_open, learned=run_open)
+        pieces.text(f"{self.config.assistant_role}:", learned=True)
+
+    # ----------------------------------------------------------------------------------------------
+    # rendering
+
+    def render(self, items: Sequence[Item], end_silent: bool = True) -> RenderedStream:
+        """Render a conversation into ids and token-level targets.
+
+        Args:
+            items: `Message("system", …)` optionally first, then frames and user/assistant turns. A
+                conversation without a system message uses `config.system_prompt`.
+            end_silent: label the very last frame "stay silent" when the stream ends with frames (the
+                video went on and nothing was said); False leaves it unlabelled.
+
+        Raises:
+            StreamFormatError: the conversation does not start with system/user/frames, a frame run has
+                zero frames, a system message is not first, a role is unknown, or a text is empty.
+        """
+        items = list(items)
+        if not items:
+            raise StreamFormatError("empty conversation: give at least one frame run or turn")
+        system = self.config.system_prompt
+        if isinstance(items[0], Message) and items[0].role == "system":
+            system = items[0].text
+            items = items[1:]
+        if items and isinstance(items[0], Message) and items[0].role == "assistant":
+            raise StreamFormatError(
+                "a conversation must start with system, user or frames; it starts with an assistant turn "
+                f"({items[0].text[:40]!r}); put the frames it responds to before it")
+        pieces = _Pieces()
+        for token_id in self.bos_ids:
+            pieces.special(token_id)
+        pieces.text(system + "\n")
+        run_open = False
+        num_frames = 0
+        for index, item in enumerate(items):
+            if isinstance(item, Frames):
+                if item.count <= 0:
+                    raise StreamFormatError(f"item {index}: a frame run must hold at least one frame, "
+                                            f"got {item.count}")
+                self._add_frames(pieces, item.count, run_open)
+                run_open = True
+                num_frames += item.count
+                continue
+            if not isinstance(item, Message):
+                raise StreamFormatError(f"item {index}: expected Frames or Message, got {type(item).__name__}")
+            if item.role == "system":
+                raise StreamFormatError(f"item {index}: a system message may only come first")
+            if not item.text.strip():
+                raise StreamFormatError(f"item {index}: empty {item.role} text")
+            if item.role == "user":
+                self._add_user(pieces, item.text, run_open)
+            elif item.role == "assistant":
+                self._add_assistant_header(pieces, run_open)
+                pieces.text(" " + item.text.strip(), learned=True)
+                pieces.special(self.eos_id, learned=True)
+            else:
+                raise StreamFormatError(f"item {index}: unknown role {item.role!r}; use system, user or assistant")
+            run_open = False
+        ids, learned, frame_end = self._tokenize(pieces)
+        return self._label(ids, learned, frame_end, num_frames, end_silent)
+
+    def _label(self, ids: list[int], learned: list[bool], frame_end: list[bool], num_frames: int,
+               end_silent: bool) -> RenderedStream:
+        length = len(ids)
+        labels = [ids[i + 1] if learned[i + 1] else IGNORE for i in range(length - 1)] + [IGNORE]
+        frame_target = [False] * length
+        for i in range(length):
+            if not frame_end[i]:
+                continue
+            following = ids[i + 1] if i + 1 < length else None
+            if following is None:
+                target = self.separator_id if end_silent else IGNORE
+            elif following == self.placeholder_id or (self.config.separator and following == self.separator_id
+                                                       and not learned[i + 1]):
+                target = self.separator_id  # another frame follows: stay silent
+            elif learned[i + 1]:
+                target = following  # the first token of "]\n" before an assistant turn: speak
+            else:
+                target = IGNORE  # a user query follows: the frame could not know it was coming
+            labels[i] = target
+            frame_target[i] = target != IGNORE
+        frame_ends = [i for i in range(length) if frame_end[i]]
+        return RenderedStream(ids, labels, frame_target, num_frames, frame_ends)
+
+    # ----------------------------------------------------------------------------------------------
+    # the engine's inputs: the same pieces, one step at a time
+
+    def prompt_ids(self, system: str | None = None) -> list[int]:
+        """Stream start up to the first frame: bos, system prompt, "\\n[" (a stream starts with a frame)."""
+        pieces = _Pieces()
+        for token_id in self.bos_ids:
+            pieces.special(token_id)
+        pieces.text((self.config.system_prompt if system is None else system) + "\n")
+        pieces.text(self.config.frames_open)
+        return self._ids(pieces)
+
+    def frame_ids(self, first_in_run: bool) -> list[int]:
+        """One frame: the separator (unless first in its run or the v1 layout) and N placeholders."""
+        separator = [self.separator_id] if self.config.separator and not first_in_run else []
+        return separator + [self.placeholder_id] * self.tokens_per_frame
+
+    def reopen_ids(self) -> list[int]:
+        """After a response or answer (eos): the "\\n[" that opens the next frame run."""
+        return self._encode(self.config.frames_open)
+
+    def speak_ids(self) -> list[int]:
+        """Fed when the model decides to speak after a frame: "]\\nAssistant:"; then it generates."""
+        pieces = _Pieces()
+        self._add_assistant_header(pieces, run_open=True)
+        return self._ids(pieces)
+
+    def query_ids(self, text: str, run_open: bool) -> list[int]:
+        """A user query and the assistant header of its immediate answer: "]\\nUser: q\\nAssistant:"."""
+        if not text.strip():
+            raise StreamFormatError("empty user query")
+        pieces = _Pieces()
+        self._add_user(pieces, text, run_open)
+        self._add_assistant_header(pieces, run_open=False)
+        return self._ids(pieces)
+
+    def response_ids(self, text: str) -> list[int]:
+        """The tokens of a response text as training sees them after "Assistant:" (without eos)."""
+        return self._encode(" " + text.strip())
+
+    def describe(self, rendered: RenderedStream) -> str:
+        """Debug printer: one line per token with its target (the only way to *see* a labelling bug)."""
+        lines = []
+        for i, (tok, lab, is_frame) in enumerate(zip(rendered.input_ids, rendered.labels, rendered.frame_target,
+                                                    strict=True)):
+            shown = json.dumps(self.tokenizer.decode([tok]))
+            target = "" if lab == IGNORE else f"-> {json.dumps(self.tokenizer.decode([lab]))} ({lab})"
+            lines.append(f"{i:5d} {tok:7d} {shown:20s} {'F' if is_frame else ' '} {target}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# timed turns → items
+
+
+def frame_index(time_s: float, fps: float, start_s: float = 0.0) -> int:
+    """The frame a turn at `time_s` follows: frames 0..k are seen before it (k >= 0)."""
+    return max(0, math.floor((time_s - start_s) * fps + 1e-6))
+
+
+def timeline_to_items(turns: Sequence[tuple[str, float, str]], num_frames: int, fps: float,
+                      start_s: float = 0.0) -> list[Item]:
+    """Place timed turns `(role, time_s, text)` among `num_frames` frames sampled at `fps`.
+
+    A turn at time t follows frame `frame_index(t)`; turns after the last frame are dropped (the stream
+    was truncated there); a system turn becomes the system prompt.
+    """
+    if num_frames <= 0:
+        raise StreamFormatError(f"a stream needs at least one frame, got num_frames={num_frames}")
+    items: list[Item] = []
+    shown = 0
+    for role, time_s, text in turns:
+        if role == "system":
+            if items:
+                raise StreamFormatError("a system turn may only come first")
+            items.append(Message("system", text))
+            continue
+        k = frame_index(time_s, fps, start_s)
+        if k >= num_frames:
+            break
+        if k + 1 > shown:
+            items.append(Frames(k + 1 - shown))
+            shown = k + 1
+        items.append(Message(role, text))  # type: ignore[arg-type]
+    if shown < num_frames:
+        items.append(Frames(num_frames - shown))
+    return items

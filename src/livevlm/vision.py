@@ -1,0 +1,175 @@
+"""Frame encoders: a frozen HF vision tower → a few tokens per frame, `[T, N, D]`.
+
+N = pooled token (optional) + k×k grid. The pooled token is SigLIP's attention-pooling head output (SigLIP
+has no CLS) or the CLS token of CLIP / DINOv2 (their `pooler_output`: the CLS after the final norm); the
+grid is the patch grid average-pooled to k×k (24×24 → 3×3 for SigLIP-L/384, as the official v1+).
+Preprocessing is deterministic: letterbox to a square of `image_size` with black padding, scale to [0, 1],
+normalise with the mean/std of the tower's own `preprocessor_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Normalisation used when a folder ships no preprocessor_config.json.
+_DEFAULT_MEAN_STD = {
+    "siglip": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]),
+    "clip": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+    "dinov2": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+}
+_KINDS = {
+    "siglip": "siglip", "siglip_vision_model": "siglip",
+    "clip": "clip", "clip_vision_model": "clip",
+    "dinov2": "dinov2", "dinov2_with_registers": "dinov2",
+}
+
+
+class VisionError(ValueError):
+    """A vision tower cannot be loaded or used; the message names the path and the fix."""
+
+
+def tower_kind(model_type: str) -> str:
+    """Map an HF `config.model_type` to "siglip", "clip" or "dinov2"."""
+    if model_type not in _KINDS:
+        raise VisionError(f"vision tower type {model_type!r} is not supported; use one of {sorted(set(_KINDS))}")
+    return _KINDS[model_type]
+
+
+class FrameEncoder(nn.Module):
+    """A frozen vision tower that turns frames into `[T, N, D]` frame tokens.
+
+    Args:
+        tower: an HF vision model (SiglipVisionModel, CLIPVisionModel, Dinov2Model, …).
+        kind: "siglip", "clip" or "dinov2".
+        image_size: square side frames are letterboxed to.
+        mean, std: per-channel normalisation.
+        pooled_token: emit the pooled/CLS token first.
+        grid: k; the patch grid is average-pooled to k×k (0 = no grid tokens).
+    """
+
+    def __init__(self, tower: nn.Module, kind: str, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 pooled_token: bool = True, grid: int = 3) -> None:
+        super().__init__()
+        if not pooled_token and grid <= 0:
+            raise VisionError("a frame needs at least one token: pooled_token=True or grid > 0")
+        self.tower = tower.eval().requires_grad_(False)
+        self.kind = kind
+        self.image_size = image_size
+        self.pooled_token = pooled_token
+        self.grid = grid
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        config = tower.config
+        self.hidden_size: int = config.hidden_size
+        self.patch_size: int = config.patch_size
+        self.num_registers: int = getattr(config, "num_register_tokens", 0)
+        native = getattr(config, "image_size", image_size)
+        # SigLIP/CLIP need explicit position-embedding interpolation at another resolution; DINOv2 always does it.
+        self._interpolate = kind != "dinov2" and native != image_size
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return int(self.pooled_token) + self.grid * self.grid
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def preprocess(self, frames: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 frames `[T, H, W, 3]` (any size) → normalised pixels `[T, 3, S, S]` on the encoder's device."""
+        from livevlm.video import letterbox
+
+        batch = [f if f.shape[:2] == (self.image_size, self.image_size) else letterbox(f, self.image_size)
+                 for f in frames]
+        pixels = torch.from_numpy(np.stack(batch)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
+        return (pixels - self.mean) / self.std
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels `[T, 3, S, S]` → frame tokens `[T, N, D]` (float32)."""
+        dtype = next(self.tower.parameters()).dtype
+        kwargs = {"interpolate_pos_encoding": True} if self._interpolate else {}
+        out = self.tower(pixel_values=pixel_values.to(dtype), **kwargs)
+        hidden = out.last_hidden_state  # [T, (1 + R) + P, D] for CLS towers, [T, P, D] for SigLIP
+        patches = hidden if self.kind == "siglip" else hidden[:, 1 + self.num_registers:]
+        tokens = []
+        if self.pooled_token:
+            tokens.append(out.pooler_output[:, None])  # [T, 1, D]
+        if self.grid:
+            tokens.append(self._pool_grid(patches))  # [T, k*k, D]
+        return torch.cat(tokens, dim=1).float()
+
+    def _pool_grid(self, patches: torch.Tensor) -> torch.Tensor:
+        frames, count, dim = patches.shape
+        side = math.isqrt(count)
+        if side * side != count:
+            raise VisionError(f"{count} patch tokens do not form a square grid (image size {self.image_size})")
+        grid = patches.transpose(1, 2).reshape(frames, dim, side, side)  # [T, D, h, w]
+        pooled = F.adaptive_avg_pool2d(grid, self.grid)  # [T, D, k, k]
+        return pooled.flatten(2).transpose(1, 2)  # [T, k*k, D]
+
+    def encode(self, frames: np.ndarray | Sequence[np.ndarray], batch_size: int = 32) -> torch.Tensor:
+        """uint8 frames `[T, H, W, 3]` → frame tokens `[T, N, D]` on CPU, encoded `batch_size` at a time."""
+        outputs = [self(self.preprocess(frames[i:i + batch_size])).cpu() for i in range(0, len(frames), batch_size)]
+        if not outputs:
+            return torch.zeros(0, self.tokens_per_frame, self.hidden_size)
+        return torch.cat(outputs)
+
+
+def _mean_std(folder: Path, kind: str) -> tuple[list[float], list[float]]:
+    config_file = folder / "preprocessor_config.json"
+    if config_file.is_file():
+        data = json.loads(config_file.read_text())
+        if "image_mean" in data and "image_std" in data:
+            return list(data["image_mean"]), list(data["image_std"])
+    return _DEFAULT_MEAN_STD[kind]
+
+
+def build_frame_encoder(tower: nn.Module, image_size: int | None = None, pooled_token: bool = True, grid: int = 3,
+                        mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> FrameEncoder:
+    """Wrap an already built tower (e.g. a tiny random one in tests); full CLIP/SigLIP models are unwrapped."""
+    if hasattr(tower, "vision_model") and not hasattr(tower.config, "patch_size"):
+        tower = tower.vision_model
+    kind = tower_kind(tower.config.model_type)
+    default_mean, default_std = _DEFAULT_MEAN_STD[kind]
+    size = image_size or tower.config.image_size
+    return FrameEncoder(tower, kind, size, mean or default_mean, std or default_std, pooled_token, grid)
+
+
+def load_frame_encoder(path: str | Path, image_size: int | None = None, pooled_token: bool = True, grid: int = 3,
+                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> FrameEncoder:
+    """Load a vision tower from a local folder (or a hub name where the network allows) as a FrameEncoder.
+
+    Raises:
+        VisionError: the path does not exist / holds no supported vision tower.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    folder = Path(path)
+    looks_local = folder.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") != 1
+    if looks_local and not folder.is_dir():
+        raise VisionError(f"vision encoder path {path} does not exist; give a folder with an HF vision model "
+                          "(config.json + weights) or 'default' for the packaged DINOv2-small")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise VisionError(f"cannot read a model config from {path}: {exc}") from None
+    model_type = config.model_type
+    if model_type in ("siglip", "clip"):  # a full image-text model: keep the vision half only
+        model_type = f"{model_type}_vision_model"
+    kind = tower_kind(model_type)
+    from transformers import CLIPVisionModel, SiglipVisionModel
+
+    loader = {"siglip": SiglipVisionModel, "clip": CLIPVisionModel}.get(kind, AutoModel)
+    tower = loader.from_pretrained(path, dtype=dtype)
+    mean, std = _mean_std(folder, kind) if folder.is_dir() else _DEFAULT_MEAN_STD[kind]
+    size = image_size or getattr(tower.config, "image_size", 224)
+    return FrameEncoder(tower, kind, size, mean, std, pooled_token, grid).to(device)

@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny tokenizer trained in-process and a tiny random LLM; no downloads, ever."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental hub download fails loudly instead of hanging
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import livevlm  # noqa: E402,F401  (sets the oneDNN ISA cap before torch loads)
+
+TINY_CORPUS = [
+    "A multimodal AI assistant is helping users with some activities.",
+    "Below is their conversation, interleaved with the list of video frames received by the assistant.",
+    "User: Please narrate the video in real time. Assistant: Sure. A red circle appears on the left.",
+    "A blue square leaves. A green triangle moves to the right. What just happened? It stopped.",
+]
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE with ~300 tokens, trained on a few sentences: fast, deterministic, offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TINY_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+def build_tiny_llm(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_llm(tiny_tokenizer):
+    return build_tiny_llm(len(tiny_tokenizer))
+
+
+# --- the packaged backbones, converted once per test session (SmolLM2 ~17 s, DINOv2 ~3 s) ------------
+
+
+@pytest.fixture(scope="session")
+def asset_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("livevlm-cache")
+
+
+@pytest.fixture(scope="session")
+def dinov2_dir(asset_cache):
+    from livevlm import backbones
+
+    return backbones.materialize_dinov2(asset_cache)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(asset_cache):
+    from livevlm import backbones
+
+    return backbones.materialize_smollm2(asset_cache)
+
+
+@pytest.fixture
+def smollm2_tokenizer(smollm2_dir):
+    """A fresh SmolLM2 tokenizer with the frame placeholder registered."""
+    from transformers import AutoTokenizer
+
+    from livevlm.stream_format import register_placeholder
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    register_placeholder(tokenizer)
+    return tokenizer

@@ -1,0 +1,80 @@
+"""Training data: dialogue JSONL + feature cache → rendered samples and padded batches."""
+
+import json
+
+import pytest
+import torch
+
+from livevlm.config import FormatConfig
+from livevlm.data.dataset import MissingFeaturesError, StreamDataset, collate_streams
+from livevlm.data.features import feature_name, load_features, save_features
+from livevlm.stream_format import IGNORE, StreamFormat, register_placeholder
+
+
+def write_dialogues(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def narration(i, duration=5.0):
+    return {"id": f"n{i}", "video": f"videos/{i:03d}.mp4", "fps": 2.0, "duration_s": duration,
+            "turns": [{"role": "user", "time_s": 0.0, "text": "Narrate."},
+                      {"role": "assistant", "time_s": 0.0, "text": "Sure."},
+                      {"role": "assistant", "time_s": 2.0, "text": "A red circle appears."}]}
+
+
+@pytest.fixture
+def fmt(tiny_tokenizer):
+    register_placeholder(tiny_tokenizer)
+    return StreamFormat(tiny_tokenizer, FormatConfig(), tokens_per_frame=2)
+
+
+@pytest.fixture
+def cached(tmp_path):
+    write_dialogues(tmp_path / "d.jsonl", [narration(0), narration(1, duration=3.0)])
+    for i, frames in ((0, 10), (1, 6)):
+        tokens = torch.arange(frames * 2 * 4, dtype=torch.float32).reshape(frames, 2, 4) + 1000 * i
+        save_features(tmp_path / "cache" / feature_name(f"videos/{i:03d}.mp4"), tokens, {"fps": "2.0"})
+    return tmp_path
+
+
+def test_sample_has_one_frame_token_set_per_frame_and_speaks_at_the_turn(cached, fmt):
+    dataset = StreamDataset(cached / "d.jsonl", fmt, cache_dir=cached / "cache")
+    sample = dataset[0]
+    assert sample.frame_tokens.shape == (10, 2, 4)  # 5 s at 2 fps
+    assert int((sample.input_ids == fmt.placeholder_id).sum()) == 10 * 2
+    frame_labels = sample.labels[sample.frame_target].tolist()
+    # frame 0 is followed by the query (unlabelled); frames 1..3 silent; frame 4 (2.0 s) speaks; 5..9 silent
+    assert frame_labels == [fmt.separator_id] * 3 + [fmt.speak_id] + [fmt.separator_id] * 5
+
+
+def test_max_frames_truncates_stream_and_drops_later_turns(cached, fmt):
+    sample = StreamDataset(cached / "d.jsonl", fmt, cache_dir=cached / "cache", max_frames=3)[0]
+    assert sample.frame_tokens.shape[0] == 3
+    assert fmt.speak_id not in sample.labels[sample.frame_target].tolist()
+
+
+def test_collate_pads_right_and_concatenates_frames_in_placeholder_order(cached, fmt):
+    dataset = StreamDataset(cached / "d.jsonl", fmt, cache_dir=cached / "cache")
+    batch = collate_streams([dataset[0], dataset[1]], pad_id=fmt.eos_id)
+    lengths = [len(dataset[0].input_ids), len(dataset[1].input_ids)]
+    assert batch["input_ids"].shape == (2, max(lengths))
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert (batch["labels"][1, lengths[1]:] == IGNORE).all()
+    assert batch["frame_tokens"].shape == ((10 + 6) * 2, 4)
+    assert batch["frame_tokens"][20, 0].item() == 1000.0  # the second stream's first token follows the first's
+    assert int((batch["input_ids"] == fmt.placeholder_id).sum()) == batch["frame_tokens"].shape[0]
+
+
+def test_missing_features_name_the_videos_and_the_command(tmp_path, fmt):
+    write_dialogues(tmp_path / "d.jsonl", [narration(0), narration(7)])
+    save_features(tmp_path / "cache" / feature_name("videos/000.mp4"), torch.zeros(10, 2, 4), {"fps": "2.0"})
+    with pytest.raises(MissingFeaturesError, match=r"1 video\(s\).*videos/007.mp4.*livevlm data encode"):
+        StreamDataset(tmp_path / "d.jsonl", fmt, cache_dir=tmp_path / "cache")
+
+
+def test_feature_file_roundtrip_keeps_metadata(tmp_path):
+    tokens = torch.randn(3, 2, 4)
+    save_features(tmp_path / "f.safetensors", tokens, {"fps": "2.0", "encoder": "tiny"})
+    loaded, meta = load_features(tmp_path / "f.safetensors")
+    assert torch.equal(loaded, tokens) and meta["encoder"] == "tiny"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.safetensors"]  # no temporary left behind

@@ -1,0 +1,104 @@
+"""LiveModel: joint embedding, the streaming loss by hand, LoRA/full/connector finetuning."""
+
+import math
+
+import pytest
+import torch
+
+from livevlm.config import FormatConfig, ModelConfig
+from livevlm.model import LiveModel, apply_finetuning, build_live_model, streaming_loss
+from livevlm.stream_format import IGNORE, Frames, Message, StreamFormat, register_placeholder
+
+
+def test_streaming_loss_by_hand_weight_one_and_two():
+    # position 0: softmax([0, ln2, 0]) = [1/4, 1/2, 1/4], target 1 -> CE = ln 2 (a frame target)
+    # position 1: ignored; position 2: uniform over 3, target 2 -> CE = ln 3
+    logits = torch.tensor([[[0.0, math.log(2), 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[1, IGNORE, 2]])
+    frame_target = torch.tensor([[True, False, False]])
+    w1 = streaming_loss(logits, labels, frame_target, 1.0)
+    w2 = streaming_loss(logits, labels, frame_target, 2.0)
+    assert w1.item() == pytest.approx((math.log(2) + math.log(3)) / 2, abs=1e-6)
+    assert w2.item() == pytest.approx((2 * math.log(2) + math.log(3)) / 2, abs=1e-6)
+
+
+def _tiny_sample(tokenizer, tokens_per_frame=2):
+    register_placeholder(tokenizer)
+    fmt = StreamFormat(tokenizer, FormatConfig(), tokens_per_frame)
+    rendered = fmt.render([Frames(2), Message("user", "What just happened?"), Message("assistant", "It stopped."),
+                           Frames(2), Message("assistant", "A red circle.")])
+    ids = torch.tensor([rendered.input_ids])
+    labels = torch.tensor([rendered.labels])
+    frame_target = torch.tensor([rendered.frame_target])
+    return fmt, ids, labels, frame_target, rendered.num_frames
+
+
+@pytest.mark.parametrize("weight", [1.0, 2.0])
+def test_model_loss_equals_hand_computation_on_tiny_model(tiny_tokenizer, tiny_llm, weight):
+    fmt, ids, labels, frame_target, frames = _tiny_sample(tiny_tokenizer)
+    model = LiveModel(tiny_llm, vision_dim=8, placeholder_id=fmt.placeholder_id)
+    frame_tokens = torch.randn(frames, 2, 8, generator=torch.Generator().manual_seed(0))
+    logits, loss, _ = model(ids, frame_tokens, labels=labels, frame_target=frame_target, stream_loss_weight=weight)
+    total, count = 0.0, 0
+    for i, target in enumerate(labels[0].tolist()):
+        if target == IGNORE:
+            continue
+        ce = -torch.log_softmax(logits[0, i].double(), -1)[target].item()
+        total += (weight if frame_target[0, i] else 1.0) * ce
+        count += 1
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_placeholder_outside_embedding_table_gets_connector_output(tiny_tokenizer, tiny_llm):
+    vocab = tiny_llm.get_input_embeddings().num_embeddings
+    model = LiveModel(tiny_llm, vision_dim=8, placeholder_id=vocab + 5)  # as the official 128256
+    ids = torch.tensor([[1, vocab + 5, 2, vocab + 5]])
+    frame_tokens = torch.randn(2, 8)
+    embeds = model.embed(ids, frame_tokens)
+    expected = model.connector(frame_tokens)
+    assert torch.equal(embeds[0, 1], expected[0]) and torch.equal(embeds[0, 3], expected[1])
+    assert torch.equal(embeds[0, 0], tiny_llm.get_input_embeddings().weight[1])
+
+
+def test_frame_token_count_mismatch_names_both_counts(tiny_llm):
+    model = LiveModel(tiny_llm, vision_dim=8, placeholder_id=7)
+    with pytest.raises(ValueError, match="2 frame placeholders but frame_tokens has 3"):
+        model.embed(torch.tensor([[7, 1, 7]]), torch.randn(3, 8))
+
+
+@pytest.mark.parametrize("finetune,llm_trains", [("lora", "lora_"), ("full", "all"), ("connector", "none")])
+def test_finetune_modes_choose_trainable_weights(tiny_llm, finetune, llm_trains):
+    model = build_live_model(ModelConfig(finetune=finetune, lora_r=4, lora_alpha=8), tiny_llm, 8, placeholder_id=7)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    llm_trainable = {n for n in trainable if n.startswith("llm.")}
+    connector = {f"connector.{k}" for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")}
+    assert {n for n in trainable if n.startswith("connector.")} == connector
+    if llm_trains == "lora_":
+        assert llm_trainable and all("lora_" in n for n in llm_trainable)
+        assert any("lm_head" in n for n in llm_trainable)
+    elif llm_trains == "all":
+        assert len(llm_trainable) == len(list(model.llm.parameters()))
+    else:
+        assert not llm_trainable
+
+
+def test_unknown_lora_targets_list_the_real_layers(tiny_llm):
+    model = LiveModel(tiny_llm, 8, 7)
+    with pytest.raises(ValueError, match="q_proj"):
+        apply_finetuning(model, ModelConfig(lora_targets=["query_key_value"]))
+
+
+def test_lora_training_reduces_loss_on_one_sample(tiny_tokenizer, tiny_llm):
+    fmt, ids, labels, frame_target, frames = _tiny_sample(tiny_tokenizer)
+    torch.manual_seed(0)
+    model = build_live_model(ModelConfig(lora_r=8, lora_alpha=16, lora_dropout=0.0), tiny_llm, 8, fmt.placeholder_id)
+    frame_tokens = torch.randn(frames, 2, 8)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(20):
+        _, loss, _ = model(ids, frame_tokens, labels=labels, frame_target=frame_target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]

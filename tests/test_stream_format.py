@@ -1,0 +1,122 @@
+"""The stream layout on a tiny in-process tokenizer: targets, errors, and the engine's step-wise inputs."""
+
+import pytest
+
+from livevlm.config import FormatConfig
+from livevlm.stream_format import (
+    IGNORE,
+    Frames,
+    Message,
+    StreamFormat,
+    StreamFormatError,
+    register_placeholder,
+    timeline_to_items,
+)
+
+
+@pytest.fixture
+def fmt(tiny_tokenizer):
+    register_placeholder(tiny_tokenizer)
+    return StreamFormat(tiny_tokenizer, FormatConfig(), tokens_per_frame=2)
+
+
+def frame_labels(rendered):
+    return [lab for lab, is_frame_end in zip(rendered.labels, rendered.frame_target, strict=True) if is_frame_end]
+
+
+def test_frame_targets_silence_then_speak(fmt):
+    rendered = fmt.render([Frames(3), Message("assistant", "It stopped.")])
+    assert frame_labels(rendered) == [fmt.separator_id, fmt.separator_id, fmt.speak_id]
+
+
+def test_only_the_last_token_of_a_frame_is_a_frame_target(fmt):
+    rendered = fmt.render([Frames(2)])
+    v = fmt.placeholder_id
+    positions = [i for i, t in enumerate(rendered.input_ids) if t == v]
+    assert [rendered.labels[i] for i in positions] == [IGNORE, fmt.separator_id, IGNORE, fmt.separator_id]
+
+
+def test_frame_before_user_query_is_unlabelled(fmt):
+    rendered = fmt.render([Frames(2), Message("user", "What just happened?"), Message("assistant", "It stopped.")])
+    last_frame_end = max(i for i, t in enumerate(rendered.input_ids) if t == fmt.placeholder_id)
+    assert rendered.labels[last_frame_end] == IGNORE
+    assert not rendered.frame_target[last_frame_end]
+    assert frame_labels(rendered) == [fmt.separator_id]
+
+
+def test_response_tokens_and_eos_are_learned_context_is_not(fmt, tiny_tokenizer):
+    rendered = fmt.render([Frames(1), Message("assistant", "It stopped.")])
+    learned = [lab for lab, is_frame in zip(rendered.labels, rendered.frame_target, strict=True)
+               if lab != IGNORE and not is_frame]
+    # "]" predicted at the frame; then "\n", "Assistant", ":", " It stopped." and eos are learned.
+    expected_text = tiny_tokenizer.encode("]\nAssistant: It stopped.", add_special_tokens=False)[1:]
+    assert learned == expected_text + [tiny_tokenizer.eos_token_id]
+
+
+def test_render_matches_whole_string_tokenisation_of_the_official_template(fmt, tiny_tokenizer):
+    rendered = fmt.render([Frames(1), Message("user", "Hi?"), Message("assistant", "Sure."), Frames(1)])
+    text = (f"<s>{fmt.config.system_prompt}\n\n[<v><v>]\nUser: Hi?\nAssistant: Sure.</s>\n[<v><v>")
+    assert rendered.input_ids == tiny_tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_v1_layout_without_separator_uses_eos_for_silence(tiny_tokenizer):
+    register_placeholder(tiny_tokenizer)
+    fmt = StreamFormat(tiny_tokenizer, FormatConfig(separator=""), tokens_per_frame=1)
+    rendered = fmt.render([Frames(3), Message("assistant", "Go.")])
+    v = fmt.placeholder_id
+    start = rendered.input_ids.index(v)
+    assert rendered.input_ids[start:start + 3] == [v, v, v]
+    assert frame_labels(rendered) == [tiny_tokenizer.eos_token_id, tiny_tokenizer.eos_token_id, fmt.speak_id]
+
+
+def test_engine_inputs_concatenate_to_the_training_render(fmt):
+    """The engine's step-wise ids (prompt, frames, speak + response, query, reopen) equal the render."""
+    steps = (fmt.prompt_ids() + fmt.frame_ids(True) + fmt.frame_ids(False)
+             + fmt.speak_ids() + fmt.response_ids("It stopped.") + [fmt.eos_id]
+             + fmt.query_ids("What just happened?", run_open=False) + fmt.response_ids("A circle.") + [fmt.eos_id]
+             + fmt.reopen_ids() + fmt.frame_ids(True)
+             + fmt.query_ids("Where?", run_open=True) + fmt.response_ids("Left.") + [fmt.eos_id])
+    rendered = fmt.render([Frames(2), Message("assistant", "It stopped."), Message("user", "What just happened?"),
+                           Message("assistant", "A circle."), Frames(1), Message("user", "Where?"),
+                           Message("assistant", "Left.")])
+    assert steps == rendered.input_ids
+
+
+def test_conversation_starting_with_assistant_is_rejected(fmt):
+    with pytest.raises(StreamFormatError, match="must start with system, user or frames"):
+        fmt.render([Message("assistant", "Hello.")])
+
+
+def test_zero_frame_run_is_rejected(fmt):
+    with pytest.raises(StreamFormatError, match="at least one frame"):
+        fmt.render([Frames(0), Message("assistant", "Hello.")])
+
+
+def test_system_message_must_come_first(fmt):
+    with pytest.raises(StreamFormatError, match="system message may only come first"):
+        fmt.render([Frames(1), Message("system", "Hi.")])
+
+
+def test_separator_of_two_tokens_is_rejected(tiny_tokenizer):
+    register_placeholder(tiny_tokenizer)
+    with pytest.raises(StreamFormatError, match="exactly one token"):
+        StreamFormat(tiny_tokenizer, FormatConfig(separator=", next"), tokens_per_frame=1)
+
+
+def test_separator_equal_to_speak_token_is_rejected(tiny_tokenizer):
+    register_placeholder(tiny_tokenizer)
+    with pytest.raises(StreamFormatError, match="equals the speak token"):
+        StreamFormat(tiny_tokenizer, FormatConfig(separator="]"), tokens_per_frame=1)
+
+
+def test_unregistered_placeholder_is_rejected_naming_the_fix(tiny_tokenizer):
+    with pytest.raises(StreamFormatError, match="register_placeholder"):
+        StreamFormat(tiny_tokenizer, FormatConfig(), tokens_per_frame=1)
+
+
+def test_timeline_places_turns_after_their_frame():
+    turns = [("user", 0.0, "Narrate."), ("assistant", 0.0, "Sure."), ("assistant", 1.5, "A circle appears."),
+             ("assistant", 9.0, "Cut off.")]
+    items = timeline_to_items(turns, num_frames=5, fps=2.0)
+    assert items == [Frames(1), Message("user", "Narrate."), Message("assistant", "Sure."), Frames(3),
+                     Message("assistant", "A circle appears."), Frames(1)]

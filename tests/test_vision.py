@@ -1,0 +1,88 @@
+"""Frame encoders on tiny random SigLIP / CLIP / DINOv2 towers: shapes, token semantics, loading, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    Dinov2Config,
+    Dinov2Model,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+from livevlm.vision import VisionError, build_frame_encoder, load_frame_encoder
+
+SMALL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=4)
+
+
+def tiny_tower(kind: str, image_size: int = 24):
+    torch.manual_seed(0)
+    if kind == "siglip":
+        return SiglipVisionModel(SiglipVisionConfig(image_size=image_size, **SMALL)).eval()
+    if kind == "clip":
+        return CLIPVisionModel(CLIPVisionConfig(image_size=image_size, **SMALL)).eval()
+    return Dinov2Model(Dinov2Config(image_size=image_size, **SMALL)).eval()
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clip", "dinov2"])
+def test_tokens_are_pooled_then_grid(kind):
+    tower = tiny_tower(kind)
+    encoder = build_frame_encoder(tower, image_size=24, pooled_token=True, grid=3)
+    pixels = torch.randn(2, 3, 24, 24)
+    tokens = encoder(pixels)
+    assert tokens.shape == (2, 10, 16)
+    out = tower(pixel_values=pixels)
+    assert torch.allclose(tokens[:, 0], out.pooler_output, atol=1e-6)
+    patches = out.last_hidden_state if kind == "siglip" else out.last_hidden_state[:, 1:]  # [2, 36, 16]
+    grid = patches.reshape(2, 6, 6, 16)
+    top_left = grid[:, :2, :2].mean(dim=(1, 2))  # 6x6 -> 3x3: each cell averages a 2x2 block
+    assert torch.allclose(tokens[:, 1], top_left, atol=1e-6)
+    assert torch.allclose(tokens[:, 1:], F.adaptive_avg_pool2d(grid.permute(0, 3, 1, 2), 3).flatten(2).transpose(1, 2),
+                          atol=1e-6)
+
+
+def test_grid_only_and_pooled_only_counts():
+    tower = tiny_tower("dinov2")
+    assert build_frame_encoder(tower, 24, pooled_token=False, grid=2)(torch.randn(1, 3, 24, 24)).shape == (1, 4, 16)
+    assert build_frame_encoder(tower, 24, pooled_token=True, grid=0)(torch.randn(1, 3, 24, 24)).shape == (1, 1, 16)
+
+
+def test_encoder_is_frozen():
+    encoder = build_frame_encoder(tiny_tower("siglip"), 24)
+    assert not any(p.requires_grad for p in encoder.parameters())
+    assert not encoder.tower.training
+
+
+def test_preprocess_letterboxes_and_normalises_with_processor_stats(tmp_path):
+    tower = tiny_tower("dinov2")
+    tower.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5, 0.5],
+                                                                    "image_std": [0.25, 0.25, 0.25]}))
+    encoder = load_frame_encoder(tmp_path, image_size=24, grid=2)
+    white_wide = np.full((12, 24, 3), 255, dtype=np.uint8)  # 2:1 -> 6 black rows above and below
+    pixels = encoder.preprocess([white_wide])
+    assert pixels.shape == (1, 3, 24, 24)
+    assert torch.allclose(pixels[0, :, 0], torch.full((3, 24), (0 - 0.5) / 0.25))  # padding is black
+    assert torch.allclose(pixels[0, :, 12], torch.full((3, 24), (1 - 0.5) / 0.25))  # the image is white
+
+
+def test_encode_batches_give_the_same_tokens():
+    encoder = build_frame_encoder(tiny_tower("clip"), 24)
+    frames = np.random.default_rng(0).integers(0, 255, (5, 24, 24, 3), dtype=np.uint8)
+    assert torch.allclose(encoder.encode(frames, batch_size=2), encoder.encode(frames, batch_size=5), atol=1e-5)
+
+
+def test_missing_vision_path_names_it(tmp_path):
+    with pytest.raises(VisionError, match="does not exist"):
+        load_frame_encoder(tmp_path / "nope")
+
+
+def test_unsupported_tower_type_lists_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(VisionError, match="not supported"):
+        load_frame_encoder(tmp_path)
