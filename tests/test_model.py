@@ -102,3 +102,17 @@ def test_lora_training_reduces_loss_on_one_sample(tiny_tokenizer, tiny_llm):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_labelled_logits_only_gives_the_same_loss(tiny_tokenizer, tiny_llm):
+    fmt, ids, labels, frame_target, frames = _tiny_sample(tiny_tokenizer)
+    model = LiveModel(tiny_llm, vision_dim=8, placeholder_id=fmt.placeholder_id)
+    frame_tokens = torch.randn(frames, 2, 8)
+    full_logits, full_loss, _ = model(ids, frame_tokens, labels=labels, frame_target=frame_target,
+                                      stream_loss_weight=2.0)
+    kept_logits, kept_loss, _ = model(ids, frame_tokens, labels=labels, frame_target=frame_target,
+                                      stream_loss_weight=2.0, labelled_logits_only=True)
+    keep = (labels[0] != IGNORE).nonzero().flatten()
+    assert kept_logits.shape == (1, len(keep), full_logits.shape[-1])
+    assert torch.allclose(kept_logits, full_logits[:, keep], atol=1e-6)
+    assert kept_loss.item() == pytest.approx(full_loss.item(), rel=1e-6)

@@ -5,7 +5,8 @@ A checkpoint folder holds:
     connector.safetensors   the connector
     adapter_model.safetensors + adapter_config.json   LoRA (peft's own format), when finetune = lora
     llm/                    the whole LLM (HF format), when finetune = full
-    tokenizer/              the tokenizer with the placeholder registered (exact ids at inference)
+    tokenizer/              the tokenizer with the placeholder registered (exact ids at inference); a slim
+                            checkpoint may leave it out: the base LLM's tokenizer + the placeholder then
 The base LLM and vision tower are named in livevlm.yaml ("default" = the packaged backbones), so a LoRA
 checkpoint is a few MB.
 """
@@ -25,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from livevlm.config import FormatConfig, ModelConfig, from_dict, to_dict
 from livevlm.model import LiveModel
+from livevlm.stream_format import register_placeholder
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "livevlm.yaml"
@@ -108,10 +110,13 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
 
     folder = Path(folder)
     model_config, format_config = read_checkpoint_config(folder)
-    for name in ("connector.safetensors", "tokenizer"):
-        if not (folder / name).exists():
-            raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is missing")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    if not (folder / "connector.safetensors").is_file():
+        raise CheckpointError(f"checkpoint {folder} is incomplete: connector.safetensors is missing")
+    if (folder / "tokenizer").is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    else:  # a slim checkpoint (the shipped default model): the base tokenizer + the placeholder
+        tokenizer = AutoTokenizer.from_pretrained(resolve_llm(model_config.llm))
+        register_placeholder(tokenizer, format_config.placeholder)
     if model_config.finetune == "full":
         llm = AutoModelForCausalLM.from_pretrained(str(folder / "llm"), dtype=dtype)
     else:

@@ -22,6 +22,18 @@ from livevlm.stream_format import IGNORE
 log = logging.getLogger(__name__)
 
 
+def _cache_kwarg_name() -> str:
+    """transformers >= 5.2x names the KV-cache argument `cache`, older releases `past_key_values`."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+_CACHE_KWARG = _cache_kwarg_name()
+
+
 class Connector(nn.Module):
     """Linear(vision_dim → hidden) → GELU → Linear(hidden → llm_dim), as the official v1+ connector."""
 
@@ -103,41 +115,42 @@ class LiveModel(nn.Module):
         if frame_tokens.shape[0] != count:
             raise ValueError(f"input_ids hold {count} frame placeholders but frame_tokens has "
                              f"{frame_tokens.shape[0]} tokens")
-        projected = self.connector(frame_tokens.to(token_embeds.dtype))  # [P, H]
+        # .to(): under autocast the connector may return another dtype than the embedding table's.
+        projected = self.connector(frame_tokens.to(token_embeds.dtype)).to(token_embeds.dtype)  # [P, H]
         return token_embeds.masked_scatter(is_frame[..., None], projected)
 
     def forward(self, input_ids: torch.Tensor, frame_tokens: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 frame_target: torch.Tensor | None = None, stream_loss_weight: float = 1.0,
-                past_key_values=None, use_cache: bool = False, position_ids: torch.Tensor | None = None):
+                past_key_values=None, use_cache: bool = False, position_ids: torch.Tensor | None = None,
+                labelled_logits_only: bool = False):
         """Run the LLM on the joint embedding; with `labels`, also return the streaming loss.
 
+        Args:
+            labelled_logits_only: with `labels`, compute logits only at the positions some row labels
+                (`[B, K, V]` instead of `[B, L, V]`). Training needs nothing else, and the vocabulary
+                projection of every position is a large share of a small LLM's step (49k × 576 for SmolLM2).
+
         Returns:
-            (logits `[B, L, V]`, loss or None, past_key_values or None).
+            (logits `[B, L, V]` (or `[B, K, V]`), loss or None, past_key_values or None).
         """
         inputs_embeds = self.embed(input_ids, frame_tokens)
         kwargs = {}
         if past_key_values is not None:  # transformers >= 5.2x calls it `cache`, older ones `past_key_values`
             kwargs[_CACHE_KWARG] = past_key_values
+        if labels is not None and frame_target is None:
+            frame_target = torch.zeros_like(labels, dtype=torch.bool)
+        if labels is not None and labelled_logits_only:
+            keep = (labels != IGNORE).any(dim=0).nonzero().flatten()  # [K]
+            kwargs["logits_to_keep"] = keep
+            labels, frame_target = labels[:, keep], frame_target[:, keep]
         out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=use_cache,
                        position_ids=position_ids, **kwargs)
         loss = None
         if labels is not None:
-            if frame_target is None:
-                frame_target = torch.zeros_like(labels, dtype=torch.bool)
             loss = streaming_loss(out.logits, labels, frame_target, stream_loss_weight)
         return out.logits, loss, (out.past_key_values if use_cache else None)
 
-
-def _cache_kwarg_name() -> str:
-    import inspect
-
-    from transformers import LlamaForCausalLM
-
-    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
-
-
-_CACHE_KWARG = _cache_kwarg_name()
 
 
 def apply_finetuning(model: LiveModel, config: ModelConfig) -> LiveModel:

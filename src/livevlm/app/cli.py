@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                       "check a dialogue JSONL file and report the line and field at fault"),
     "data encode": ("livevlm.data.features:EncodeArgs", "livevlm.data.features:encode_command",
                     "encode every video of a dialogue file once into the feature cache (resumable)"),
+    "train": ("livevlm.train:TrainArgs", "livevlm.train:train_command",
+              "train a streaming model from a YAML recipe (resumes automatically)"),
     "evaluate": ("livevlm.evaluation.stream_eval:EvaluateArgs", "livevlm.evaluation.stream_eval:evaluate_command",
                  "teacher-forced stream metrics (LM-PPL, LM-Correctness, TimeDiff, Fluency) on a dialogue file"),
     "assets prepare": ("livevlm.backbones:PrepareArgs", "livevlm.backbones:prepare_command",
@@ -81,7 +83,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     func: Callable[[Any], int | None] = _load(func_ref)
     try:
         code = func(dataclass_from_namespace(_load(args_ref), namespace))
-    except (CommandError, ConfigError, FileNotFoundError, ValueError) as exc:
+    except (CommandError, ConfigError, OSError, ValueError) as exc:
         print(f"livevlm: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,86 @@
+"""`livevlm evaluate`: teacher-forced stream metrics of a model on a dialogue file.
+
+One forward per dialogue over its ground-truth stream; the metrics of `evaluation.metrics` at each
+threshold asked for, pooled over all turns, overall and per task (narration, reminder, …). Prints one
+JSON object: the metrics at the main threshold at top level, the others under "by_threshold".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from livevlm.evaluation.metrics import StreamScores, stream_scores
+
+
+@dataclass
+class EvaluateArgs:
+    data: str = field(metadata={"help": "dialogue JSONL (held-out)"})
+    model: str = field(default="", metadata={"help": "checkpoint folder; empty = the shipped default model"})
+    features: str = field(default="", metadata={"help": "feature cache folder; empty = encode videos on the fly"})
+    threshold: list[float] = field(default_factory=list, metadata={
+        "help": "speak thresholds θ to report (default: the engine's θ and 0, as the paper)"})
+    max_frames: int = field(default=1200, metadata={"help": "truncate streams to this many frames"})
+    limit: int = field(default=0, metadata={"help": "evaluate only the first N dialogues (0 = all)"})
+
+
+def evaluate_stream_model(loaded, dataset, thresholds: list[float], limit: int = 0) -> dict[str, object]:
+    """Teacher-forced metrics of `loaded` (checkpoint.LoadedModel) over a StreamDataset, per threshold."""
+    fmt = dataset.fmt
+    pooled = {t: StreamScores() for t in thresholds}
+    per_task: dict[str, dict[float, StreamScores]] = {}
+    count = len(dataset) if not limit else min(limit, len(dataset))
+    for index in range(count):
+        sample = dataset[index]
+        task = dataset.dialogues[index].task or "all"
+        rendered_ends = (sample.input_ids == fmt.placeholder_id).nonzero().flatten().tolist()
+        frame_ends = rendered_ends[fmt.tokens_per_frame - 1::fmt.tokens_per_frame]
+        with torch.no_grad():
+            logits, _, _ = loaded.model(sample.input_ids[None].to(loaded.model.device), sample.frame_tokens)
+        for threshold in thresholds:
+            scores = stream_scores(logits[0].cpu(), sample.labels.tolist(), frame_ends, fmt.separator_id,
+                                   fmt.eos_id, dataset.dialogues[index].fps, threshold)
+            pooled[threshold].extend(scores)
+            per_task.setdefault(task, {t: StreamScores() for t in thresholds})[threshold].extend(scores)
+    main = thresholds[0]
+    result: dict[str, object] = dict(pooled[main].summary(main))
+    result["within_1s"] = _within(pooled[main].time_diff_s, 1.0)
+    result["dialogues"] = count
+    result["by_threshold"] = {str(t): pooled[t].summary(t) | {"within_1s": _within(pooled[t].time_diff_s, 1.0)}
+                              for t in thresholds}
+    result["by_task"] = {task: scores[main].summary(main) | {"within_1s": _within(scores[main].time_diff_s, 1.0)}
+                         for task, scores in sorted(per_task.items())}
+    return result
+
+
+def _within(diffs: list[float], seconds: float) -> float:
+    return sum(d <= seconds + 1e-9 for d in diffs) / len(diffs) if diffs else math.nan
+
+
+def evaluate_command(args: EvaluateArgs) -> int:
+    from livevlm.checkpoint import load_checkpoint
+    from livevlm.config import EngineConfig
+    from livevlm.data.dataset import StreamDataset
+    from livevlm.default_model import default_model_path
+    from livevlm.stream_format import StreamFormat
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    loaded = load_checkpoint(args.model or default_model_path())
+    fmt = StreamFormat(loaded.tokenizer, loaded.format_config, loaded.model_config.tokens_per_frame)
+    encoder = None
+    if not args.features:
+        from livevlm.backbones import resolve_vision
+        from livevlm.vision import load_frame_encoder
+
+        mc = loaded.model_config
+        encoder = load_frame_encoder(resolve_vision(mc.vision), mc.frame_size, mc.pooled_token, mc.grid)
+    dataset = StreamDataset(args.data, fmt, cache_dir=args.features or None, encoder=encoder,
+                            max_frames=args.max_frames)
+    thresholds = args.threshold or [EngineConfig().threshold, 0.0]
+    result = evaluate_stream_model(loaded, dataset, thresholds, args.limit)
+    print(json.dumps(result, indent=2, sort_keys=False))
+    return 0

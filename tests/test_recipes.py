@@ -1,0 +1,91 @@
+"""Every shipped recipe loads and validates; the accelerate configs parse the way `accelerate launch` reads them.
+
+The DeepSpeed and FSDP configs cannot *run* here: deepspeed is not installed (it builds against CUDA), and
+accelerate turns FSDP on only for GPU-like devices (on CPU it silently falls back to DDP over gloo, which
+tests/test_train.py runs with two processes). So they are checked the way accelerate consumes them: the
+launcher parses the file into its arguments and environment, and accelerate's own plugin classes are built
+from that environment.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from livevlm.config import load_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPE_FILES = sorted(p for p in RECIPES.glob("*.yaml"))
+ACCELERATE_FILES = sorted((RECIPES / "accelerate").glob("*.yaml"))
+
+
+def test_recipes_are_shipped():
+    assert "official_v1plus.yaml" in {p.name for p in RECIPE_FILES}
+    assert {p.name for p in ACCELERATE_FILES} == {"deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp.yaml"}
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES + ACCELERATE_FILES, ids=lambda p: p.name)
+def test_every_recipe_says_how_to_run_it(path):
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any("livevlm train" in line or "livevlm.app.cli train" in line for line in header), path
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.name)
+def test_every_recipe_loads_and_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.train.output_dir
+
+
+def test_official_recipe_is_the_papers_setup():
+    recipe = load_recipe(RECIPES / "official_v1plus.yaml")
+    model, train = recipe.model, recipe.train
+    assert (model.frame_size, model.tokens_per_frame, model.connector_hidden) == (384, 10, 4096)
+    assert (model.finetune, model.lora_r, model.lora_alpha, model.lora_dropout) == ("lora", 128, 256, 0.05)
+    assert model.lora_targets == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                  "lm_head"]
+    assert (train.lr, train.epochs, train.batch_size * train.grad_accum) == (2e-4, 2, 64)
+    assert train.bf16 and train.gradient_checkpointing
+    assert recipe.format.fps == 2.0 and recipe.format.frames_close == "]\n"
+
+
+def _launch_args(path: Path):
+    """What `accelerate launch --config_file PATH -m livevlm.app.cli train R.yaml` makes of the file."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    parser = launch_command_parser()
+    args = parser.parse_args(["--config_file", str(path), "-m", "livevlm.app.cli", "train", "r.yaml"])
+    args, defaults, mixed_precision_from_config = _validate_launch_command(args)
+    return args, defaults, mixed_precision_from_config
+
+
+def test_fsdp_config_builds_accelerates_fsdp2_plugin(monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args, _, _ = _launch_args(RECIPES / "accelerate" / "fsdp.yaml")
+    assert args.use_fsdp and not args.use_deepspeed and args.mixed_precision == "bf16"
+    for key, value in prepare_multi_gpu_env(args).items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2  # per-parameter sharding: frozen base + trainable LoRA in one layer
+    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+    assert plugin.reshard_after_forward is True
+
+
+@pytest.mark.parametrize(("name", "stage"), [("deepspeed_zero2.yaml", 2), ("deepspeed_zero3.yaml", 3)])
+def test_deepspeed_configs_build_accelerates_deepspeed_plugin(monkeypatch, name, stage):
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    args, defaults, mixed_precision_from_config = _launch_args(RECIPES / "accelerate" / name)
+    assert args.use_deepspeed and not args.use_fsdp
+    fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mixed_precision_from_config else [])
+    args.deepspeed_fields_from_accelerate_config = ",".join(fields)  # as `accelerate launch` sets it
+    _, env = prepare_deepspeed_cmd_env(args)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = DeepSpeedPlugin().deepspeed_config
+    assert config["zero_optimization"]["stage"] == stage
+    # Batch size and accumulation come from the recipe through HF Trainer ("auto").
+    assert config["train_micro_batch_size_per_gpu"] == config["gradient_accumulation_steps"] == "auto"
+    # ZeRO-3 shards the weights: they must be gathered on save for the checkpoints to hold them.
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is (stage == 3)

@@ -1,0 +1,258 @@
+"""`livevlm train` on a tiny random LLM: the loss falls, a killed run resumes to the same loss curve,
+a full disk keeps the previous checkpoint, and bad input (recipe keys, missing features) is named."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import build_tiny_llm, build_tiny_tokenizer
+from livevlm.checkpoint import load_checkpoint
+from livevlm.config import ConfigError, add_dataclass_arguments, dataclass_from_namespace, load_recipe
+from livevlm.data.dataset import MissingFeaturesError
+from livevlm.data.features import feature_name, save_features
+from livevlm.train import TrainArgs, bf16_supported, latest_checkpoint, read_metrics, train, train_command
+
+TEXTS = ["A red circle appears on the left.", "A blue square leaves.", "A green triangle moves to the right.",
+         "It stopped."]
+NUM_DIALOGUES = 8
+FRAMES, TOKENS_PER_FRAME, VISION_DIM = 8, 2, 16  # 4 s at 2 fps; pooled token + 1x1 grid
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A tiny LLM folder, 8 narration-like dialogues and their feature cache ([8, 2, 16] random tokens)."""
+    root = tmp_path_factory.mktemp("train")
+    tokenizer = build_tiny_tokenizer()
+    build_tiny_llm(len(tokenizer)).save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    generator = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(NUM_DIALOGUES):
+        video = f"videos/{i:03d}.mp4"
+        tokens = torch.randn(FRAMES, TOKENS_PER_FRAME, VISION_DIM, generator=generator)
+        save_features(root / "features" / feature_name(video), tokens, {"fps": "2.0"})
+        turns = [{"role": "user", "time_s": 0.0, "text": "Please narrate the video in real time."},
+                 {"role": "assistant", "time_s": 0.0, "text": "Sure."},
+                 {"role": "assistant", "time_s": 1.0 + 0.5 * (i % 3), "text": TEXTS[i % 4]},
+                 {"role": "assistant", "time_s": 3.0, "text": TEXTS[(i + 1) % 4]}]
+        lines.append(json.dumps({"id": f"d{i}", "video": video, "fps": 2.0, "duration_s": 4.0, "turns": turns}))
+    (root / "dialogues.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is ~5x faster than two on a shared 2-core machine, and deterministic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_recipe(workdir: Path, out: Path, **train: object) -> Path:
+    """A recipe for the tiny setup: LoRA with dropout (so resuming must restore the RNG), batch 2 x 2."""
+    settings = {"data": str(workdir / "dialogues.jsonl"), "features": str(workdir / "features"),
+                "output_dir": str(out / "run"), "max_steps": 6, "batch_size": 2, "grad_accum": 2, "lr": 5e-3,
+                "warmup_ratio": 0.1, "save_steps": 2, "log_steps": 1, "seed": 0, **train}
+    recipe = {"model": {"llm": str(workdir / "llm"), "grid": 1, "pooled_token": True, "finetune": "lora",
+                        "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.1},
+              "train": settings}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "recipe.yaml"
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    return path
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+
+
+def test_loss_falls_and_the_result_is_a_livevlm_checkpoint(workdir, tmp_path):
+    recipe = load_recipe(write_recipe(workdir, tmp_path, max_steps=12, batch_size=4, grad_accum=1, lr=2e-2,
+                                      eval_data=str(workdir / "dialogues.jsonl"), eval_steps=6))
+    folder = train(recipe)
+    curve = [loss for _, loss in losses(tmp_path / "run")]
+    assert len(curve) == 12
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.3
+    evals = [(r["step"], r["eval_loss"]) for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in r]
+    assert [step for step, _ in evals] == [6, 12] and evals[1][1] < evals[0][1]
+    loaded = load_checkpoint(folder)  # connector + LoRA only, loadable by the engine
+    assert loaded.model.connector.fc1.in_features == VISION_DIM
+    assert {p.name for p in folder.iterdir()} >= {"livevlm.yaml", "connector.safetensors", "adapter_model.safetensors"}
+
+
+KILLER = """
+import os, signal, sys
+import livevlm
+from transformers import TrainerCallback
+from livevlm.config import load_recipe
+from livevlm.train import train
+
+class KillAfterLogging(TrainerCallback):
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.global_step == int(sys.argv[2]) and "loss" in (logs or {}):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+train(load_recipe(sys.argv[1]), callbacks=[KillAfterLogging()])
+"""
+
+
+def test_killed_run_resumes_to_the_same_loss_curve(workdir, tmp_path):
+    """SIGKILL after step 4 is logged (checkpoint-3 on disk, step 4 lost), rerun: same curve and weights.
+
+    LoRA dropout is on, an epoch is 2 steps and checkpoint-3 lies mid-epoch, so the RNG state and the
+    position inside the epoch both matter (dropping either breaks the equality).
+    """
+    whole = load_recipe(write_recipe(workdir, tmp_path / "whole", save_steps=3))
+    train(whole)
+    expected = losses(tmp_path / "whole" / "run")
+
+    recipe_path = write_recipe(workdir, tmp_path / "killed", save_steps=3)
+    run = tmp_path / "killed" / "run"
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(recipe_path), "4"], env=env, capture_output=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4]  # step 4 was logged, then the process died
+    assert latest_checkpoint(run).name == "checkpoint-3"
+
+    train(load_recipe(recipe_path))  # resume="auto"
+    resumed = losses(run)
+    assert [s for s, _ in resumed] == [s for s, _ in expected] == [1, 2, 3, 4, 5, 6]
+    assert resumed == expected  # bit-exact: same data order, dropout masks, optimizer and schedule
+    for name in ("connector.safetensors", "adapter_model.safetensors"):
+        final = load_file(str(run / "model" / name))
+        reference = load_file(str(tmp_path / "whole" / "run" / "model" / name))
+        assert final.keys() == reference.keys()
+        assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_disk_full_while_writing_the_livevlm_checkpoint_keeps_the_previous_one(workdir, tmp_path, monkeypatch):
+    recipe = load_recipe(write_recipe(workdir, tmp_path, max_steps=4))
+    import livevlm.checkpoint
+
+    real_save = livevlm.checkpoint.save_file
+    calls = []
+
+    def save_until_disk_full(tensors, filename, *args, **kwargs):
+        calls.append(filename)
+        if len(calls) > 1:  # the livevlm checkpoint of step 2 is written, the one of step 4 hits ENOSPC
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(livevlm.checkpoint, "save_file", save_until_disk_full)
+    with pytest.raises(OSError, match="previous one there is intact") as caught:
+        train(recipe)
+    assert caught.value.errno == errno.ENOSPC
+    run = tmp_path / "run"
+    kept = load_file(str(run / "model" / "connector.safetensors"))
+    at_step_2 = load_file(str(run / "checkpoint-2" / "model.safetensors"))
+    for name, tensor in kept.items():
+        assert torch.equal(tensor, at_step_2[f"connector.{name}"])
+    assert [p.name for p in run.iterdir() if p.name.startswith(".model")] == []  # no temporary left
+    load_checkpoint(run / "model")
+
+
+def test_disk_full_while_writing_a_trainer_checkpoint_resumes_from_the_previous(workdir, tmp_path, monkeypatch):
+    recipe_path = write_recipe(workdir, tmp_path, max_steps=4)
+    real_save = torch.save
+
+    def optimizer_hits_full_disk(obj, f, *args, **kwargs):
+        if str(f).endswith(os.path.join("checkpoint-4", "optimizer.pt")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", optimizer_hits_full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train(load_recipe(recipe_path))
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    assert (run / "checkpoint-4").is_dir() and latest_checkpoint(run).name == "checkpoint-2"
+    train(load_recipe(recipe_path))
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4]
+    assert latest_checkpoint(run).name == "checkpoint-4"
+
+
+def test_resuming_with_a_changed_recipe_names_the_changed_keys(workdir, tmp_path, caplog):
+    train(load_recipe(write_recipe(workdir, tmp_path, max_steps=2)))
+    with caplog.at_level("WARNING", logger="livevlm.train"):
+        train(load_recipe(write_recipe(workdir, tmp_path, max_steps=4)))
+    assert "changed recipe (train.max_steps)" in caplog.text
+    assert [s for s, _ in losses(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not bf16_supported(), reason="no bf16 on this machine")
+def test_bf16_mixed_precision_trains(workdir, tmp_path):
+    train(load_recipe(write_recipe(workdir, tmp_path, max_steps=1, bf16=True)))
+    assert len(losses(tmp_path / "run")) == 1
+
+
+def test_missing_features_name_the_videos(workdir, tmp_path):
+    features = tmp_path / "features"
+    features.mkdir()
+    for i in range(NUM_DIALOGUES):
+        if i != 5:
+            name = feature_name(f"videos/{i:03d}.mp4")
+            (features / name).write_bytes((workdir / "features" / name).read_bytes())
+    recipe = load_recipe(write_recipe(workdir, tmp_path, features=str(features)))
+    with pytest.raises(MissingFeaturesError, match=r"1 video\(s\) have no features .*videos/005\.mp4"):
+        train(recipe)
+
+
+@pytest.mark.parametrize(("override", "named"), [("train.lrr=1e-4", "train.lrr"),
+                                                 ("train.batch_size=two", "train.batch_size"),
+                                                 ("model.finetune=everything", "model.finetune")])
+def test_bad_recipe_key_or_type_is_named(workdir, tmp_path, override, named):
+    args = TrainArgs(recipe=str(write_recipe(workdir, tmp_path)), overrides=[override])
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        train_command(args)
+
+
+def test_bad_key_inside_the_recipe_file_is_named(workdir, tmp_path):
+    path = write_recipe(workdir, tmp_path)
+    recipe = json.loads(path.read_text())
+    recipe["train"]["gradient_accumulation"] = 4
+    path.write_text(json.dumps(recipe))
+    with pytest.raises(ConfigError, match=r"unknown key train\.gradient_accumulation"):
+        load_recipe(path)
+
+
+def test_resume_from_a_folder_that_is_no_checkpoint_says_so(workdir, tmp_path):
+    recipe = load_recipe(write_recipe(workdir, tmp_path))
+    with pytest.raises(FileNotFoundError, match="not a complete training checkpoint"):
+        train(recipe, resume=str(tmp_path))
+
+
+def test_command_line_takes_overrides_after_the_recipe():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, TrainArgs)
+    args = dataclass_from_namespace(TrainArgs, parser.parse_args(
+        ["r.yaml", "train.lr=1e-4", "model.grid=2", "--resume", "never"]))
+    assert args == TrainArgs(recipe="r.yaml", overrides=["train.lr=1e-4", "model.grid=2"], resume="never")
+
+
+def test_two_processes_over_gloo_train_one_step_on_cpu(workdir, tmp_path):
+    """The multi-process path (DDP over gloo, torchrun): gathered token counts, rank 0 alone writes."""
+    recipe_path = write_recipe(workdir, tmp_path, max_steps=2, save_steps=2)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "livevlm.train", str(recipe_path)],
+                          env=env, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    run = tmp_path / "run"
+    assert [s for s, _ in losses(run)] == [1, 2]  # one line per step: only rank 0 logs
+    assert sorted(p.name for p in (run / "checkpoint-2").glob("rng_state_*.pth")) == ["rng_state_0.pth",
+                                                                                         "rng_state_1.pth"]
+    load_checkpoint(run / "model")
