@@ -83,3 +83,18 @@ def smollm2_tokenizer(smollm2_dir):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     register_placeholder(tokenizer)
     return tokenizer
+
+
+def bias_separator(model, separator_id: int, bias: float):
+    """Give a LiveModel's LM head a bias towards the separator, so that a random model stays silent where
+    its P(separator) is above θ (the decision rule also asks the separator to be the argmax)."""
+    from torch import nn
+
+    head = model.llm.lm_head
+    biased = nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[separator_id] = bias
+    model.llm.lm_head = biased
+    return model

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from livevlm.evaluation.metrics import silent_decisions, stream_scores
+from livevlm.evaluation.metrics import stream_scores
+from livevlm.model import silent_decisions
 
 SEP, SPEAK, EOS, A, B = 0, 1, 2, 3, 4
 IGN = -100

@@ -271,7 +271,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """Add one argument per field of `cls`: positional without a default, `--name` otherwise.
 
     Field metadata: "help"; "aliases" (extra flags, e.g. ["--from"]); "nargs" on a list field makes it a
-    trailing positional list (e.g. `key=value` overrides).
+    trailing positional list (e.g. `key=value` overrides); "positional" makes a field with a default an
+    optional positional argument.
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -305,6 +306,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["type"] = annotation
         if required:
             parser.add_argument(f.name, **kwargs)
+        elif f.metadata.get("positional"):  # an optional positional: `stream [SOURCE]`
+            parser.add_argument(f.name, nargs="?", default=f.default, **kwargs)
         else:
             kwargs["help"] = f"{help_text} (default: {f.default})".strip()
             parser.add_argument(*flags, dest=f.name, default=f.default, **kwargs)

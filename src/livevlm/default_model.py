@@ -85,6 +85,8 @@ def install_default_model(checkpoint: Path, target: Path = DEFAULT_MODEL_DIR, ca
         save_file(tensors, str(target / name))
     if card is not None:
         shutil.copy2(card, target / "README.md")
+    for path in target.iterdir():
+        path.chmod(0o644)  # package data: readable by every user of a shared install
     write_checksums(target)
     return target
 

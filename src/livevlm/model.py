@@ -31,7 +31,7 @@ def _cache_kwarg_name() -> str:
     return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
-_CACHE_KWARG = _cache_kwarg_name()
+CACHE_KWARG = _cache_kwarg_name()
 
 
 class Connector(nn.Module):
@@ -68,6 +68,16 @@ def streaming_loss(logits: torch.Tensor, labels: torch.Tensor, frame_target: tor
     weights = torch.where(frame_target.reshape(-1), stream_loss_weight, 1.0)
     count = (flat_labels != IGNORE).sum().clamp(min=1)
     return (ce * weights).sum() / count
+
+
+def silent_decisions(frame_logits: torch.Tensor, separator_id: int, threshold: float) -> torch.Tensor:
+    """The speak decision at frame ends: `[F, V]` logits → `[F]` bool, True where the model stays silent.
+
+    The official rule: the separator is zeroed when P(separator) < θ, then the argmax decides. So: silent
+    iff P(separator) ≥ θ and the separator is the argmax (θ = 0: plain argmax; θ ≥ 0.5: P(separator) ≥ θ).
+    """
+    probs = frame_logits.float().softmax(-1)
+    return (probs[:, separator_id] >= threshold) & (probs.argmax(-1) == separator_id)
 
 
 class LiveModel(nn.Module):
@@ -137,7 +147,7 @@ class LiveModel(nn.Module):
         inputs_embeds = self.embed(input_ids, frame_tokens)
         kwargs = {}
         if past_key_values is not None:  # transformers >= 5.2x calls it `cache`, older ones `past_key_values`
-            kwargs[_CACHE_KWARG] = past_key_values
+            kwargs[CACHE_KWARG] = past_key_values
         if labels is not None and frame_target is None:
             frame_target = torch.zeros_like(labels, dtype=torch.bool)
         if labels is not None and labelled_logits_only:
@@ -149,7 +159,13 @@ class LiveModel(nn.Module):
         loss = None
         if labels is not None:
             loss = streaming_loss(out.logits, labels, frame_target, stream_loss_weight)
-        return out.logits, loss, (out.past_key_values if use_cache else None)
+        return out.logits, loss, (output_cache(out) if use_cache else None)
+
+
+def output_cache(out):
+    """The KV cache of an HF model output (`cache` in transformers >= 5.2x, `past_key_values` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 

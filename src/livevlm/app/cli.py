@@ -19,6 +19,8 @@ import livevlm  # noqa: F401  (sets the oneDNN ISA cap before anything imports t
 
 COMMANDS: dict[str, tuple[str, str, str]] = {
     # name: (args dataclass, function, one-line help)
+    "stream": ("livevlm.app.stream:StreamArgs", "livevlm.app.stream:stream_command",
+               "watch a video / camera / URL and speak when the model decides to (the main job)"),
     "world generate": ("livevlm.world:GenerateArgs", "livevlm.world:generate_command",
                        "render synthetic-world videos with exact event annotations"),
     "data convert": ("livevlm.data.convert:ConvertArgs", "livevlm.data.convert:convert_command",

@@ -14,8 +14,8 @@ For every assistant turn of a rendered stream (`stream_format.RenderedStream`):
 * Fluency: the share of the turn's predictions — its frame decisions (silent frames, then the speak frame)
   followed by its text tokens — that are correct in one unbroken run from the start; averaged over turns.
 
-The frame decision at threshold θ is the inference rule: silent iff P(separator) ≥ θ and the separator is
-the argmax (θ = 0: plain argmax; θ ≥ 0.5: just P(separator) ≥ θ).
+The frame decision at threshold θ is the engine's rule (`model.silent_decisions`): silent iff
+P(separator) ≥ θ and the separator is the argmax (θ = 0: plain argmax; θ ≥ 0.5: just P(separator) ≥ θ).
 """
 
 from __future__ import annotations
@@ -25,13 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from livevlm.model import silent_decisions
 from livevlm.stream_format import IGNORE
-
-
-def silent_decisions(frame_logits: torch.Tensor, separator_id: int, threshold: float) -> torch.Tensor:
-    """`[F, V]` logits at frame ends → `[F]` bool, True where the model stays silent."""
-    probs = frame_logits.float().softmax(-1)
-    return (probs[:, separator_id] >= threshold) & (probs.argmax(-1) == separator_id)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from livevlm.evaluation.metrics import StreamScores, stream_scores
 
 @dataclass
 class EvaluateArgs:
-    data: str = field(metadata={"help": "dialogue JSONL (held-out)"})
+    data: str = field(default="", metadata={"help": "dialogue JSONL (held-out); required"})
     model: str = field(default="", metadata={"help": "checkpoint folder; empty = the shipped default model"})
     features: str = field(default="", metadata={"help": "feature cache folder; empty = encode videos on the fly"})
     threshold: list[float] = field(default_factory=list, metadata={
@@ -68,6 +68,8 @@ def evaluate_command(args: EvaluateArgs) -> int:
     from livevlm.default_model import default_model_path
     from livevlm.stream_format import StreamFormat
 
+    if not args.data:
+        raise ValueError("give the dialogue file to evaluate on: livevlm evaluate --data FILE.jsonl")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     loaded = load_checkpoint(args.model or default_model_path())
     fmt = StreamFormat(loaded.tokenizer, loaded.format_config, loaded.model_config.tokens_per_frame)

@@ -1,0 +1,115 @@
+"""Streaming speed: the sequential per-frame loop vs the async pipeline vs the pipeline with multi-frame forwards.
+
+Prints a table (never asserts a time). Each configuration runs in its own process so that peak memory
+(max RSS) is its own. Default: the shipped default model on synthetic-world videos of 1 and 10 minutes.
+
+    python benchmarks/stream_speed.py                       # 1 and 10 minutes, every mode
+    python benchmarks/stream_speed.py --minutes 1 10 30     # how FPS changes with stream length
+    python benchmarks/stream_speed.py --model runs/x/model  # another checkpoint
+
+Modes:
+  sequential   the public code's design: decode a frame, encode it, one LLM forward, repeat (no overlap)
+  pipeline     decode / encode / LLM on separate threads, one frame per LLM forward
+  multiframe   the pipeline, with every waiting frame in one LLM forward (up to 8)
+All run "as fast as possible" with a narration query at 0 s; response latency is the wall time from the
+decision to the end of the response.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("sequential", "pipeline", "multiframe")
+
+
+def video_for(minutes: float, folder: Path) -> Path:
+    from livevlm.world import WorldSpec, render_video
+
+    path = folder / f"world-{minutes:g}min.mp4"
+    if not path.is_file():
+        render_video(WorldSpec(seed=11, index=0, duration=minutes * 60), path)
+    return path
+
+
+def worker(mode: str, video: str, model: str, threads: int) -> dict:
+    import torch
+
+    import livevlm  # noqa: F401
+    from livevlm.app.stream import StreamArgs, _load
+    from livevlm.config import EngineConfig
+    from livevlm.engine.pipeline import StreamPipeline
+    from livevlm.engine.session import ResponseEvent, StreamSession
+    from livevlm.video import read_frames
+
+    loaded, fmt, encoder = _load(StreamArgs(model=model))
+    torch.set_num_threads(threads)
+    config = EngineConfig(max_frames_per_forward=8 if mode == "multiframe" else 1)
+    session = StreamSession(loaded.model, fmt, config)
+    frames = read_frames(video, fps=loaded.format_config.fps, size=encoder.image_size)
+    query = "Please narrate the video in real time."
+    latencies: list[float] = []
+    start = time.perf_counter()
+    count = 0
+    if mode == "sequential":
+        session.add_query(query, 0.0)
+        for time_s, frame in frames:
+            tokens = encoder.encode(frame[None])
+            for event in session.step(tokens, [time_s]):
+                if isinstance(event, ResponseEvent):
+                    latencies.append(event.latency_s)
+            count += 1
+    else:
+        pipeline = StreamPipeline(session, encoder, frames, queries=[(0.0, query)], num_threads=threads)
+        for event in pipeline.events():
+            if isinstance(event, ResponseEvent):
+                latencies.append(event.latency_s)
+        count = pipeline.summary.frames
+    elapsed = time.perf_counter() - start
+    return {"mode": mode, "frames": count, "fps": count / elapsed, "elapsed_s": elapsed,
+            "responses": len(latencies), "mean_latency_s": sum(latencies) / max(len(latencies), 1),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, nargs="+", default=[1.0, 10.0])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--model", default="", help="checkpoint folder; empty = the default model")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    parser.add_argument("--videos", default="data/bench", help="where the synthetic videos are cached")
+    parser.add_argument("--worker", nargs=2, metavar=("MODE", "VIDEO"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.model, args.threads)))
+        return
+    folder = Path(args.videos)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for minutes in args.minutes:
+        video = video_for(minutes, folder)
+        for mode in args.modes:
+            cmd = [sys.executable, __file__, "--worker", mode, str(video), "--model", args.model,
+                   "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            row = json.loads(out) | {"minutes": minutes}
+            rows.append(row)
+            print(f"{minutes:g} min {mode:11s} {row['fps']:6.2f} fps  {row['responses']:4d} responses  "
+                  f"latency {row['mean_latency_s']:.2f} s  peak {row['peak_rss_mb']:.0f} MB", flush=True)
+    print("\n| stream | mode | FPS | × sequential | responses | mean response latency | peak RSS |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        base = next(r for r in rows if r["minutes"] == row["minutes"] and r["mode"] == "sequential")["fps"] \
+            if "sequential" in args.modes else row["fps"]
+        print(f"| {row['minutes']:g} min | {row['mode']} | {row['fps']:.2f} | {row['fps'] / base:.2f}× | "
+              f"{row['responses']} | {row['mean_latency_s']:.2f} s | {row['peak_rss_mb']:.0f} MB |")
+
+
+if __name__ == "__main__":
+    main()

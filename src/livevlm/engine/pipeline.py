@@ -1,0 +1,314 @@
+"""The asynchronous streaming pipeline: decode, frame encoding and LLM work overlap on separate threads.
+
+    source (decode thread of `video.read_frames`) → reader thread (real-time pacing) → frame queue
+      → encoder thread (encodes every frame waiting, in one batch) → frame-token queue
+      → LLM stage, on the caller's thread: `session.step` with all frames waiting (≤ max_frames_per_forward)
+
+The LLM stage runs on the caller's thread so that Ctrl-C lands where the loop is and events are yielded
+without another hand-off. While it generates a response, the encoder thread keeps encoding into its
+queue, so a long response never stalls encoding; afterwards the LLM catches up with multi-frame forwards
+(frames are never dropped: the queues block, they do not overflow). In real-time mode the reader releases
+frame i at `start + time_i`, as a live source would; the lag of a frame is the wall time its decision was
+made minus that moment. Queries arrive from any thread (`ask`) or are scheduled at stream times; a query
+at time t is injected after the frames shown at or before t (the training layout: a turn at t follows
+frame floor(t·fps)). A failure in any stage stops every stage and is re-raised by the consumer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from livevlm.engine.session import Event, ResponseEvent, StreamSession
+
+log = logging.getLogger(__name__)
+
+Encode = Callable[[np.ndarray], torch.Tensor]  # uint8 frames [T, H, W, 3] -> frame tokens [T, N, D]
+_END = object()  # put by a stage after its last item
+_POLL_S = 0.1  # how often a blocked stage checks the stop flag
+_JOIN_S = 10.0
+_EPS_S = 1e-6
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """An exception raised in a stage thread, handed downstream to be re-raised by the consumer."""
+
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class StreamSummary:
+    """What a finished run did. fps = frames / elapsed_s; max_lag_s is 0 in fast mode."""
+
+    frames: int
+    fps: float
+    max_lag_s: float
+    elapsed_s: float
+    responses: int
+    max_frames_per_step: int  # > 1 when the LLM caught up with multi-frame forwards
+
+
+class StreamPipeline:
+    """Run one stream through a session, asynchronously. Iterate `events()` or call `run()` once.
+
+    Args:
+        session: a fresh StreamSession (its config gives max_frames_per_forward).
+        encoder: a `vision.FrameEncoder` (its `encode` is used) or any callable frames → `[T, N, D]`.
+        source: an iterable of `(time_s, frame [H, W, 3] uint8)`, e.g. `video.read_frames(path, fps, size)`;
+            closed (if it has `close`) when the run ends.
+        realtime: release frames at wall-clock pace (for files played "live"); False: as fast as possible.
+        queries: `(time_s, text)` pairs scheduled on the stream's clock.
+        on_event: called with every event by `run()`.
+        max_batch: the most frames the encoder encodes in one call.
+        queue_size: capacity (frames) of each queue between stages.
+        num_threads: torch intra-op threads while the run lasts (None: half the cores, at least 1, so that
+            encoder and LLM overlap instead of fighting for the same cores); restored afterwards.
+    """
+
+    def __init__(self, session: StreamSession, encoder: Any, source: Iterable[tuple[float, np.ndarray]], *,
+                 realtime: bool = False, queries: Iterable[tuple[float, str]] = (),
+                 on_event: Callable[[Event], None] | None = None, max_batch: int = 16, queue_size: int = 64,
+                 num_threads: int | None = None) -> None:
+        if max_batch <= 0 or queue_size <= 0:
+            raise ValueError(f"max_batch and queue_size must be positive, got {max_batch} and {queue_size}")
+        self.session = session
+        self._encode: Encode = encoder.encode if hasattr(encoder, "encode") else encoder
+        self._source = source
+        self.realtime = realtime
+        self.on_event = on_event
+        self.max_batch = max_batch
+        self.num_threads = num_threads or max(1, (os.cpu_count() or 2) // 2)
+        self._scheduled = sorted((float(t), text) for t, text in queries)
+        for _, text in self._scheduled:
+            session.fmt.query_ids(text, run_open=False)  # validate before any thread starts
+        self._asked: queue.SimpleQueue[tuple[float | None, str]] = queue.SimpleQueue()
+        self._frames: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._tokens: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._stop = threading.Event()
+        self.threads = [threading.Thread(target=self._read_loop, name="livevlm-reader", daemon=True),
+                        threading.Thread(target=self._encode_loop, name="livevlm-encoder", daemon=True)]
+        self._start: float | None = None  # wall time of stream time `_first_time`
+        self._first_time = 0.0
+        self._started = False
+        self.summary: StreamSummary | None = None
+
+    # -- public API ----------------------------------------------------------------------------------
+
+    def ask(self, text: str, time_s: float | None = None) -> None:
+        """Queue a user query from any thread; it is injected before the next frame shown after `time_s`.
+
+        time_s: None = now (real-time: the stream time of the wall clock; fast: after the last frame the LLM
+        has seen). Raises StreamFormatError for an empty text.
+        """
+        self.session.fmt.query_ids(text, run_open=False)
+        if time_s is None and self.realtime and self._start is not None:
+            time_s = self._first_time + time.monotonic() - self._start
+        self._asked.put((time_s, text))
+
+    def run(self) -> StreamSummary:
+        """Run to the end of the stream, sending each event to `on_event`; return the summary."""
+        for event in self.events():
+            if self.on_event is not None:
+                self.on_event(event)
+        assert self.summary is not None
+        return self.summary
+
+    def events(self) -> Iterator[Event]:
+        """Run the stream, yielding events as they happen. Stops every thread however it ends."""
+        if self._started:
+            raise RuntimeError("a StreamPipeline runs once; build a new one (with a new session) for another run")
+        self._started = True
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(self.num_threads)
+        try:
+            for thread in self.threads:
+                thread.start()
+            yield from self._llm_loop()
+        finally:
+            self.close()
+            torch.set_num_threads(previous_threads)
+
+    def close(self) -> None:
+        """Stop and join every stage thread (idempotent)."""
+        self._stop.set()
+        for thread in self.threads:
+            if thread.ident is None:
+                continue
+            self._drain()
+            thread.join(timeout=_JOIN_S)
+            if thread.is_alive():
+                log.warning("pipeline thread %s did not stop within %.0f s", thread.name, _JOIN_S)
+
+    # -- stage threads -------------------------------------------------------------------------------
+
+    def _put(self, target: queue.Queue[Any], item: Any) -> bool:
+        """Blocking put that gives up when the pipeline stops; False if it did."""
+        while not self._stop.is_set():
+            try:
+                target.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _get(self, source: queue.Queue[Any]) -> Any:
+        """Blocking get that gives up (returns _END) when the pipeline stops."""
+        while not self._stop.is_set():
+            try:
+                return source.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+        return _END
+
+    def _drain(self) -> None:
+        for pending in (self._frames, self._tokens):
+            while True:
+                try:
+                    pending.get_nowait()
+                except queue.Empty:
+                    break
+
+    def _read_loop(self) -> None:
+        """Reader thread: pull frames from the source (pacing them in real time) into the frame queue."""
+        iterator = iter(self._source)
+        try:
+            for time_s, frame in iterator:
+                if self._start is None:
+                    self._start, self._first_time = time.monotonic(), float(time_s)
+                if self.realtime:
+                    delay = self._start + float(time_s) - self._first_time - time.monotonic()
+                    if delay > 0 and self._stop.wait(delay):
+                        return
+                if not self._put(self._frames, (float(time_s), frame)):
+                    return
+            self._put(self._frames, _END)
+        except BaseException as error:  # noqa: BLE001  (re-raised by the consumer)
+            self._put(self._frames, _Failure(error))
+        finally:  # a FrameSource stops its decode thread here
+            for closable in (iterator, self._source):
+                close = getattr(closable, "close", None)
+                if close is not None:
+                    close()
+
+    def _encode_loop(self) -> None:
+        """Encoder thread: encode every frame waiting (up to max_batch) in one call."""
+        try:
+            done = False
+            while not done and not self._stop.is_set():
+                item = self._get(self._frames)
+                batch: list[tuple[float, np.ndarray]] = []
+                while True:
+                    if item is _END or isinstance(item, _Failure):
+                        done = True
+                        break
+                    batch.append(item)
+                    if len(batch) >= self.max_batch:
+                        break
+                    try:
+                        item = self._frames.get_nowait()
+                    except queue.Empty:
+                        break
+                if batch:
+                    with torch.no_grad():
+                        tokens = self._encode(np.stack([frame for _, frame in batch]))
+                    if not self._put(self._tokens, ([t for t, _ in batch], tokens)):
+                        return
+                if done:
+                    self._put(self._tokens, item)
+        except BaseException as error:  # noqa: BLE001  (re-raised by the consumer)
+            self._put(self._tokens, _Failure(error))
+
+    # -- the LLM stage (caller's thread) -------------------------------------------------------------
+
+    def _llm_loop(self) -> Iterator[Event]:
+        waiting: deque[tuple[float, torch.Tensor]] = deque()
+        frames = responses = max_step = 0
+        max_lag = 0.0
+        began = time.monotonic()
+        ended = False
+        while not ended or waiting:
+            if not ended:
+                ended = self._receive(waiting, block=not waiting)
+            if not waiting:
+                continue
+            batch = self._next_batch(waiting)
+            tokens = torch.stack([t for _, t in batch])
+            times = [t for t, _ in batch]
+            for event in self.session.step(tokens, times):
+                responses += isinstance(event, ResponseEvent)
+                yield event
+            frames += len(batch)
+            max_step = max(max_step, len(batch))
+            if self.realtime and self._start is not None:  # the batch's oldest frame waited longest
+                max_lag = max(max_lag, time.monotonic() - (self._start + times[0] - self._first_time))
+        for event in self._final_queries():
+            responses += isinstance(event, ResponseEvent)
+            yield event
+        elapsed = time.monotonic() - began
+        self.summary = StreamSummary(frames, frames / elapsed if elapsed > 0 else 0.0, max_lag, elapsed,
+                                     responses, max_step)
+
+    def _receive(self, waiting: deque[tuple[float, torch.Tensor]], block: bool) -> bool:
+        """Move every encoded chunk available into `waiting` (waiting for one if `block`); True at the end."""
+        while True:
+            if block:
+                item = self._get(self._tokens)
+                block = False
+            else:
+                try:
+                    item = self._tokens.get_nowait()
+                except queue.Empty:
+                    return False
+            if item is _END:
+                return True
+            if isinstance(item, _Failure):
+                raise item.error
+            times, tokens = item
+            waiting.extend(zip(times, tokens, strict=True))
+
+    def _next_batch(self, waiting: deque[tuple[float, torch.Tensor]]) -> list[tuple[float, torch.Tensor]]:
+        """Up to max_frames_per_forward frames, cut before any frame that a query must precede."""
+        self._queue_due_queries(waiting[0][0])
+        batch = [waiting.popleft()]
+        limit = self.session.config.max_frames_per_forward
+        while waiting and len(batch) < limit and not self._has_due_query(waiting[0][0]):
+            batch.append(waiting.popleft())
+        return batch
+
+    def _collect_asked(self) -> None:
+        while True:
+            try:
+                time_s, text = self._asked.get_nowait()
+            except queue.Empty:
+                break
+            when = self.session.last_time_s if time_s is None else time_s
+            self._scheduled.append((when, text))
+            self._scheduled.sort(key=lambda item: item[0])
+
+    def _has_due_query(self, frame_time: float) -> bool:
+        self._collect_asked()
+        return bool(self._scheduled) and self._scheduled[0][0] < frame_time - _EPS_S
+
+    def _queue_due_queries(self, frame_time: float) -> None:
+        while self._has_due_query(frame_time):
+            when, text = self._scheduled.pop(0)
+            self.session.add_query(text, time_s=when)
+
+    def _final_queries(self) -> Iterator[Event]:
+        """At the end of the stream, answer what is still queued (a query after the last frame)."""
+        self._collect_asked()
+        for when, text in self._scheduled:
+            self.session.add_query(text, time_s=when)
+        self._scheduled = []
+        yield from self.session.flush()

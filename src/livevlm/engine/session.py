@@ -1,0 +1,495 @@
+"""One live stream through a LiveModel: KV cache, the speak decision, queries, generation, bounded memory.
+
+The session feeds exactly the token layout training saw (`StreamFormat`'s engine inputs), so
+`session.fed_ids` always equals `fmt.render(...)` of the conversation it had:
+
+    <bos>{system}\\n\\n[<v>…,<v>…]\\nAssistant: {response}<eos>\\n[<v>…]\\nUser: {q}\\nAssistant: {answer}<eos>…
+
+Decision rule (the official one, `model.silent_decisions`): after each frame, P(sep) = softmax(logits at the
+frame's last token)[sep]; the separator is zeroed when P(sep) < threshold and the argmax decides, so the
+model stays silent iff P(sep) >= threshold and the separator is the argmax; p_speak = 1 - P(sep).
+
+Several waiting frames go through the LLM in one forward: the silence decision is read at every frame
+end, and if frame k in the middle decides to speak, the KV cache is cropped back to the end of frame k,
+the response is generated there, and frames k+1… are forwarded again after it. Causal attention makes
+the logits at frame k independent of the frames after it, so the events are those of the one-frame-per-
+forward loop (up to floating-point summation order).
+
+Tokens that are known but not yet needed in the cache (the prompt before the first frame, the eos that
+ends a response) wait in `_pending` and ride along with the next forward: no forward is spent on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import DynamicCache
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from livevlm.config import EngineConfig
+from livevlm.model import CACHE_KWARG, LiveModel, silent_decisions
+from livevlm.stream_format import Frames, Message, StreamFormat
+
+log = logging.getLogger(__name__)
+
+REBUILD_CHUNK_TOKENS = 512  # tokens per forward when the cache is rebuilt (bounds attention memory)
+
+
+# ---------------------------------------------------------------------------------------------------
+# events
+
+
+@dataclass(frozen=True)
+class FrameEvent:
+    """The silence/speech decision of one frame: p_speak = 1 - P(separator)."""
+
+    time_s: float
+    p_speak: float
+
+
+@dataclass(frozen=True)
+class QueryEvent:
+    """A user query, at the moment it was injected into the stream."""
+
+    time_s: float
+    text: str
+
+
+@dataclass(frozen=True)
+class ResponseEvent:
+    """A finished response: spontaneous (after a frame) or the answer to a query.
+
+    latency_s: wall time to produce it (prefill of "]\\nAssistant:" or of the query, plus decoding); not
+        compared by ==, so the events of two runs compare equal when the same things were said.
+    reason: "eos" when the model ended it, "max_tokens" when `max_new_tokens` cut it.
+    """
+
+    time_s: float
+    text: str
+    token_ids: tuple[int, ...]
+    latency_s: float = field(compare=False)  # a measurement, not part of what was said
+    reason: Literal["eos", "max_tokens"]
+    answer_to_query: bool
+
+    @property
+    def role(self) -> str:
+        return "assistant"
+
+
+Event = FrameEvent | QueryEvent | ResponseEvent
+
+
+# ---------------------------------------------------------------------------------------------------
+# what was fed: a record that can be replayed into ids (the bounded-memory policy rebuilds from it)
+
+
+@dataclass
+class _Entry:
+    kind: Literal["frame", "user", "response", "answer"]
+    time_s: float
+    tokens: torch.Tensor | None = None  # [N, D] for a frame
+    text: str = ""  # the query of a "user" entry, the decoded text of a response/answer
+    token_ids: tuple[int, ...] = ()  # generated ids of a response/answer, without eos
+
+
+class _Cursor:
+    """Where the layout stands, and the ids of the next piece (the same pieces live and when replaying).
+
+    state: "open" right after "\\n[" (the prompt), "frame" after a frame, "header" after "Assistant:",
+    "eos" after a response or answer.
+    """
+
+    def __init__(self, fmt: StreamFormat, state: str = "open") -> None:
+        self.fmt = fmt
+        self.state = state
+
+    def frame(self) -> list[int]:
+        prefix = self.fmt.reopen_ids() if self.state == "eos" else []
+        ids = prefix + self.fmt.frame_ids(first_in_run=self.state != "frame")
+        self.state = "frame"
+        return ids
+
+    def query(self, text: str) -> list[int]:
+        if self.state not in ("frame", "eos"):
+            raise RuntimeError(f"a query cannot follow state {self.state!r}: the stream starts with a frame")
+        ids = self.fmt.query_ids(text, run_open=self.state == "frame")
+        self.state = "header"
+        return ids
+
+    def speak(self) -> list[int]:
+        if self.state != "frame":
+            raise RuntimeError(f"the model can only speak after a frame, not in state {self.state!r}")
+        self.state = "header"
+        return self.fmt.speak_ids()
+
+    def end_response(self) -> list[int]:
+        self.state = "eos"
+        return [self.fmt.eos_id]
+
+    def replay(self, entry: _Entry) -> list[int]:
+        if entry.kind == "frame":
+            return self.frame()
+        if entry.kind == "user":
+            return self.query(entry.text)
+        prefix = self.speak() if entry.kind == "response" else []
+        return prefix + list(entry.token_ids) + self.end_response()
+
+
+# ---------------------------------------------------------------------------------------------------
+# the session
+
+
+class StreamSession:
+    """One stream, one state. Not thread-safe: one caller drives it (the pipeline's LLM stage).
+
+    Args:
+        model: a LiveModel in eval mode (any device/dtype; inputs follow the model).
+        fmt: the stream layout; `fmt.tokens_per_frame` must equal the N of the frame tokens.
+        config: threshold, generation options, `max_frames_per_forward`, `window_frames`.
+        system_prompt: None = `fmt.config.system_prompt`.
+        seed: seeds the sampling generator (used only when `config.temperature > 0`).
+        max_cache_tokens: the KV budget in tokens; None = the LLM's `max_position_embeddings`.
+
+    Bounded memory (endless streams). The session keeps a record of what the cache holds after the
+    prompt: each frame (with its frame tokens), each query, each response/answer (its token ids).
+    Before a forward that would leave less than a response's room under the token budget (or, with
+    `window_frames` > 0, push the cache past that many frames), it drops the oldest part of the record in
+    one generous chunk, down to half the budget (half the frame window), so that this happens rarely,
+    and rebuilds the cache by re-forwarding what is kept: the system prompt, the user queries of the
+    dropped part with their answers ("pinned", up to a quarter of the budget: an instruction such as
+    "narrate the video" must outlive its frames), then the most recent frames and dialogue. The kept
+    part is rendered exactly as training renders that shorter conversation, with contiguous positions
+    0…L-1: with RoPE the cache of a fresh session fed the kept content is the *only* correct one, while
+    keeping old keys (rotated for their old positions) next to a gap would show the model relative
+    distances it never saw in training. The cost is one re-forward of half the budget every ~half budget
+    of stream. Within the budget nothing is dropped, so the events equal those of an unbounded session.
+    """
+
+    def __init__(self, model: LiveModel, fmt: StreamFormat, config: EngineConfig, system_prompt: str | None = None,
+                 seed: int = 0, max_cache_tokens: int | None = None) -> None:
+        self.model = model
+        self.fmt = fmt
+        self.config = config
+        self.system_prompt = fmt.config.system_prompt if system_prompt is None else system_prompt
+        llm_config = getattr(model.llm, "config", None)
+        self.max_cache_tokens = max_cache_tokens or int(getattr(llm_config, "max_position_embeddings", 4096))
+        self._cache = DynamicCache(config=llm_config)
+        self._generator = torch.Generator().manual_seed(seed)
+        self._cursor = _Cursor(fmt)
+        self._head_ids = fmt.prompt_ids(self.system_prompt)  # what precedes the record in the cache
+        self._pending: list[int] = list(self._head_ids)  # known ids not forwarded yet
+        self.fed_ids: list[int] = list(self._head_ids)  # everything fed since the start (the logical stream)
+        self.cache_ids: list[int] = []  # the ids the KV cache holds now (forwarded)
+        self._entries: list[_Entry] = []  # the record of what the cache holds after the head
+        self._pinned: list[tuple[str, str]] = []  # (query, answer text) kept from dropped parts
+        self._queries: list[tuple[str, float | None]] = []
+        self.frames_seen = 0
+        self.last_time_s = 0.0
+        self.windowed = False  # True once the bounded-memory policy first dropped something
+        self._check_budget()
+
+    # -- public API ----------------------------------------------------------------------------------
+
+    @property
+    def cache_length(self) -> int:
+        """Tokens in the KV cache now."""
+        return self._cache.get_seq_length()
+
+    def add_query(self, text: str, time_s: float | None = None) -> None:
+        """Queue a user query; it is injected before the next frame and answered at once (until eos).
+
+        A query queued before the first frame follows the first frame (as in training: a turn at time t
+        follows the frame shown at t), and that frame's decision is not acted on.
+
+        Raises:
+            StreamFormatError: empty text.
+        """
+        self.fmt.query_ids(text, run_open=False)  # validates now, not mid-stream
+        self._queries.append((text, time_s))
+
+    def step(self, frame_tokens: torch.Tensor, times: list[float]) -> list[Event]:
+        """Feed T >= 1 waiting frames; decide, speak and answer queries in stream order.
+
+        Args:
+            frame_tokens: `[T, N, D]` (N = fmt.tokens_per_frame).
+            times: T stream times in seconds, one per frame.
+        Returns:
+            the events in order: a FrameEvent per frame, QueryEvents and ResponseEvents where they happen.
+        Raises:
+            ValueError: shapes that do not match `times` or the format's N.
+        """
+        self._check_frames(frame_tokens, times)
+        events: list[Event] = []
+        i = 0
+        while i < len(times):
+            if self.frames_seen == 0 and self._queries:  # the stream must start with a frame
+                i += self._forward_frames(frame_tokens[i:i + 1], times[i:i + 1], events, decide=False)
+                events += self._answer_queries()
+                continue
+            events += self._answer_queries()
+            count = self._make_room(min(self.config.max_frames_per_forward, len(times) - i))
+            i += self._forward_frames(frame_tokens[i:i + count], times[i:i + count], events)
+        return events
+
+    def flush(self) -> list[Event]:
+        """Answer the queries still queued (e.g. at the end of a stream); returns their events.
+
+        Queries before the first frame cannot be answered (the stream starts with a frame) and stay queued.
+        """
+        return self._answer_queries() if self.frames_seen else []
+
+    # -- frames --------------------------------------------------------------------------------------
+
+    def _check_frames(self, frame_tokens: torch.Tensor, times: list[float]) -> None:
+        if frame_tokens.dim() != 3 or frame_tokens.shape[0] != len(times) or not times:
+            raise ValueError(f"step needs frame_tokens [T, N, D] with T = len(times) >= 1; got shape "
+                             f"{tuple(frame_tokens.shape)} and {len(times)} times")
+        if frame_tokens.shape[1] != self.fmt.tokens_per_frame:
+            raise ValueError(f"frame_tokens have N={frame_tokens.shape[1]} tokens per frame but the stream format "
+                             f"expects {self.fmt.tokens_per_frame}; encode with the model's vision settings")
+
+    def _forward_frames(self, frame_tokens: torch.Tensor, times: list[float], events: list[Event],
+                        decide: bool = True) -> int:
+        """Forward T frames at once; act on the first frame that speaks. Returns the frames consumed."""
+        ids = list(self._pending)
+        ends = []  # position (in ids) just after each frame's last token
+        for _ in times:
+            ids += self._cursor.frame()
+            ends.append(len(ids))
+        logits = self._forward(ids, frame_tokens, keep=[e - 1 for e in ends])  # [T, V]
+        p_sep = torch.softmax(logits.float(), dim=-1)[:, self.fmt.separator_id].tolist()
+        silent = silent_decisions(logits, self.fmt.separator_id, self.config.threshold).tolist()
+        speak_at = None
+        for k, p in enumerate(p_sep):
+            events.append(FrameEvent(times[k], 1.0 - p))
+            if decide and not silent[k]:
+                speak_at = k
+                break
+        consumed = len(times) if speak_at is None else speak_at + 1
+        self._commit_frames(ids, ends[consumed - 1], frame_tokens[:consumed], times[:consumed])
+        if speak_at is not None:
+            events.append(self._generate(self._cursor.speak(), times[speak_at], answer=False))
+        return consumed
+
+    def _commit_frames(self, ids: list[int], keep: int, frame_tokens: torch.Tensor, times: list[float]) -> None:
+        """Keep `ids[:keep]` (the frames acted on) in the cache and the record; crop away the rest.
+
+        The cursor needs no rewind: after any frame it stands at "frame".
+        """
+        if keep < len(ids):
+            self._cache.crop(-(len(ids) - keep))  # negative = tokens to remove (every transformers version)
+        self.fed_ids += ids[len(self._pending):keep]
+        self.cache_ids += ids[:keep]
+        self._pending = []
+        for tokens, time_s in zip(frame_tokens, times, strict=True):
+            self._entries.append(_Entry("frame", time_s, tokens=tokens.detach().clone()))
+        self.frames_seen += len(times)
+        self.last_time_s = times[-1]
+
+    # -- queries and responses -----------------------------------------------------------------------
+
+    def _answer_queries(self) -> list[Event]:
+        events: list[Event] = []
+        while self._queries:
+            text, time_s = self._queries.pop(0)
+            time_s = self.last_time_s if time_s is None else time_s
+            query_ids = self._cursor_preview_query(text)
+            self._ensure_room(len(query_ids) + self.config.max_new_tokens + 2)
+            events.append(QueryEvent(time_s, text))
+            self._entries.append(_Entry("user", time_s, text=text))
+            prefix = self._cursor.query(text)
+            events.append(self._generate(prefix, time_s, answer=True))
+        return events
+
+    def _cursor_preview_query(self, text: str) -> list[int]:
+        return self.fmt.query_ids(text, run_open=self._cursor.state == "frame")
+
+    def _generate(self, prefix: list[int], time_s: float, answer: bool) -> ResponseEvent:
+        """Prefill `prefix` (speak or query header), decode until eos or the cap, leave eos pending."""
+        start = time.perf_counter()
+        self.fed_ids += prefix
+        ids = self._pending + prefix
+        self.cache_ids += ids
+        self._pending = []
+        logits = self._forward(ids, None, keep=[len(ids) - 1])[0]
+        out: list[int] = []
+        reason: Literal["eos", "max_tokens"] = "max_tokens"
+        while True:
+            token = self._sample(logits, out)
+            if token == self.fmt.eos_id:
+                reason = "eos"
+                break
+            out.append(token)
+            if len(out) >= self.config.max_new_tokens:
+                self._pending = [token]  # fed with the eos by the next forward: the cache stays in layout
+                break
+            self.cache_ids.append(token)
+            logits = self._forward([token], None, keep=[0])[0]
+        self.fed_ids += out
+        self._pending += self._cursor.end_response()
+        self.fed_ids.append(self.fmt.eos_id)
+        text = self.fmt.tokenizer.decode(out, skip_special_tokens=True).strip()
+        self._entries.append(_Entry("answer" if answer else "response", time_s, text=text, token_ids=tuple(out)))
+        return ResponseEvent(time_s, text, tuple(out), time.perf_counter() - start, reason, answer)
+
+    def _sample(self, logits: torch.Tensor, generated: list[int]) -> int:
+        """Next token from `logits [V]`: greedy, or temperature / top-p sampling; repetition penalty on
+        the tokens of this response. The frame placeholder is never generated (it has no embedding)."""
+        scores = logits.float()[None].clone()  # [1, V]
+        if self.fmt.placeholder_id < scores.shape[-1]:
+            scores[0, self.fmt.placeholder_id] = -float("inf")
+        if generated and self.config.repetition_penalty != 1.0:
+            history = torch.tensor([generated], device=scores.device)
+            scores = RepetitionPenaltyLogitsProcessor(self.config.repetition_penalty)(history, scores)
+        if self.config.temperature <= 0:
+            return int(scores.argmax(-1))
+        scores = TemperatureLogitsWarper(self.config.temperature)(None, scores)
+        if self.config.top_p < 1.0:
+            scores = TopPLogitsWarper(self.config.top_p)(None, scores)
+        probs = torch.softmax(scores, dim=-1).cpu()
+        return int(torch.multinomial(probs[0], 1, generator=self._generator))
+
+    # -- the LLM -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _forward(self, ids: list[int], frame_tokens: torch.Tensor | None, keep: list[int]) -> torch.Tensor:
+        """Forward `ids` on the cache (which grows in place); logits `[len(keep), V]` at positions `keep`.
+
+        Only the kept positions go through the LM head: a rebuild or a multi-frame forward needs a few.
+        """
+        device = self.model.device
+        input_ids = torch.tensor([ids], device=device)
+        if frame_tokens is not None:
+            frame_tokens = frame_tokens.to(device)
+        embeds = self.model.embed(input_ids, frame_tokens)
+        out = self.model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=torch.tensor(keep, device=device),
+                             **{CACHE_KWARG: self._cache})
+        return out.logits[0]
+
+    # -- bounded memory ------------------------------------------------------------------------------
+
+    def _check_budget(self) -> None:
+        need = len(self._head_ids) + self._reserve() + 2 * len(self.fmt.frame_ids(False))
+        if self.max_cache_tokens < need:
+            raise ValueError(f"max_cache_tokens={self.max_cache_tokens} is too small: the prompt, one frame and a "
+                             f"response of max_new_tokens={self.config.max_new_tokens} need {need}; raise it or "
+                             "lower engine.max_new_tokens")
+
+    def _reserve(self) -> int:
+        """Room a response needs after the last frame: "]\\nAssistant:", max_new_tokens, eos, "\\n["."""
+        return len(self.fmt.speak_ids()) + self.config.max_new_tokens + 1 + len(self.fmt.reopen_ids())
+
+    def _frames_in_cache(self) -> int:
+        return sum(entry.kind == "frame" for entry in self._entries)
+
+    def _make_room(self, count: int) -> int:
+        """Make room for up to `count` frames (rebuilding when needed); return how many fit (>= 1)."""
+        if self._frames_that_fit(count) < 1:
+            self._rebuild()
+        return max(1, self._frames_that_fit(count))
+
+    def _frames_that_fit(self, count: int) -> int:
+        per_frame = len(self.fmt.frame_ids(False))
+        used = self.cache_length + len(self._pending) + len(self.fmt.reopen_ids()) + self._reserve()
+        room = (self.max_cache_tokens - used) // per_frame
+        if self.config.window_frames > 0:
+            room = min(room, self.config.window_frames - self._frames_in_cache())
+        return min(count, room)
+
+    def _ensure_room(self, tokens: int) -> None:
+        if self.cache_length + len(self._pending) + tokens > self.max_cache_tokens:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Drop the oldest part of the record and re-forward the rest (see the class docstring)."""
+        keep_from = self._cut_index()
+        dropped, kept = self._entries[:keep_from], self._entries[keep_from:]
+        self._pinned = self._pin(dropped)
+        self._head_ids = self._head()
+        cursor = _Cursor(self.fmt)
+        ids = list(self._head_ids)
+        for entry in kept:
+            ids += cursor.replay(entry)
+        frames = [entry.tokens for entry in kept if entry.kind == "frame"]
+        if not self.windowed:
+            log.info("stream reached %d cached tokens / %d frames: switching to a sliding window (system prompt, "
+                     "%d pinned queries, the last %d frames; budget %d tokens%s)", self.cache_length,
+                     self._frames_in_cache(), len(self._pinned), len(frames), self.max_cache_tokens,
+                     f", {self.config.window_frames} frames" if self.config.window_frames else "")
+            self.windowed = True
+        self._cache = DynamicCache(config=getattr(self.model.llm, "config", None))
+        self._forward_chunked(ids, torch.stack(frames) if frames else None)
+        self._entries, self._cursor, self.cache_ids, self._pending = kept, cursor, ids, []
+
+    def _cut_index(self) -> int:
+        """The first kept entry: a frame; the kept part within half the budget (or half the frame window).
+
+        The last frame is always kept (a query must follow a frame).
+        """
+        cursor = _Cursor(self.fmt)
+        sizes = [len(cursor.replay(entry)) for entry in self._entries]
+        target = self.max_cache_tokens // 2 - len(self._head_ids) - self._reserve()
+        frame_target = self.config.window_frames // 2 if self.config.window_frames else len(self._entries)
+        tokens = frames = 0
+        cut = len(self._entries)
+        for index in range(len(self._entries) - 1, -1, -1):
+            tokens += sizes[index]
+            frames += self._entries[index].kind == "frame"
+            over = tokens > target or frames > frame_target
+            if over and cut < len(self._entries):
+                break
+            if self._entries[index].kind == "frame":
+                cut = index
+            if over:
+                break
+        return cut
+
+    def _pin(self, dropped: list[_Entry]) -> list[tuple[str, str]]:
+        """The queries (and answers) to keep after the system prompt: the latest, within a quarter budget."""
+        turns = list(self._pinned)
+        for index, entry in enumerate(dropped):
+            if entry.kind == "user":
+                answer = dropped[index + 1].text if index + 1 < len(dropped) else ""
+                turns.append((entry.text, answer))
+        kept: list[tuple[str, str]] = []
+        budget = self.max_cache_tokens // 4
+        for turn in reversed(turns):
+            candidate = [turn, *kept]
+            if len(self._render_head(candidate)) > budget:
+                break
+            kept = candidate
+        return kept
+
+    def _head(self) -> list[int]:
+        return self._render_head(self._pinned) if self._pinned else self.fmt.prompt_ids(self.system_prompt)
+
+    def _render_head(self, turns: list[tuple[str, str]]) -> list[int]:
+        """System prompt + pinned turns, ending with "\\n[" as the training render of that conversation."""
+        items: list[Message | Frames] = [Message("system", self.system_prompt)]
+        for query, answer in turns:
+            items.append(Message("user", query))
+            if answer:
+                items.append(Message("assistant", answer))
+        items.append(Frames(1))
+        return self.fmt.render(items).input_ids[:-self.fmt.tokens_per_frame]
+
+    def _forward_chunked(self, ids: list[int], frame_tokens: torch.Tensor | None) -> None:
+        """Fill the (fresh) cache with `ids`, REBUILD_CHUNK_TOKENS at a time."""
+        used = 0
+        for start in range(0, len(ids), REBUILD_CHUNK_TOKENS):
+            chunk = ids[start:start + REBUILD_CHUNK_TOKENS]
+            count = sum(t == self.fmt.placeholder_id for t in chunk)
+            tokens = None
+            if count:
+                assert frame_tokens is not None
+                tokens = frame_tokens.reshape(-1, frame_tokens.shape[-1])[used:used + count]
+            used += count
+            self._forward(chunk, tokens, keep=[len(chunk) - 1])

@@ -1,0 +1,84 @@
+"""Free-running evaluation: run the real engine on a video and compare *when* it spoke with the annotation.
+
+Teacher-forced metrics feed the ground-truth stream; here the model's own responses go back into its
+context, as in use. Each annotated event (events on the same 2 fps frame count once, as the converters
+merge them) is matched to at most one spontaneous response within ±tolerance seconds, greedily in time
+order; precision = matched responses / responses, recall = matched events / events. A matched response
+also counts as "right" when it names the event's object (its colour and shape words), which checks the
+words without asking for the exact sentence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class TimingScores:
+    events: int
+    responses: int
+    matched: int
+    named: int  # matched responses that name the event's colour and shape
+    mean_abs_offset_s: float
+
+    @property
+    def recall(self) -> float:
+        return self.matched / self.events if self.events else math.nan
+
+    @property
+    def precision(self) -> float:
+        return self.matched / self.responses if self.responses else math.nan
+
+    @property
+    def f1(self) -> float:
+        p, r = self.precision, self.recall
+        return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"events": self.events, "responses": self.responses, "matched": self.matched,
+                "recall": self.recall, "precision": self.precision, "f1": self.f1,
+                "named_share": self.named / self.matched if self.matched else math.nan,
+                "mean_abs_offset_s": self.mean_abs_offset_s}
+
+
+def event_frames(events: list[dict], fps: float, duration_s: float) -> list[tuple[float, list[dict]]]:
+    """Events grouped by the frame they are narrated at (the first frame at or after them)."""
+    grouped: dict[float, list[dict]] = {}
+    last = math.ceil(duration_s * fps - 1e-6) - 1
+    for event in events:
+        frame = min(math.ceil(event["time_s"] * fps - 1e-6), last)
+        grouped.setdefault(frame / fps, []).append(event)
+    return sorted(grouped.items())
+
+
+def _names(response: str, events: list[dict]) -> bool:
+    text = response.lower()
+    for event in events:
+        obj = event.get("object", {})
+        if obj.get("shape", "").lower() in text and (obj.get("color", "").lower() in text
+                                                     or str(event.get("new_color", "")).lower() in text):
+            return True
+    return False
+
+
+def match_timing(events: list[tuple[float, list[dict]]], responses: list[tuple[float, str]],
+                 tolerance_s: float = 1.0) -> TimingScores:
+    """Greedy one-to-one matching of event times to response times within ±tolerance_s."""
+    used = [False] * len(responses)
+    matched = named = 0
+    offsets = []
+    for time_s, group in events:
+        best = None
+        for j, (response_time, _) in enumerate(responses):
+            if used[j] or abs(response_time - time_s) > tolerance_s + 1e-9:
+                continue
+            if best is None or abs(response_time - time_s) < abs(responses[best][0] - time_s):
+                best = j
+        if best is not None:
+            used[best] = True
+            matched += 1
+            offsets.append(abs(responses[best][0] - time_s))
+            named += _names(responses[best][1], group)
+    mean = sum(offsets) / len(offsets) if offsets else math.nan
+    return TimingScores(len(events), len(responses), matched, named, mean)

@@ -1,0 +1,21 @@
+"""Free-running timing match: events ↔ responses within a tolerance, one to one."""
+
+import pytest
+
+from livevlm.evaluation.free_running import event_frames, match_timing
+
+
+def test_events_on_the_same_frame_count_once_and_are_ceiled_to_the_grid():
+    events = [{"time_s": 3.1, "text": "a"}, {"time_s": 3.4, "text": "b"}, {"time_s": 7.0, "text": "c"}]
+    grouped = event_frames(events, fps=2.0, duration_s=30.0)
+    assert [(t, [e["text"] for e in g]) for t, g in grouped] == [(3.5, ["a", "b"]), (7.0, ["c"])]
+
+
+def test_matching_is_one_to_one_within_tolerance():
+    red_circle = {"object": {"shape": "circle", "color": "red"}}
+    events = [(2.0, [red_circle]), (5.0, [red_circle]), (20.0, [red_circle])]
+    responses = [(2.5, "A red circle appears."), (3.0, "Something."), (9.0, "Late.")]
+    scores = match_timing(events, responses, tolerance_s=1.0)
+    assert (scores.events, scores.responses, scores.matched, scores.named) == (3, 3, 1, 1)
+    assert scores.recall == pytest.approx(1 / 3) and scores.precision == pytest.approx(1 / 3)
+    assert scores.mean_abs_offset_s == pytest.approx(0.5)

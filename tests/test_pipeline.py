@@ -1,0 +1,198 @@
+"""The async pipeline on a synthetic-world video, a tiny random DINOv2 and a tiny random LLM."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from transformers import Dinov2Config, Dinov2Model
+
+from conftest import bias_separator
+from livevlm.config import EngineConfig, FormatConfig
+from livevlm.engine import FrameEvent, QueryEvent, ResponseEvent, StreamPipeline, StreamSession
+from livevlm.model import LiveModel
+from livevlm.stream_format import StreamFormat, register_placeholder
+from livevlm.video import read_frames
+from livevlm.vision import build_frame_encoder
+from livevlm.world import WorldSpec, render_video
+
+FPS = 2.0
+SIZE = 28
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    path = tmp_path_factory.mktemp("world") / "world.mp4"
+    render_video(WorldSpec(seed=1, duration=8.0, size=64, video_fps=10), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                          image_size=SIZE, patch_size=14)
+    return build_frame_encoder(Dinov2Model(config).eval(), image_size=SIZE, pooled_token=True, grid=1)
+
+
+@pytest.fixture
+def fmt(tiny_tokenizer):
+    register_placeholder(tiny_tokenizer)
+    return StreamFormat(tiny_tokenizer, FormatConfig(), tokens_per_frame=2)
+
+
+@pytest.fixture
+def model(fmt, tiny_llm):
+    """Random weights, with the separator as the argmax at frames (P(sep) still varies frame to frame)."""
+    torch.manual_seed(1)
+    return bias_separator(LiveModel(tiny_llm, 8, fmt.placeholder_id).eval(), fmt.separator_id, 3.0)
+
+
+def source(video):
+    return read_frames(video, fps=FPS, size=SIZE)
+
+
+def reference_events(model, fmt, config, encoder, video, queries):
+    """The plain sequential loop: every frame encoded, then stepped alone; queries before later frames."""
+    decoded = list(source(video))
+    tokens = encoder.encode(np.stack([frame for _, frame in decoded]))
+    session = StreamSession(model, fmt, config)
+    pending = sorted(queries)
+    events = []
+    for i, (time_s, _) in enumerate(decoded):
+        while pending and pending[0][0] < time_s - 1e-6:
+            when, text = pending.pop(0)
+            session.add_query(text, time_s=when)
+        events += session.step(tokens[i:i + 1], [time_s])
+    for when, text in pending:
+        session.add_query(text, time_s=when)
+    return events + session.flush()
+
+
+def mixed_config(model, fmt, encoder, video, **options) -> EngineConfig:
+    silent = reference_events(model, fmt, EngineConfig(threshold=0.0), encoder, video, [])
+    p_sep = sorted(1.0 - e.p_speak for e in silent if isinstance(e, FrameEvent))
+    k = len(p_sep) // 4
+    return EngineConfig(threshold=(p_sep[k - 1] + p_sep[k]) / 2, max_new_tokens=5, **options)
+
+
+def assert_same_events(got, expected):
+    assert [(type(e), e.time_s) for e in got] == [(type(e), e.time_s) for e in expected]
+    assert [e for e in got if not isinstance(e, FrameEvent)] == [e for e in expected if not isinstance(e, FrameEvent)]
+    got_p = [e.p_speak for e in got if isinstance(e, FrameEvent)]
+    expected_p = [e.p_speak for e in expected if isinstance(e, FrameEvent)]
+    assert got_p == pytest.approx(expected_p, abs=1e-4)
+
+
+def assert_stopped(pipeline):
+    assert all(not thread.is_alive() for thread in pipeline.threads)
+
+
+def test_fast_pipeline_gives_the_events_of_the_sequential_loop(model, fmt, encoder, video):
+    config = mixed_config(model, fmt, encoder, video, max_frames_per_forward=4)
+    queries = [(0.0, "Narrate."), (2.2, "What just happened?"), (60.0, "Anything else?")]
+    expected = reference_events(model, fmt, config, encoder, video, queries)
+    pipeline = StreamPipeline(StreamSession(model, fmt, config), encoder, source(video), queries=queries, max_batch=3)
+    got = list(pipeline.events())
+    assert_same_events(got, expected)
+    spoken = sum(isinstance(e, ResponseEvent) and not e.answer_to_query for e in got)
+    assert 2 <= spoken <= 14  # mixed decisions
+    assert (pipeline.summary.frames, pipeline.summary.responses) == (16, spoken + 3)  # 3 answers, one at the end
+    assert_stopped(pipeline)
+
+
+def test_realtime_pipeline_paces_frames_and_catches_up_without_dropping(model, fmt, encoder, video):
+    """A stall (here: the first encode takes 2 s) makes frames wait; they are then forwarded together."""
+    import time
+
+    calls = []
+
+    def slow_first_encode(frames):
+        calls.append(len(frames))
+        if len(calls) == 1:
+            time.sleep(2.0)
+        return encoder.encode(frames)
+
+    config = EngineConfig(threshold=0.0, max_frames_per_forward=8)
+    frames = list(source(video))[:6]  # 0 .. 2.5 s
+    pipeline = StreamPipeline(StreamSession(model, fmt, config), slow_first_encode, frames, realtime=True)
+    summary = pipeline.run()
+    assert summary.frames == 6 and sum(calls) == 6
+    assert summary.elapsed_s >= 2.5 - 0.05  # paced: the last frame is released at 2.5 s
+    assert summary.max_frames_per_step > 1 and summary.max_lag_s >= 1.5  # frame 0 waited for the encoder
+    assert_stopped(pipeline)
+
+
+def test_ask_from_another_thread_is_answered(model, fmt, encoder, video):
+    config = EngineConfig(threshold=0.0, max_new_tokens=3)
+    pipeline = StreamPipeline(StreamSession(model, fmt, config), encoder, source(video))
+    asked = []
+
+    def on_event(event):
+        if isinstance(event, FrameEvent) and event.time_s == 1.0:
+            asker = threading.Thread(target=pipeline.ask, args=("What is on the left?",))
+            asker.start()
+            asker.join()
+            asked.append(event.time_s)
+
+    events = []
+    pipeline.on_event = lambda event: (events.append(event), on_event(event))
+    pipeline.run()
+    queries = [e for e in events if isinstance(e, QueryEvent)]
+    assert asked == [1.0] and [q.text for q in queries] == ["What is on the left?"]
+    answer = events[events.index(queries[0]) + 1]
+    assert isinstance(answer, ResponseEvent) and answer.answer_to_query
+    assert sum(isinstance(e, FrameEvent) for e in events) == 16  # nothing lost around the query
+
+
+def test_long_responses_do_not_stall_encoding(model, fmt, encoder, video):
+    encoded = []
+
+    def encode(frames):
+        encoded.append(len(frames))
+        return encoder.encode(frames)
+
+    config = EngineConfig(threshold=1.0, max_new_tokens=30, max_frames_per_forward=1)  # every frame speaks
+    pipeline = StreamPipeline(StreamSession(model, fmt, config), encode, source(video), max_batch=1)
+    at_first_response = []
+    for event in pipeline.events():
+        if isinstance(event, ResponseEvent) and not at_first_response:
+            at_first_response.append(sum(encoded))
+    assert at_first_response[0] > 1  # the encoder ran ahead while the LLM generated
+    assert sum(encoded) == 16
+
+
+class EncoderFailure(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("error", [EncoderFailure("bad frame"), KeyboardInterrupt()])
+def test_an_error_in_the_encoder_stops_every_stage_and_is_reraised(model, fmt, encoder, video, error):
+    calls = []
+
+    def encode(frames):
+        calls.append(1)
+        if len(calls) == 3:
+            raise error
+        return encoder.encode(frames)
+
+    frames = source(video)
+    pipeline = StreamPipeline(StreamSession(model, fmt, EngineConfig(threshold=0.0)), encode, frames, max_batch=1)
+    with pytest.raises(type(error)):
+        pipeline.run()
+    assert_stopped(pipeline)
+    assert not frames.running  # the decode thread of the video source stopped too
+
+
+def test_ctrl_c_in_the_consumer_stops_every_stage(model, fmt, encoder, video):
+    def on_event(event):
+        if isinstance(event, FrameEvent) and event.time_s >= 1.0:
+            raise KeyboardInterrupt
+
+    frames = source(video)
+    pipeline = StreamPipeline(StreamSession(model, fmt, EngineConfig(threshold=0.0)), encoder, frames,
+                              on_event=on_event, max_batch=1, queue_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run()
+    assert_stopped(pipeline)
+    assert not frames.running

@@ -1,0 +1,89 @@
+"""`livevlm stream` end to end on a tiny random checkpoint and a synthetic-world video."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import Dinov2Config, Dinov2Model
+
+from livevlm.app.cli import run
+from livevlm.checkpoint import save_checkpoint
+from livevlm.config import FormatConfig, ModelConfig
+from livevlm.model import build_live_model
+from livevlm.stream_format import register_placeholder
+from livevlm.world import WorldSpec, render_video
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from conftest import build_tiny_llm, build_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("stream")
+    tokenizer = build_tiny_tokenizer()
+    placeholder = register_placeholder(tokenizer)
+    llm = build_tiny_llm(len(tokenizer))
+    llm.save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    torch.manual_seed(0)
+    tower = Dinov2Model(Dinov2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     patch_size=8, image_size=32))
+    tower.save_pretrained(root / "vision")
+    config = ModelConfig(llm=str(root / "llm"), vision=str(root / "vision"), frame_size=32, grid=2,
+                         finetune="connector")
+    model = build_live_model(config, llm, vision_dim=16, placeholder_id=placeholder)
+    save_checkpoint(model, tokenizer, config, FormatConfig(), root / "ckpt")
+    video = root / "world.mp4"
+    render_video(WorldSpec(seed=3, index=0, duration=6.0, size=64), video)
+    return root / "ckpt", video
+
+
+def test_jsonl_events_and_summary(tiny_checkpoint, capsys, tmp_path):
+    ckpt, video = tiny_checkpoint
+    code = run(["stream", str(video), "--model", str(ckpt), "--jsonl", "--threshold", "0", "--query", "Narrate.",
+                "--at", "1.0", "--max-new-tokens", "4", "--plot", str(tmp_path / "t.png")])
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    types = [line["type"] for line in lines]
+    assert types.count("frame") == 12  # 6 s at 2 fps
+    assert types[-1] == "summary" and lines[-1]["frames"] == 12
+    query = next(line for line in lines if line["type"] == "query")
+    assert query == {"type": "query", "time_s": 1.0, "text": "Narrate."}
+    answer = lines[types.index("query") + 1]
+    assert answer["type"] == "response" and answer["time_s"] == 1.0
+    assert set(answer) == {"type", "time_s", "text", "latency_s"}
+    assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_missing_source_is_one_clean_error(tiny_checkpoint, capsys, tmp_path):
+    ckpt, _ = tiny_checkpoint
+    assert run(["stream", str(tmp_path / "nope.mp4"), "--model", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "nope.mp4" in err and "Traceback" not in err
+
+
+def test_camera_that_does_not_exist_is_one_clean_error(tiny_checkpoint, capsys):
+    ckpt, _ = tiny_checkpoint
+    assert run(["stream", "/dev/video57", "--model", str(ckpt)]) == 2
+    assert "video57" in capsys.readouterr().err
+
+
+def test_ctrl_c_prints_what_was_said_and_exits_130(tiny_checkpoint):
+    ckpt, video = tiny_checkpoint
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "livevlm.app.cli", "stream", str(video), "--model", str(ckpt),
+                             "--realtime", "--threshold", "1.0", "--max-new-tokens", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            env=env)
+    deadline = time.monotonic() + 60
+    line = proc.stdout.readline()  # the first response: the session is running
+    assert line.startswith("["), line
+    assert time.monotonic() < deadline
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert "said so far" in err and "Traceback" not in err
