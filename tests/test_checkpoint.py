@@ -56,3 +56,30 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, llm_folder, tiny_token
 def test_not_a_checkpoint_says_how_to_get_one(tmp_path):
     with pytest.raises(CheckpointError, match="livevlm.yaml is missing"):
         load_checkpoint(tmp_path)
+
+
+def test_merging_a_lora_on_a_tied_lm_head_keeps_the_input_embeddings(tmp_path, tiny_tokenizer):
+    """SmolLM2 ties lm_head to the embeddings: a merged lm_head LoRA must not leak into the inputs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       tie_word_embeddings=True)).eval()
+    assert llm.lm_head.weight is llm.get_input_embeddings().weight
+    llm.save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    config = ModelConfig(llm=str(tmp_path / "base"), lora_r=4, lora_alpha=8, lora_targets=["q_proj", "lm_head"])
+    placeholder = register_placeholder(tiny_tokenizer)
+    model = build_live_model(config, llm, vision_dim=8, placeholder_id=placeholder)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.eval()
+    ids = torch.tensor([[1, placeholder, 5, 9, 12]])
+    frames = torch.randn(1, 8)
+    expected = model(ids, frames)[0]
+    save_checkpoint(model, tiny_tokenizer, config, FormatConfig(), tmp_path / "ckpt")
+    merged = load_checkpoint(tmp_path / "ckpt", merge_lora=True)
+    assert torch.allclose(merged.model(ids, frames)[0], expected, atol=1e-5)

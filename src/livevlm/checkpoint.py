@@ -81,6 +81,17 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _untie_lm_head(llm) -> None:
+    """Give the LM head its own copy of a tied embedding table, so that merging a LoRA on lm_head into it
+    cannot also change the input embeddings (SmolLM2 ties them; training never changed them)."""
+    head, embeddings = llm.get_output_embeddings(), llm.get_input_embeddings()
+    if head is not None and head.weight is embeddings.weight:
+        head.weight = torch.nn.Parameter(embeddings.weight.detach().clone(), requires_grad=False)
+        llm.config.tie_word_embeddings = False
+        if hasattr(llm.config, "get_text_config"):
+            llm.config.get_text_config().tie_word_embeddings = False
+
+
 def read_checkpoint_config(folder: str | Path) -> tuple[ModelConfig, FormatConfig]:
     folder = Path(folder)
     config_file = folder / CONFIG_NAME
@@ -126,6 +137,8 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
 
         if not (folder / "adapter_config.json").is_file():
             raise CheckpointError(f"checkpoint {folder} says finetune=lora but adapter_config.json is missing")
+        if not trainable and merge_lora:
+            _untie_lm_head(llm)
         llm = PeftModel.from_pretrained(llm, str(folder), is_trainable=trainable)
         if not trainable and merge_lora:
             llm = llm.merge_and_unload()
