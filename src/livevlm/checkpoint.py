@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,7 +140,12 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
             raise CheckpointError(f"checkpoint {folder} says finetune=lora but adapter_config.json is missing")
         if not trainable and merge_lora:
             _untie_lm_head(llm)
-        llm = PeftModel.from_pretrained(llm, str(folder), is_trainable=trainable)
+        with warnings.catch_warnings():
+            # peft warns about LoRA on a tied lm_head (handled by _untie_lm_head) and transformers about a
+            # deprecated name peft still calls: noise for someone who just streams a video.
+            warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            llm = PeftModel.from_pretrained(llm, str(folder), is_trainable=trainable)
         if not trainable and merge_lora:
             llm = llm.merge_and_unload()
     connector_state = load_file(str(folder / "connector.safetensors"))

@@ -59,6 +59,9 @@ def _load(args: StreamArgs):
     from livevlm.stream_format import StreamFormat
     from livevlm.vision import load_frame_encoder
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in a live transcript
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     loaded = load_checkpoint(args.model or default_model_path())
     mc = loaded.model_config

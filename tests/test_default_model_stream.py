@@ -1,0 +1,49 @@
+"""The shipped default model through the engine, over a whole held-out synthetic-world video."""
+
+import pytest
+import torch
+
+from livevlm.backbones import resolve_vision
+from livevlm.checkpoint import load_checkpoint
+from livevlm.config import EngineConfig
+from livevlm.default_model import default_model_path
+from livevlm.engine import FrameEvent, ResponseEvent, StreamSession
+from livevlm.stream_format import StreamFormat
+from livevlm.video import read_frames
+from livevlm.vision import load_frame_encoder
+from livevlm.world import WorldSpec, render_video
+
+
+@pytest.fixture(scope="module")
+def default_stream(tmp_path_factory):
+    loaded = load_checkpoint(default_model_path())
+    mc = loaded.model_config
+    fmt = StreamFormat(loaded.tokenizer, loaded.format_config, mc.tokens_per_frame)
+    encoder = load_frame_encoder(resolve_vision(mc.vision), mc.frame_size, mc.pooled_token, mc.grid)
+    video = tmp_path_factory.mktemp("default") / "heldout.mp4"
+    render_video(WorldSpec(seed=1, index=3, duration=30.0), video)  # seed 1: never seen in training
+    frames = [frame for _, frame in read_frames(video, fps=2.0, size=encoder.image_size)]
+    tokens = encoder.encode(frames)  # [60, 10, 384]
+    return loaded.model, fmt, tokens, [i / 2 for i in range(len(frames))]
+
+
+def run(model, fmt, tokens, times, frames_per_forward):
+    session = StreamSession(model, fmt, EngineConfig(max_frames_per_forward=frames_per_forward))
+    session.add_query("Please narrate the video in real time.", 0.0)
+    events = session.step(tokens, times)
+    return events, session
+
+
+def test_multi_frame_forwards_say_the_same_as_the_per_frame_loop(default_stream):
+    model, fmt, tokens, times = default_stream
+    torch.set_num_threads(2)
+    single, single_session = run(model, fmt, tokens, times, 1)
+    multi, multi_session = run(model, fmt, tokens, times, 8)
+    said = [[(e.time_s, e.text) for e in events if isinstance(e, ResponseEvent)] for events in (single, multi)]
+    assert len(said[0]) >= 2  # the answer to the query and at least one narration
+    assert said[1] == said[0]
+    p_single = [e.p_speak for e in single if isinstance(e, FrameEvent)]
+    p_multi = [e.p_speak for e in multi if isinstance(e, FrameEvent)]
+    assert len(p_single) == len(p_multi) == 60
+    assert max(abs(a - b) for a, b in zip(p_single, p_multi, strict=True)) < 1e-4
+    assert multi_session.fed_ids == single_session.fed_ids
