@@ -78,3 +78,33 @@ def test_feature_file_roundtrip_keeps_metadata(tmp_path):
     loaded, meta = load_features(tmp_path / "f.safetensors")
     assert torch.equal(loaded, tokens) and meta["encoder"] == "tiny"
     assert [p.name for p in tmp_path.iterdir()] == ["f.safetensors"]  # no temporary left behind
+
+
+def test_encode_cache_is_resumable_and_ignores_half_written_files(tmp_path):
+    """A killed `data encode` leaves only a temporary file; the rerun encodes just what is missing."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from livevlm.data.features import encode_dialogue_videos
+    from livevlm.vision import build_frame_encoder
+    from livevlm.world import WorldSpec, render_video
+
+    for i in range(2):
+        render_video(WorldSpec(seed=5, index=i, duration=3.0, size=64), tmp_path / "videos" / f"{i:03d}.mp4")
+    write_dialogues(tmp_path / "d.jsonl", [narration(0, duration=3.0), narration(1, duration=3.0)])
+    torch.manual_seed(0)
+    tower = Dinov2Model(Dinov2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     patch_size=8, image_size=32))
+    encoder = build_frame_encoder(tower, image_size=32, grid=2)
+    cache = tmp_path / "cache"
+    first, second = encode_dialogue_videos(tmp_path / "d.jsonl", encoder, cache)
+    assert load_features(first)[0].shape == (6, 5, 16)  # 3 s at 2 fps, CLS + 2x2 grid
+    kept = first.stat().st_mtime_ns
+    second.unlink()  # "killed" before the second video finished: only a half-written temporary remains
+    (cache / f".{second.name}.tmp-999").write_bytes(b"half a file")
+    calls = []
+    original = encoder.encode
+    encoder.encode = lambda frames, batch_size=32: calls.append(len(frames)) or original(frames, batch_size)
+    encode_dialogue_videos(tmp_path / "d.jsonl", encoder, cache)
+    assert calls == [6]  # only the missing video was encoded again
+    assert first.stat().st_mtime_ns == kept
+    assert load_features(second)[0].shape == (6, 5, 16)
