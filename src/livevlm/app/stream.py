@@ -52,14 +52,13 @@ class StreamArgs:
 def _load(args: StreamArgs):
     """Model, stream format and frame encoder, as the checkpoint describes them."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from livevlm.backbones import resolve_vision
     from livevlm.checkpoint import load_checkpoint
     from livevlm.default_model import default_model_path
     from livevlm.stream_format import StreamFormat
     from livevlm.vision import load_frame_encoder
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in a live transcript
     torch.set_num_threads(max(1, os.cpu_count() or 1))
