@@ -29,6 +29,7 @@ class StreamSample:
     frame_target: torch.Tensor  # [L] bool
     frame_tokens: torch.Tensor  # [T, N, D]
     id: str
+    frame_ends: list[int]  # position of every frame's last token (labelled or not)
 
 
 class StreamDataset(Dataset):
@@ -106,7 +107,8 @@ class StreamDataset(Dataset):
         items = timeline_to_items(turns, num_frames=len(tokens), fps=dialogue.fps, start_s=dialogue.start_s)
         rendered = self.fmt.render(items)
         return StreamSample(torch.tensor(rendered.input_ids), torch.tensor(rendered.labels),
-                            torch.tensor(rendered.frame_target), tokens[: rendered.num_frames], dialogue.id)
+                            torch.tensor(rendered.frame_target), tokens[: rendered.num_frames], dialogue.id,
+                            rendered.frame_ends)
 
 
 def collate_streams(samples: list[StreamSample], pad_id: int) -> dict[str, torch.Tensor]:

@@ -37,12 +37,10 @@ def evaluate_stream_model(loaded, dataset, thresholds: list[float], limit: int =
     for index in range(count):
         sample = dataset[index]
         task = dataset.dialogues[index].task or "all"
-        rendered_ends = (sample.input_ids == fmt.placeholder_id).nonzero().flatten().tolist()
-        frame_ends = rendered_ends[fmt.tokens_per_frame - 1::fmt.tokens_per_frame]
         with torch.no_grad():
             logits, _, _ = loaded.model(sample.input_ids[None].to(loaded.model.device), sample.frame_tokens)
         for threshold in thresholds:
-            scores = stream_scores(logits[0].cpu(), sample.labels.tolist(), frame_ends, fmt.separator_id,
+            scores = stream_scores(logits[0].cpu(), sample.labels.tolist(), sample.frame_ends, fmt.separator_id,
                                    fmt.eos_id, dataset.dialogues[index].fps, threshold)
             pooled[threshold].extend(scores)
             per_task.setdefault(task, {t: StreamScores() for t in thresholds})[threshold].extend(scores)
