@@ -65,6 +65,14 @@ def test_collate_pads_right_and_concatenates_frames_in_placeholder_order(cached,
     assert int((batch["input_ids"] == fmt.placeholder_id).sum()) == batch["frame_tokens"].shape[0]
 
 
+def test_collate_without_frame_targets_keeps_only_the_text_labels(cached, fmt):
+    sample = StreamDataset(cached / "d.jsonl", fmt, cache_dir=cached / "cache")[0]
+    batch = collate_streams([sample], pad_id=fmt.eos_id, frame_targets=False)
+    assert (batch["labels"][0][sample.frame_target] == IGNORE).all()
+    text = ~sample.frame_target & (sample.labels != IGNORE)
+    assert torch.equal(batch["labels"][0][text], sample.labels[text]) and int(text.sum()) > 0
+
+
 def test_missing_features_name_the_videos_and_the_command(tmp_path, fmt):
     write_dialogues(tmp_path / "d.jsonl", [narration(0), narration(7)])
     save_features(tmp_path / "cache" / feature_name("videos/000.mp4"), torch.zeros(10, 2, 4), {"fps": "2.0"})

@@ -66,3 +66,13 @@ def test_answers_to_queries_have_no_time_diff():
     assert scores.time_diff_s == []
     assert scores.correctness == [1.0] and scores.fluency == [1.0]
     assert scores.ppl == [pytest.approx(math.exp(0.0))]
+
+
+def test_decisions_given_from_outside_replace_the_frame_end_rule():
+    # a per-frame model's decisions: silent at frames 0 and 1, speaks at 2 (the truth) -> on time
+    scores = stream_scores(LOGITS, LABELS, FRAME_ENDS, SEP, EOS, fps=2.0, threshold=0.5,
+                           silent=[True, True, False, True])
+    assert scores.time_diff_s == [0.0]
+    assert scores.fluency == [4 / 6]  # 3 frames right, "a" right, "b" wrong
+    with pytest.raises(ValueError, match="3 silence decisions for 4 frames"):
+        stream_scores(LOGITS, LABELS, FRAME_ENDS, SEP, EOS, fps=2.0, threshold=0.5, silent=[True] * 3)

@@ -22,6 +22,14 @@ def test_streaming_loss_by_hand_weight_one_and_two():
     assert w2.item() == pytest.approx((2 * math.log(2) + math.log(3)) / 2, abs=1e-6)
 
 
+def test_streaming_loss_weight_zero_drops_frame_targets_from_the_mean():
+    # the interleaved-dialogue baseline: only the text target (CE = ln 3) counts, over one token
+    logits = torch.tensor([[[0.0, math.log(2), 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[1, IGNORE, 2]])
+    frame_target = torch.tensor([[True, False, False]])
+    assert streaming_loss(logits, labels, frame_target, 0.0).item() == pytest.approx(math.log(3), abs=1e-6)
+
+
 def _tiny_sample(tokenizer, tokens_per_frame=2):
     register_placeholder(tokenizer)
     fmt = StreamFormat(tokenizer, FormatConfig(), tokens_per_frame)

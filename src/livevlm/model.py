@@ -57,7 +57,8 @@ def streaming_loss(logits: torch.Tensor, labels: torch.Tensor, frame_target: tor
         logits: `[B, L, V]`.
         labels: `[B, L]` targets, already shifted (labels[:, i] is what position i predicts); -100 = ignore.
         frame_target: `[B, L]` bool, True at the frame positions (stay silent / speak targets).
-        stream_loss_weight: wⱼ at frame positions; 1 elsewhere.
+        stream_loss_weight: wⱼ at frame positions; 1 elsewhere. 0 drops the frame targets altogether (they
+            leave the count too): the "interleaved dialogue" baseline, trained on responses only.
 
     Returns:
         A scalar; 0 (with a gradient path) when nothing is labelled.
@@ -66,7 +67,10 @@ def streaming_loss(logits: torch.Tensor, labels: torch.Tensor, frame_target: tor
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat_labels,
                          ignore_index=IGNORE, reduction="none")  # [B*L], 0 where ignored
     weights = torch.where(frame_target.reshape(-1), stream_loss_weight, 1.0)
-    count = (flat_labels != IGNORE).sum().clamp(min=1)
+    counted = flat_labels != IGNORE
+    if stream_loss_weight == 0:
+        counted &= ~frame_target.reshape(-1)
+    count = counted.sum().clamp(min=1)
     return (ce * weights).sum() / count
 
 

@@ -118,7 +118,8 @@ def train(recipe: Recipe, resume: str = "auto", callbacks: list[TrainerCallback]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = StreamTrainer(
         model=model, args=training_arguments(cfg, keep_checkpoints), train_dataset=train_set,
-        eval_dataset=eval_set, data_collator=partial(collate_streams, pad_id=pad_id),
+        eval_dataset=eval_set, data_collator=partial(collate_streams, pad_id=pad_id,
+                                                          frame_targets=cfg.stream_loss_weight != 0),
         callbacks=[JsonlMetrics(output_dir / METRICS_FILE), *(callbacks or [])],
         recipe=recipe, tokenizer=tokenizer)
     if checkpoint and (changed := changed_settings(recipe, output_dir / RECIPE_FILE)):

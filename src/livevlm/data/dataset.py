@@ -111,8 +111,12 @@ class StreamDataset(Dataset):
                             rendered.frame_ends)
 
 
-def collate_streams(samples: list[StreamSample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest stream. Frame tokens are concatenated `[ΣT·N, D]` in placeholder order."""
+def collate_streams(samples: list[StreamSample], pad_id: int, frame_targets: bool = True) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest stream. Frame tokens are concatenated `[ΣT·N, D]` in placeholder order.
+
+    frame_targets=False unlabels the frames' silence/speak targets (training on responses only, the
+    "interleaved dialogue" baseline), so that every count of labelled tokens leaves them out.
+    """
     length = max(len(s.input_ids) for s in samples)
     batch = len(samples)
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
@@ -122,7 +126,7 @@ def collate_streams(samples: list[StreamSample], pad_id: int) -> dict[str, torch
     for row, s in enumerate(samples):
         n = len(s.input_ids)
         input_ids[row, :n] = s.input_ids
-        labels[row, :n] = s.labels
+        labels[row, :n] = s.labels if frame_targets else s.labels.masked_fill(s.frame_target, IGNORE)
         frame_target[row, :n] = s.frame_target
         attention_mask[row, :n] = 1
     frame_tokens = torch.cat([s.frame_tokens.reshape(-1, s.frame_tokens.shape[-1]) for s in samples])

@@ -90,7 +90,7 @@ def _leading_run(correct: list[bool]) -> int:
 
 
 def stream_scores(logits: torch.Tensor, labels: list[int], frame_ends: list[int], separator_id: int,
-                  eos_id: int, fps: float, threshold: float) -> StreamScores:
+                  eos_id: int, fps: float, threshold: float, silent: list[bool] | None = None) -> StreamScores:
     """Metrics of one teacher-forced stream.
 
     Args:
@@ -99,12 +99,17 @@ def stream_scores(logits: torch.Tensor, labels: list[int], frame_ends: list[int]
         separator_id / eos_id: the silence token and the end of a response.
         fps: frames per second (TimeDiff in seconds).
         threshold: θ of the frame decision.
+        silent: the per-frame decisions, when they come from elsewhere than the frame ends' logits (a model
+            that answers every frame and says whether it stays silent in words); one per frame end.
     """
     turns = split_turns(labels, frame_ends, eos_id)
     scores = StreamScores()
     if not turns:
         return scores
-    silent = silent_decisions(logits[frame_ends], separator_id, threshold).tolist() if frame_ends else []
+    if silent is None:
+        silent = silent_decisions(logits[frame_ends], separator_id, threshold).tolist() if frame_ends else []
+    elif len(silent) != len(frame_ends):
+        raise ValueError(f"got {len(silent)} silence decisions for {len(frame_ends)} frames")
     frame_index = {position: k for k, position in enumerate(frame_ends)}
     log_probs = logits.float().log_softmax(-1)
     predicted = logits.argmax(-1).tolist()
