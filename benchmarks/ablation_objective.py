@@ -121,7 +121,7 @@ def per_frame_scores(model, live_sample, frame_sample, fmt, fps: float, threshol
     frame_of = {position: k for k, position in enumerate(frame_sample.frame_ends)}
     silent = [False] * len(frame_sample.frame_ends)  # frame 0 is followed by the query: no decision there
     for turn in turns:
-        k = frame_of[turn.frame_positions[-1]]
+        k = frame_of[turn.frame_positions[-1]] if turn.frame_positions else 0  # none: a 2nd turn at a frame
         if k > 0:
             row = logits[turn.text_positions[diverge]][None]
             silent[k] = bool(silent_decisions(row, silence_ids[diverge], threshold)[0])

@@ -38,7 +38,7 @@ def video_for(minutes: float, folder: Path) -> Path:
     return path
 
 
-def worker(mode: str, video: str, model: str, threads: int) -> dict:
+def worker(mode: str, video: str, model: str, threads: int, encoder_threads: int) -> dict:
     import torch
 
     import livevlm  # noqa: F401
@@ -66,7 +66,8 @@ def worker(mode: str, video: str, model: str, threads: int) -> dict:
                     latencies.append(event.latency_s)
             count += 1
     else:
-        pipeline = StreamPipeline(session, encoder, frames, queries=[(0.0, query)], num_threads=threads)
+        pipeline = StreamPipeline(session, encoder, frames, queries=[(0.0, query)], num_threads=threads,
+                                  encoder_threads=encoder_threads or None)
         for event in pipeline.events():
             if isinstance(event, ResponseEvent):
                 latencies.append(event.latency_s)
@@ -83,11 +84,14 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--model", default="", help="checkpoint folder; empty = the default model")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    parser.add_argument("--encoder-threads", type=int, default=0,
+                        help="the pipeline encoder's threads (0 = as --threads)")
     parser.add_argument("--videos", default="data/bench", help="where the synthetic videos are cached")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "VIDEO"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.model, args.threads)))
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.model, args.threads,
+                                args.encoder_threads)))
         return
     folder = Path(args.videos)
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,7 +100,7 @@ def main() -> None:
         video = video_for(minutes, folder)
         for mode in args.modes:
             cmd = [sys.executable, __file__, "--worker", mode, str(video), "--model", args.model,
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--encoder-threads", str(args.encoder_threads)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             row = json.loads(out) | {"minutes": minutes}
             rows.append(row)

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=data
-[ -f $data/world-train/annotations.jsonl ] || livevlm world generate $data/world-train --videos 120 --seed 0 --duration 30
+[ -f $data/world-train/annotations.jsonl ] || livevlm world generate $data/world-train --videos 240 --seed 0 --duration 30
 [ -f $data/world-heldout/annotations.jsonl ] || livevlm world generate $data/world-heldout --videos 20 --seed 1 --duration 30
 for split in train heldout; do
   [ -f $data/world-$split/dialogue.jsonl ] || \

@@ -162,6 +162,18 @@ def test_long_responses_do_not_stall_encoding(model, fmt, encoder, video):
     assert sum(encoded) == 16
 
 
+def test_a_video_that_ends_mid_response_finishes_the_response_and_stops(model, fmt, encoder, video):
+    # every frame speaks, so the last frame's response is still being generated when the source ends
+    config = EngineConfig(threshold=1.0, max_new_tokens=6, max_frames_per_forward=1)
+    pipeline = StreamPipeline(StreamSession(model, fmt, config), encoder, source(video))
+    events = list(pipeline.events())
+    last_frame = max(e.time_s for e in events if isinstance(e, FrameEvent))
+    final = [e for e in events if isinstance(e, ResponseEvent) and e.time_s == last_frame]
+    assert len(final) == 1 and final[0].reason in ("eos", "max_tokens") and events[-1] is final[0]
+    assert pipeline.summary.frames == 16 and pipeline.summary.responses == 16
+    assert_stopped(pipeline)
+
+
 class EncoderFailure(RuntimeError):
     pass
 

@@ -72,14 +72,17 @@ class StreamPipeline:
         on_event: called with every event by `run()`.
         max_batch: the most frames the encoder encodes in one call.
         queue_size: capacity (frames) of each queue between stages.
-        num_threads: torch intra-op threads while the run lasts (None: half the cores, at least 1, so that
-            encoder and LLM overlap instead of fighting for the same cores); restored afterwards.
+        num_threads: torch intra-op threads of the LLM stage while the run lasts (None: half the cores, at
+            least 1, so that encoder and LLM overlap instead of fighting for the same cores); restored
+            afterwards.
+        encoder_threads: intra-op threads of the encoder thread (None: as num_threads). Thread counts are
+            per thread (OpenMP), so the two stages can be sized apart.
     """
 
     def __init__(self, session: StreamSession, encoder: Any, source: Iterable[tuple[float, np.ndarray]], *,
                  realtime: bool = False, queries: Iterable[tuple[float, str]] = (),
                  on_event: Callable[[Event], None] | None = None, max_batch: int = 16, queue_size: int = 64,
-                 num_threads: int | None = None) -> None:
+                 num_threads: int | None = None, encoder_threads: int | None = None) -> None:
         if max_batch <= 0 or queue_size <= 0:
             raise ValueError(f"max_batch and queue_size must be positive, got {max_batch} and {queue_size}")
         self.session = session
@@ -89,6 +92,7 @@ class StreamPipeline:
         self.on_event = on_event
         self.max_batch = max_batch
         self.num_threads = num_threads or max(1, (os.cpu_count() or 2) // 2)
+        self.encoder_threads = encoder_threads or self.num_threads
         self._scheduled = sorted((float(t), text) for t, text in queries)
         for _, text in self._scheduled:
             session.fmt.query_ids(text, run_open=False)  # validate before any thread starts
@@ -203,6 +207,7 @@ class StreamPipeline:
 
     def _encode_loop(self) -> None:
         """Encoder thread: encode every frame waiting (up to max_batch) in one call."""
+        torch.set_num_threads(self.encoder_threads)  # this thread's own count
         try:
             done = False
             while not done and not self._stop.is_set():
