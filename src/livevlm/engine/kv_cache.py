@@ -1,21 +1,48 @@
-"""A KV cache for endless streams: per-layer buffers that grow by doubling and are written in place.
+"""Memory for endless streams: a KV cache written in place, and an allocator that does not fragment.
 
-transformers' `DynamicCache` grows each layer by `torch.cat` at every forward. For a stream that is fed
-one frame at a time for hours this costs a copy of the whole cache per frame and, worse, a fresh
-allocation of a slightly larger block per layer per frame: the C allocator cannot reuse the freed blocks
-for the next, larger ones, and a stream's resident memory kept climbing long after the cache itself had
-stopped growing (an hour-long stream peaked 72 % above a 5-minute one). Here each layer keeps one buffer
-`[B, H, capacity, D]`, doubles it when full (capped at the session's token budget) and writes new keys and
-values into it; `keys`/`values` are views of the filled part. Cropping (the multi-frame rollback) and
-clearing (the bounded-memory rebuild) only move the fill mark, so after warm-up a stream allocates nothing.
+transformers' `DynamicCache` grows each layer by `torch.cat` at every forward: for a stream fed a frame
+at a time for hours, a copy of the whole cache and a fresh, slightly larger block per layer per frame.
+Here each layer keeps one buffer `[B, H, capacity, D]`, doubles it when full (capped at the session's
+token budget) and writes new keys and values into it; `keys`/`values` are views of the filled part.
+Cropping (the multi-frame rollback) and clearing (the bounded-memory rebuild) only move the fill mark, so
+after warm-up the cache allocates nothing.
+
+That alone did not keep a stream's process flat: the forwards' temporaries also grow with the cache
+(attention scores and masks), and glibc serves them from a heap that fragments. `pin_mmap_threshold` fixes
+that part (an hour-long stream had peaked 72 % above a 5-minute one).
 """
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 MIN_CAPACITY = 256  # tokens: the first allocation
+MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own default, kept from rising (see `pin_mmap_threshold`)
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
+
+
+def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Keep blocks of `threshold` bytes and more in their own mmap for the whole process (glibc only).
+
+    glibc raises its mmap threshold to the size of each large block freed, so afterwards blocks of up to
+    tens of MB come from the heap. A stream's forwards allocate temporaries whose sizes grow with the cache
+    (attention scores, masks: `[heads, new tokens, cached tokens]`); in the heap these leave holes that the
+    next, slightly larger ones cannot use, and resident memory climbs for as long as the stream runs even
+    though nothing is kept. Pinning the threshold gives such blocks back to the system when freed. Called
+    by every `StreamSession`; returns False where there is no glibc (nothing to do).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
 
 
 class GrowingLayer(DynamicLayer):

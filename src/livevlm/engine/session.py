@@ -34,7 +34,7 @@ from transformers.generation.logits_process import (
 )
 
 from livevlm.config import EngineConfig
-from livevlm.engine.kv_cache import clear_cache, growing_cache
+from livevlm.engine.kv_cache import clear_cache, growing_cache, pin_mmap_threshold
 from livevlm.model import CACHE_KWARG, LiveModel, silent_decisions
 from livevlm.stream_format import Frames, Message, StreamFormat
 
@@ -173,7 +173,9 @@ class StreamSession:
     of stream. Within the budget nothing is dropped, so the events equal those of an unbounded session.
     The cache itself is `engine.kv_cache.growing_cache`: buffers written in place and reused by the
     rebuilds, so an endless stream's memory stays flat (transformers' DynamicCache reallocates every layer
-    at every forward, and the allocator's fragmentation grew the process by ~70 % over an hour).
+    at every forward), and the session pins glibc's mmap threshold (`kv_cache.pin_mmap_threshold`): the
+    forwards' temporaries grow with the cache, and in the heap they fragmented it (an hour-long stream's
+    process grew by ~70 % while the cache itself was bounded).
     """
 
     def __init__(self, model: LiveModel, fmt: StreamFormat, config: EngineConfig, system_prompt: str | None = None,
@@ -185,6 +187,7 @@ class StreamSession:
         llm_config = getattr(model.llm, "config", None)
         self.max_cache_tokens = max_cache_tokens or int(getattr(llm_config, "max_position_embeddings", 4096))
         self._cache = growing_cache(llm_config, self.max_cache_tokens)
+        pin_mmap_threshold()  # flat process memory over endless streams (see its docstring)
         self._generator = torch.Generator().manual_seed(seed)
         self._cursor = _Cursor(fmt)
         self._head_ids = fmt.prompt_ids(self.system_prompt)  # what precedes the record in the cache
