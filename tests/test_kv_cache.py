@@ -64,3 +64,8 @@ def test_first_allocation_is_the_minimum_capacity():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_pinning_the_mmap_threshold_is_accepted_by_glibc():
     assert pin_mmap_threshold() is True
+
+
+def test_the_environment_can_leave_the_allocator_alone(monkeypatch):
+    monkeypatch.setenv("LIVEVLM_MMAP_THRESHOLD", "0")
+    assert pin_mmap_threshold() is False

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
 
 import torch
@@ -34,9 +35,14 @@ def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     (attention scores, masks: `[heads, new tokens, cached tokens]`); in the heap these leave holes that the
     next, slightly larger ones cannot use, and resident memory climbs for as long as the stream runs even
     though nothing is kept. Pinning the threshold gives such blocks back to the system when freed. Called
-    by every `StreamSession`; returns False where there is no glibc (nothing to do).
+    by every `StreamSession`; returns False where there is no glibc (nothing to do) or when the environment
+    variable LIVEVLM_MMAP_THRESHOLD is 0. The price is speed: every large temporary (the frame encoder's
+    activations too) is then mapped and faulted in afresh, which cost ~20 % of a 1-minute stream's FPS on
+    the 2-core development machine; LIVEVLM_MMAP_THRESHOLD=0 trades the flat memory back for it, and
+    LIVEVLM_MMAP_THRESHOLD=BYTES sets another threshold.
     """
-    if not sys.platform.startswith("linux"):
+    threshold = int(os.environ.get("LIVEVLM_MMAP_THRESHOLD", threshold))
+    if threshold <= 0 or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
