@@ -139,26 +139,20 @@ def per_frame_scores(model, live_sample, frame_sample, fmt, fps: float, threshol
 
 def teacher_forced(variant: str, loaded, fmt, heldout: dict[str, Path], features: Path, threshold: float) -> dict:
     from livevlm.data.dataset import StreamDataset
-    from livevlm.evaluation.metrics import StreamScores, stream_scores
+    from livevlm.evaluation.metrics import StreamScores
+    from livevlm.evaluation.stream_eval import evaluate_stream_model, share_within
 
     live = StreamDataset(heldout["live"], fmt, cache_dir=features)
+    if variant != "per_frame":  # the frame-end decision: exactly `livevlm evaluate`
+        result = evaluate_stream_model(loaded, live, [threshold])
+        return {key: value for key, value in result.items() if not isinstance(value, dict)}
+    frames = StreamDataset(heldout["per_frame"], fmt, cache_dir=features)
+    silence_ids = _silence_labels(frames, fmt)
     pooled = StreamScores()
-    if variant == "per_frame":
-        frames = StreamDataset(heldout["per_frame"], fmt, cache_dir=features)
-        silence_ids = _silence_labels(frames, fmt)
-        for index in range(len(live)):
-            pooled.extend(per_frame_scores(loaded.model, live[index], frames[index], fmt,
-                                           live.dialogues[index].fps, threshold, silence_ids))
-    else:
-        for index in range(len(live)):
-            sample = live[index]
-            with torch.no_grad():
-                logits = loaded.model(sample.input_ids[None], sample.frame_tokens)[0][0]
-            pooled.extend(stream_scores(logits, sample.labels.tolist(), sample.frame_ends, fmt.separator_id,
-                                        fmt.eos_id, live.dialogues[index].fps, threshold))
-    result = pooled.summary(threshold)
-    result["within_1s"] = sum(d <= 1.0 + 1e-9 for d in pooled.time_diff_s) / max(len(pooled.time_diff_s), 1)
-    return result
+    for index in range(len(live)):
+        pooled.extend(per_frame_scores(loaded.model, live[index], frames[index], fmt, live.dialogues[index].fps,
+                                       threshold, silence_ids))
+    return pooled.summary(threshold) | {"within_1s": share_within(pooled.time_diff_s, 1.0)}
 
 
 def _silence_labels(frames, fmt) -> list[int]:
@@ -182,7 +176,7 @@ def inference_fps(variant: str, loaded, fmt, heldout_live: Path, features: Path,
 
     dataset = StreamDataset(heldout_live, fmt, cache_dir=features)
     frames = responses = silences = 0
-    elapsed = 0.0
+    elapsed = seconds_of_video = 0.0
     for index in range(min(videos, len(dataset))):
         dialogue = dataset.dialogues[index]
         tokens = dataset.frame_tokens(dialogue)  # [T, N, D]
@@ -197,9 +191,10 @@ def inference_fps(variant: str, loaded, fmt, heldout_live: Path, features: Path,
                     silences += event.text.strip() == SILENCE
         elapsed += time.perf_counter() - start
         frames += tokens.shape[0]
+        seconds_of_video += tokens.shape[0] / dialogue.fps
     if not frames:
         return {"fps": math.nan, "responses_per_min": math.nan, "generated_turns": 0}
-    return {"fps": frames / elapsed, "responses_per_min": 60 * 2.0 * (responses - silences) / frames,
+    return {"fps": frames / elapsed, "responses_per_min": 60 * (responses - silences) / seconds_of_video,
             "generated_turns": responses}
 
 

@@ -46,16 +46,17 @@ def evaluate_stream_model(loaded, dataset, thresholds: list[float], limit: int =
             per_task.setdefault(task, {t: StreamScores() for t in thresholds})[threshold].extend(scores)
     main = thresholds[0]
     result: dict[str, object] = dict(pooled[main].summary(main))
-    result["within_1s"] = _within(pooled[main].time_diff_s, 1.0)
+    result["within_1s"] = share_within(pooled[main].time_diff_s, 1.0)
     result["dialogues"] = count
-    result["by_threshold"] = {str(t): pooled[t].summary(t) | {"within_1s": _within(pooled[t].time_diff_s, 1.0)}
+    result["by_threshold"] = {str(t): pooled[t].summary(t) | {"within_1s": share_within(pooled[t].time_diff_s, 1.0)}
                               for t in thresholds}
-    result["by_task"] = {task: scores[main].summary(main) | {"within_1s": _within(scores[main].time_diff_s, 1.0)}
+    result["by_task"] = {task: scores[main].summary(main) | {"within_1s": share_within(scores[main].time_diff_s, 1.0)}
                          for task, scores in sorted(per_task.items())}
     return result
 
 
-def _within(diffs: list[float], seconds: float) -> float:
+def share_within(diffs: list[float], seconds: float) -> float:
+    """The share of TimeDiffs of at most `seconds` (nan when there are none)."""
     return sum(d <= seconds + 1e-9 for d in diffs) / len(diffs) if diffs else math.nan
 
 
