@@ -38,44 +38,63 @@ def video_for(minutes: float, folder: Path) -> Path:
     return path
 
 
-def worker(mode: str, video: str, model: str, threads: int, encoder_threads: int) -> dict:
+def run_mode(mode: str, model, fmt, encoder, video: str, fps: float, threads: int, encoder_threads: int,
+             threshold: float = 0.725, queries: list[tuple[float, str]] | None = None,
+             max_new_tokens: int = 64) -> dict:
+    """Stream `video` through one mode and return its figures (any device: inputs follow the model)."""
     import torch
 
-    import livevlm  # noqa: F401
-    from livevlm.app.stream import StreamArgs, _load
     from livevlm.config import EngineConfig
     from livevlm.engine.pipeline import StreamPipeline
     from livevlm.engine.session import ResponseEvent, StreamSession
     from livevlm.video import read_frames
 
-    loaded, fmt, encoder = _load(StreamArgs(model=model))
-    torch.set_num_threads(threads)
-    config = EngineConfig(max_frames_per_forward=8 if mode == "multiframe" else 1)
-    session = StreamSession(loaded.model, fmt, config)
-    frames = read_frames(video, fps=loaded.format_config.fps, size=encoder.image_size)
-    query = "Please narrate the video in real time."
+    queries = queries if queries is not None else [(0.0, "Please narrate the video in real time.")]
+    config = EngineConfig(max_frames_per_forward=8 if mode == "multiframe" else 1, threshold=threshold,
+                          max_new_tokens=max_new_tokens)
+    session = StreamSession(model, fmt, config)
+    frames = read_frames(video, fps=fps, size=encoder.image_size)
     latencies: list[float] = []
+    tokens = 0
     start = time.perf_counter()
     count = 0
     if mode == "sequential":
-        session.add_query(query, 0.0)
+        pending = sorted(queries)
         for time_s, frame in frames:
-            tokens = encoder.encode(frame[None])
-            for event in session.step(tokens, [time_s]):
+            while pending and pending[0][0] <= time_s:
+                session.add_query(pending.pop(0)[1], time_s)
+            frame_tokens = encoder.encode(frame[None])
+            for event in session.step(frame_tokens, [time_s]):
                 if isinstance(event, ResponseEvent):
                     latencies.append(event.latency_s)
+                    tokens += len(event.token_ids)
             count += 1
     else:
-        pipeline = StreamPipeline(session, encoder, frames, queries=[(0.0, query)], num_threads=threads,
+        pipeline = StreamPipeline(session, encoder, frames, queries=queries, num_threads=threads,
                                   encoder_threads=encoder_threads or None)
         for event in pipeline.events():
             if isinstance(event, ResponseEvent):
                 latencies.append(event.latency_s)
+                tokens += len(event.token_ids)
         count = pipeline.summary.frames
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     return {"mode": mode, "frames": count, "fps": count / elapsed, "elapsed_s": elapsed,
-            "responses": len(latencies), "mean_latency_s": sum(latencies) / max(len(latencies), 1),
+            "responses": len(latencies), "response_tokens": tokens,
+            "mean_latency_s": sum(latencies) / max(len(latencies), 1),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def worker(mode: str, video: str, model: str, threads: int, encoder_threads: int) -> dict:
+    import torch
+
+    import livevlm  # noqa: F401
+    from livevlm.app.stream import StreamArgs, _load
+
+    loaded, fmt, encoder = _load(StreamArgs(model=model))
+    torch.set_num_threads(threads)
+    return run_mode(mode, loaded.model, fmt, encoder, video, loaded.format_config.fps, threads, encoder_threads)
 
 
 def main() -> None:

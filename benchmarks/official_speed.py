@@ -1,0 +1,174 @@
+"""Streaming speed at the official VideoLLM-online v1+ size, with random weights (for a GPU).
+
+The paper reports 10–15 FPS on an A100 for its 8B model (Llama-3-8B-Instruct + SigLIP-L/384, 10 tokens per
+frame, bf16). No such weights can be downloaded here, so this builds the same shapes with random weights:
+speed depends on shapes, not on values. It then streams a synthetic-world video through the three engine
+modes of `stream_speed.py` (sequential / pipeline / multiframe) and prints a table (never asserts a time).
+
+Random weights would speak at random (the separator is rarely the argmax), so the LM head gets a bias
+that makes the separator its argmax: the model never speaks by itself, and every response runs to the
+token cap. Two workloads are measured:
+  frames    no queries: FPS of the frame path alone (decode, encode, one forward per frame or per batch
+            of waiting frames, the silence decision);
+  answers   a question every `--answer-every` seconds, answered to the token cap (`--max-new-tokens`):
+            FPS with responses, response latency and decode tokens/s.
+
+    python benchmarks/official_speed.py                       # official size on the GPU (bf16)
+    python benchmarks/official_speed.py --size tiny --device cpu --dtype float32   # a smoke run here
+
+Needs the Llama-3 tokenizer: `quicktok-v1` installed (`scripts/install.sh dev`), or a converted
+`llama3-tokenizer/` folder under $LIVEVLM_CACHE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from stream_speed import MODES, run_mode, video_for  # noqa: E402
+
+# Meta-Llama-3-8B-Instruct's config.json (the shapes that set the speed) and SigLIP-L/384's vision half.
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                 rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128009,
+                 tie_word_embeddings=False)
+SIGLIP_L_384 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=384, patch_size=16)
+# The same structure, small enough for a CPU smoke run.
+TINY_LLM = LLAMA3_8B | dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   image_size=64, patch_size=16)
+
+
+def build_random_model(size: str, device: str, dtype):
+    """(LiveModel, StreamFormat, FrameEncoder) of the official layout with random weights on `device`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from livevlm.backbones import llama3_tokenizer
+    from livevlm.config import FormatConfig
+    from livevlm.model import LiveModel
+    from livevlm.stream_format import StreamFormat, register_placeholder
+    from livevlm.vision import build_frame_encoder
+
+    llm_shape, vision_shape = (LLAMA3_8B, SIGLIP_L_384) if size == "official" else (TINY_LLM, TINY_VISION)
+    torch.manual_seed(0)
+    with torch.device(device):
+        llm = LlamaForCausalLM._from_config(LlamaConfig(**llm_shape), dtype=dtype)
+        tower = SiglipVisionModel._from_config(SiglipVisionConfig(**vision_shape), dtype=dtype)
+    encoder = build_frame_encoder(tower, pooled_token=True, grid=3).to(device).eval()
+    tokenizer = llama3_tokenizer()
+    format_config = FormatConfig()  # the official v1+ layout
+    placeholder_id = register_placeholder(tokenizer, format_config.placeholder)
+    # connector_hidden 0 = the LLM's width: Linear(1024 -> 4096) -> GELU -> Linear(4096 -> 4096), as in v1+.
+    model = LiveModel(llm, vision_shape["hidden_size"], placeholder_id, 0).to(device=device, dtype=dtype)
+    model.eval().requires_grad_(False)
+    fmt = StreamFormat(tokenizer, format_config, 1 + 3 * 3)
+    # Random logits are ~N(0, 1.3²); +50 on the separator makes "stay silent" the decision at every frame.
+    head = llm.get_output_embeddings()
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features, device=device, dtype=dtype), requires_grad=False)
+    head.bias[fmt.separator_id] = 50.0
+    return model, fmt, encoder, format_config.fps
+
+
+def hf_decode_baseline(model, context: int = 1300, steps: int = 64) -> float:
+    """Greedy decode tokens/s of the bare HF model (DynamicCache, no engine) after a `context`-token prefill:
+    what the engine's own decode loop is compared against."""
+    import torch
+    from transformers import DynamicCache
+
+    llm = model.llm
+    device = model.device
+    ids = torch.randint(0, 128000, (1, context), device=device, generator=torch.Generator(device).manual_seed(0))
+    with torch.no_grad():
+        for _ in range(2):  # the first round warms kernels up
+            cache = DynamicCache()
+            logits = llm(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                token = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+                logits = llm(input_ids=token, past_key_values=cache, use_cache=True).logits
+                int(token)  # read the token on the host, as a streaming loop must
+            elapsed = time.perf_counter() - start
+    return steps / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=("official", "tiny"), default="official")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--minutes", type=float, default=1.0, help="length of the synthetic video")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--answer-every", type=float, default=10.0,
+                        help="seconds between the questions of the 'answers' workload (0 = skip it)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="torch CPU threads")
+    parser.add_argument("--videos", default="data/bench", help="where the synthetic videos are cached")
+    parser.add_argument("--switch-interval", type=float, default=0.0,
+                        help="sys.setswitchinterval in seconds (0 = Python's default, 5 ms)")
+    parser.add_argument("--hf-baseline", action="store_true",
+                        help="also time the bare HF model's greedy decode (no engine)")
+    parser.add_argument("--json", default="", help="also write every row to this JSON file")
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.switch_interval > 0:
+        sys.setswitchinterval(args.switch_interval)
+    dtype = getattr(torch, args.dtype)
+    started = time.perf_counter()
+    model, fmt, encoder, fps = build_random_model(args.size, args.device, dtype)
+    params = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in encoder.parameters())
+    print(f"built {args.size} model ({params / 1e9:.2f}B parameters, {args.dtype}, {args.device}) in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
+    folder = Path(args.videos)
+    folder.mkdir(parents=True, exist_ok=True)
+    video = str(video_for(args.minutes, folder))
+    cuda = torch.device(args.device).type == "cuda"
+    workloads = [("frames", [])]
+    if args.answer_every > 0:
+        times = [i * args.answer_every for i in range(int(args.minutes * 60 / args.answer_every))]
+        workloads.append(("answers", [(t, "What is happening now?") for t in times]))
+    # Warm-up: kernels, allocator and the encoder's first batch stay out of the figures.
+    run_mode("multiframe", model, fmt, encoder, str(video_for(0.1, folder)), fps, args.threads, 0,
+             queries=[(0.0, "Warm up.")], max_new_tokens=4)
+    rows = []
+    for workload, queries in workloads:
+        for mode in args.modes:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            row = run_mode(mode, model, fmt, encoder, video, fps, args.threads, 0, queries=queries,
+                           max_new_tokens=args.max_new_tokens)
+            row |= {"workload": workload, "size": args.size, "device": args.device,
+                    "gpu": torch.cuda.get_device_name() if cuda else "",
+                    "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}
+            decode_s = row["responses"] * row["mean_latency_s"]
+            row["decode_tokens_per_s"] = row["response_tokens"] / decode_s if decode_s > 0 else 0.0
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.hf_baseline:
+        print(f"bare HF greedy decode (no engine, 1300-token context): {hf_decode_baseline(model):.0f} tokens/s",
+              flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(f"\n{args.size} size, random weights, {args.dtype} on {rows[0]['gpu'] or args.device}, "
+          f"{args.minutes:g}-min synthetic video at {fps:g} fps")
+    print("| workload | mode | FPS | responses | mean response latency | decode tokens/s | peak GPU memory |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['workload']} | {row['mode']} | {row['fps']:.1f} | {row['responses']} | "
+              f"{row['mean_latency_s']:.2f} s | {row['decode_tokens_per_s']:.0f} | {row['peak_gpu_gb']:.1f} GB |")
+
+
+if __name__ == "__main__":
+    main()
