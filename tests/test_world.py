@@ -298,3 +298,17 @@ def test_the_video_decodes_with_the_stated_duration(tmp_path: Path) -> None:
     assert (info.duration_s, info.native_fps, info.width, info.height) == (7.5, 10.0, 64, 64)
     assert annotation["duration_s"] == 7.5
     assert len(list(read_frames(str(path), fps=2.0, size=64))) == 15
+
+
+# sha256 of the events and steps of `livevlm world generate --seed 0 --duration 30` videos 0 and 7: the
+# data the shipped default model (v0.2) was trained on. A change to the generator that alters them makes
+# `recipes/default.yaml` stop reproducing that model; regenerate the data, retrain, then update these.
+GOLDEN_PLANS = {0: "877fd3fe31852f79a39546f46d6305ae4dcb22bced54ee1339eabd2c9cc5c814",
+                7: "b2a3a51a5c19c6e57f347feee75bcc865502445c304d117ad866ce73586d3f37"}
+
+
+@pytest.mark.parametrize("index", sorted(GOLDEN_PLANS))
+def test_the_generator_still_plans_the_default_models_training_videos(index: int) -> None:
+    plan = plan_video(WorldSpec(seed=0, index=index, duration=30.0))
+    text = json.dumps({"events": plan["events"], "steps": plan["steps"]}, sort_keys=True)
+    assert hashlib.sha256(text.encode()).hexdigest() == GOLDEN_PLANS[index]
