@@ -366,9 +366,15 @@ class StreamFormat:
 # timed turns → items
 
 
+FRAME_EPS = 1e-6  # tolerance of time -> frame mapping (times written on the grid stay on their frame)
+
+
 def frame_index(time_s: float, fps: float, start_s: float = 0.0) -> int:
-    """The frame a turn at `time_s` follows: frames 0..k are seen before it (k >= 0)."""
-    return max(0, math.floor((time_s - start_s) * fps + 1e-6))
+    """The frame a turn at `time_s` follows: frames 0..k are seen before it, k = floor((t - start_s)·fps + ε) >= 0.
+
+    The one time → frame rule of livevlm: training layouts, dialogue validation and evaluation all use it.
+    """
+    return max(0, math.floor((time_s - start_s) * fps + FRAME_EPS))
 
 
 def timeline_to_items(turns: Sequence[tuple[str, float, str]], num_frames: int, fps: float,

@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from livevlm.stream_format import FRAME_EPS, frame_index
+
 ROLES = ("system", "user", "assistant")
-FRAME_EPS = 1e-6  # tolerance of time -> frame mapping (times written on the grid stay on their frame)
 _RECORD_KEYS = ("id", "video", "features", "fps", "duration_s", "start_s", "end_s", "task", "meta", "turns")
 _TURN_KEYS = ("role", "time_s", "text")
 
@@ -88,8 +89,8 @@ class Dialogue:
         return self.end_s if self.end_s is not None else self.duration_s
 
     def frame_index(self, time_s: float) -> int:
-        """The frame after which a turn at `time_s` is placed: floor((t - start_s) * fps + 1e-6)."""
-        return math.floor((time_s - self.start_s) * self.fps + FRAME_EPS)
+        """The frame after which a turn at `time_s` is placed (`stream_format.frame_index`)."""
+        return frame_index(time_s, self.fps, self.start_s)
 
     def frame_time(self, index: int) -> float:
         """Time of frame `index`: start_s + index / fps."""

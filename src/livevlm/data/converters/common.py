@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from livevlm.data.schema import FRAME_EPS, Turn
+from livevlm.stream_format import frame_index
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +213,6 @@ def ceil_frame(time_s: float, fps: float, start_s: float = 0.0) -> int:
     return max(0, math.ceil((time_s - start_s) * fps - FRAME_EPS))
 
 
-def floor_frame(time_s: float, fps: float, start_s: float = 0.0) -> int:
-    """Index of the last frame at or before `time_s` (the frame a turn at `time_s` follows)."""
-    return max(0, math.floor((time_s - start_s) * fps + FRAME_EPS))
-
-
 def count_frames(start_s: float, end_s: float, fps: float) -> int:
     """Frames of the clip [start_s, end_s): ceil((end_s - start_s) * fps)."""
     return max(0, math.ceil((end_s - start_s) * fps - FRAME_EPS))
@@ -269,7 +265,7 @@ class StreamBuilder:
 
     def ask(self, time_s: float, question: str, reply: str, absorb: bool = False) -> int:
         """Add a user query answered at once; returns its frame."""
-        frame = floor_frame(time_s, self.fps, self.start_s)
+        frame = frame_index(time_s, self.fps, self.start_s)  # the frame the turn follows
         if self.num_frames is not None:
             frame = min(frame, self.num_frames - 1)
         self._seq += 1
