@@ -56,26 +56,33 @@ def run_mode(mode: str, model, fmt, encoder, video: str, fps: float, threads: in
     frames = read_frames(video, fps=fps, size=encoder.image_size)
     latencies: list[float] = []
     tokens = 0
+
+    def record(events) -> None:
+        nonlocal tokens
+        for event in events:
+            if isinstance(event, ResponseEvent):
+                latencies.append(event.latency_s)
+                tokens += len(event.token_ids)
+
     start = time.perf_counter()
     count = 0
     if mode == "sequential":
         pending = sorted(queries)
         for time_s, frame in frames:
-            while pending and pending[0][0] <= time_s:
-                session.add_query(pending.pop(0)[1], time_s)
-            frame_tokens = encoder.encode(frame[None])
-            for event in session.step(frame_tokens, [time_s]):
-                if isinstance(event, ResponseEvent):
-                    latencies.append(event.latency_s)
-                    tokens += len(event.token_ids)
+            # The pipeline's rule: a query at t follows the frame shown at t, so it is queued before the
+            # first later frame (a query at 0 s follows frame 0, whose decision is acted on).
+            while pending and pending[0][0] < time_s - 1e-6:
+                when, text = pending.pop(0)
+                session.add_query(text, when)
+            record(session.step(encoder.encode(frame[None]), [time_s]))
             count += 1
+        for when, text in pending:  # asked after the last frame
+            session.add_query(text, when)
+        record(session.flush())
     else:
         pipeline = StreamPipeline(session, encoder, frames, queries=queries, num_threads=threads,
                                   encoder_threads=encoder_threads or None)
-        for event in pipeline.events():
-            if isinstance(event, ResponseEvent):
-                latencies.append(event.latency_s)
-                tokens += len(event.token_ids)
+        record(pipeline.events())
         count = pipeline.summary.frames
     if torch.cuda.is_available():
         torch.cuda.synchronize()
