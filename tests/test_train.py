@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import build_tiny_llm, build_tiny_tokenizer
-from livevlm.checkpoint import load_checkpoint
+from livevlm.checkpoint import CheckpointError, load_checkpoint
 from livevlm.config import ConfigError, add_dataclass_arguments, dataclass_from_namespace, load_recipe
 from livevlm.data.dataset import MissingFeaturesError
 from livevlm.data.features import feature_name, save_features
@@ -231,6 +231,37 @@ def test_resume_from_a_folder_that_is_no_checkpoint_says_so(workdir, tmp_path):
     recipe = load_recipe(write_recipe(workdir, tmp_path))
     with pytest.raises(FileNotFoundError, match="not a complete training checkpoint"):
         train(recipe, resume=str(tmp_path))
+
+
+def test_init_from_starts_training_from_the_checkpoints_weights(workdir, tmp_path):
+    from peft import get_peft_model_state_dict
+    from transformers import TrainerCallback
+
+    first = train(load_recipe(write_recipe(workdir, tmp_path / "a", max_steps=2)))
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+
+    class WeightsAtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen["connector"] = {k: v.clone() for k, v in model.connector.state_dict().items()}
+            lora = get_peft_model_state_dict(model.llm, save_embedding_layers=False)
+            seen["lora"] = {k: v.clone() for k, v in lora.items()}
+
+    # another seed: fresh weights would differ from the first run's
+    train(load_recipe(write_recipe(workdir, tmp_path / "b", max_steps=1, seed=1, init_from=str(first))),
+          callbacks=[WeightsAtStart()])
+    for name, start in (("connector", seen["connector"]), ("adapter_model", seen["lora"])):
+        saved = load_file(first / f"{name}.safetensors")
+        assert saved.keys() == start.keys()
+        for key, value in saved.items():
+            assert torch.equal(start[key], value), key
+
+
+def test_init_from_a_checkpoint_with_other_lora_settings_names_them(workdir, tmp_path):
+    first = train(load_recipe(write_recipe(workdir, tmp_path / "a", max_steps=1)))
+    recipe = load_recipe(write_recipe(workdir, tmp_path / "b", max_steps=1, init_from=str(first)))
+    recipe.model.lora_r = 4
+    with pytest.raises(CheckpointError, match="model.lora_r: 8 in the checkpoint, 4 here"):
+        train(recipe)
 
 
 def test_command_line_takes_overrides_after_the_recipe():

@@ -157,3 +157,47 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
     if not trainable:
         model.eval().requires_grad_(False)
     return LoadedModel(model, tokenizer, model_config, format_config)
+
+
+# The model settings that decide the shapes and meaning of the trained weights: a checkpoint can start a
+# training run only when they agree (dtype and dropout may differ).
+WEIGHT_SETTINGS = ("llm", "vision", "frame_size", "pooled_token", "grid", "connector_hidden", "finetune",
+                   "lora_r", "lora_alpha", "lora_targets")
+
+
+def load_trained_weights(model: LiveModel, folder: str | Path, model_config: ModelConfig) -> None:
+    """Copy a checkpoint's trained weights (connector, LoRA or the full LLM) into a freshly built, trainable
+    LiveModel: `train.init_from`, to go on training a model (the default one, or your own) on new data.
+
+    Raises:
+        CheckpointError: the folder is not a complete checkpoint, or its model section differs from
+            `model_config` in a setting that shapes the weights (the message lists them).
+    """
+    folder = Path(folder)
+    saved, _ = read_checkpoint_config(folder)
+    differ = [f"model.{name}: {getattr(saved, name)!r} in the checkpoint, {getattr(model_config, name)!r} here"
+              for name in WEIGHT_SETTINGS if getattr(saved, name) != getattr(model_config, name)]
+    if differ:
+        raise CheckpointError(f"train.init_from={folder} was trained with other model settings; set them as "
+                              "it has them, or start from scratch: " + "; ".join(differ))
+    if not (folder / "connector.safetensors").is_file():
+        raise CheckpointError(f"checkpoint {folder} is incomplete: connector.safetensors is missing")
+    connector = load_file(str(folder / "connector.safetensors"))
+    model.connector.load_state_dict({k: v.to(model.connector.fc1.weight.dtype) for k, v in connector.items()})
+    if model_config.finetune == "lora":
+        from peft import set_peft_model_state_dict
+
+        adapter = folder / "adapter_model.safetensors"
+        if not adapter.is_file():
+            raise CheckpointError(f"checkpoint {folder} says finetune=lora but {adapter.name} is missing")
+        result = set_peft_model_state_dict(model.llm, load_file(str(adapter)))
+        if result.unexpected_keys:
+            raise CheckpointError(f"{adapter} has weights this model lacks: {result.unexpected_keys[:5]}")
+        missing = [key for key in result.missing_keys if "lora_" in key]
+        if missing:
+            raise CheckpointError(f"{adapter} lacks LoRA weights this model has: {missing[:5]}")
+    elif model_config.finetune == "full":
+        from transformers import AutoModelForCausalLM
+
+        trained = AutoModelForCausalLM.from_pretrained(str(folder / "llm"), dtype=next(model.llm.parameters()).dtype)
+        model.llm.load_state_dict(trained.state_dict())

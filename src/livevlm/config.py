@@ -96,6 +96,7 @@ class TrainConfig:
     features: str = ""  # feature cache folder (from `livevlm data encode`)
     eval_data: str = ""
     output_dir: str = "runs/default"
+    init_from: str = ""  # a livevlm checkpoint ("default" = the shipped model) to start from; "" = fresh weights
     epochs: float = 1.0
     max_steps: int = 0  # > 0 overrides epochs
     batch_size: int = 1

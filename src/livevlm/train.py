@@ -40,10 +40,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from livevlm.checkpoint import CheckpointError, save_checkpoint
+from livevlm.checkpoint import CheckpointError, load_trained_weights, save_checkpoint
 from livevlm.config import ConfigError, ModelConfig, Recipe, TrainConfig, load_recipe, save_recipe, to_dict
 from livevlm.data.dataset import StreamDataset, collate_streams
 from livevlm.data.features import feature_file
+from livevlm.default_model import default_model_path
 from livevlm.model import LiveModel, build_live_model
 from livevlm.stream_format import IGNORE, StreamFormat, register_placeholder
 
@@ -115,6 +116,10 @@ def train(recipe: Recipe, resume: str = "auto", callbacks: list[TrainerCallback]
     eval_set = StreamDataset(cfg.eval_data, fmt, cfg.features or None, max_frames=cfg.max_frames) \
         if cfg.eval_data else None
     model = build_model(recipe.model, feature_dim(train_set), placeholder_id, cfg.gradient_checkpointing)
+    if cfg.init_from and not checkpoint:  # a resumed run gets every weight from its checkpoint
+        init_from = default_model_path() if cfg.init_from == "default" else Path(cfg.init_from)
+        load_trained_weights(model, init_from, recipe.model)
+        log.info("starting from the weights of %s", init_from)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = StreamTrainer(
         model=model, args=training_arguments(cfg, keep_checkpoints), train_dataset=train_set,
