@@ -9,6 +9,8 @@ from livevlm.stream_format import (
     Message,
     StreamFormat,
     StreamFormatError,
+    count_frames,
+    frame_index,
     register_placeholder,
     timeline_to_items,
 )
@@ -120,3 +122,13 @@ def test_timeline_places_turns_after_their_frame():
     items = timeline_to_items(turns, num_frames=5, fps=2.0)
     assert items == [Frames(1), Message("user", "Narrate."), Message("assistant", "Sure."), Frames(3),
                      Message("assistant", "A circle appears."), Frames(1)]
+
+
+def test_a_clip_has_a_frame_for_every_started_frame_interval():
+    # [10, 20) at 2 fps: frames at 10.0, 10.5, ..., 19.5; float noise in the end does not add a frame
+    assert count_frames(10.0, 20.0, 2.0) == 20
+    assert count_frames(0.0, 30.000000001, 2.0) == 60
+    assert count_frames(0.0, 0.1, 2.0) == 1
+    assert count_frames(5.0, 5.0, 2.0) == 0 == count_frames(5.0, 4.0, 2.0)
+    # a turn at the clip's last instant follows its last frame
+    assert frame_index(19.99, 2.0, start_s=10.0) == count_frames(10.0, 20.0, 2.0) - 1

@@ -377,6 +377,14 @@ def frame_index(time_s: float, fps: float, start_s: float = 0.0) -> int:
     return max(0, math.floor((time_s - start_s) * fps + FRAME_EPS))
 
 
+def count_frames(start_s: float, end_s: float, fps: float) -> int:
+    """Frames sampled from the clip [start_s, end_s) at `fps`: ceil((end_s - start_s)·fps - ε) >= 0.
+
+    The one clip-length rule, beside `frame_index`: dialogues, converters and the feature cache agree on it.
+    """
+    return max(0, math.ceil((end_s - start_s) * fps - FRAME_EPS))
+
+
 def timeline_to_items(turns: Sequence[tuple[str, float, str]], num_frames: int, fps: float,
                       start_s: float = 0.0) -> list[Item]:
     """Place timed turns `(role, time_s, text)` among `num_frames` frames sampled at `fps`.

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from livevlm.stream_format import FRAME_EPS, frame_index
+from livevlm.stream_format import FRAME_EPS, count_frames, frame_index
 
 ROLES = ("system", "user", "assistant")
 _RECORD_KEYS = ("id", "video", "features", "fps", "duration_s", "start_s", "end_s", "task", "meta", "turns")
@@ -101,7 +101,7 @@ class Dialogue:
         stop = self.stop_s
         if stop is None:
             return self.frame_index(self.turns[-1].time_s) + 1 if self.turns else 0
-        return max(0, math.ceil((stop - self.start_s) * self.fps - FRAME_EPS))
+        return count_frames(self.start_s, stop, self.fps)
 
     # ---- paths ------------------------------------------------------------------------------------------
     def video_path(self, root: str | Path) -> Path | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from livevlm.data.schema import FRAME_EPS, Turn
-from livevlm.stream_format import frame_index
+from livevlm.stream_format import count_frames, frame_index
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +211,6 @@ class VideoPaths:
 def ceil_frame(time_s: float, fps: float, start_s: float = 0.0) -> int:
     """Index of the first frame at or after `time_s` (frame i is at start_s + i / fps)."""
     return max(0, math.ceil((time_s - start_s) * fps - FRAME_EPS))
-
-
-def count_frames(start_s: float, end_s: float, fps: float) -> int:
-    """Frames of the clip [start_s, end_s): ceil((end_s - start_s) * fps)."""
-    return max(0, math.ceil((end_s - start_s) * fps - FRAME_EPS))
 
 
 @dataclass
