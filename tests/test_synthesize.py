@@ -28,25 +28,23 @@ from livevlm.data.backends import (
 from livevlm.data.dataset import StreamDataset
 from livevlm.data.features import feature_name, save_features
 from livevlm.data.schema import read_dialogues
-from livevlm.data.synthesize import (
+from livevlm.data.synthesis_text import (
     Item,
     Malformed,
     Step,
-    SynthesizeArgs,
     build_skeleton,
     fill_skeleton,
     is_skeleton_start,
     load_query_templates,
-    main,
     parse_numbered,
     refine_texts,
     render_lines,
     response_problem,
     rule_rewrite,
-    run_synthesis,
     skeleton_prefill,
     timestamp_leak,
 )
+from livevlm.data.synthesize import SynthesizeArgs, main, run_synthesis
 from livevlm.stream_format import StreamFormat, register_placeholder
 from livevlm.world import WorldSpec, plan_video
 
