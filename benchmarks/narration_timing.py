@@ -2,7 +2,8 @@
 
 For each video: `livevlm stream VIDEO --query "Please narrate the video in real time." --at 0 --jsonl
 --fast`, then its spontaneous responses are matched to the annotated events within ±1 s
-(`livevlm.evaluation.free_running`). Prints per-video and pooled recall / precision / F1.
+(`livevlm.evaluation.free_running`). Prints per-video and pooled recall / precision / F1, and the coverage
+(events with any response within ±1 s, one response possibly covering two close events).
 
     livevlm world generate data/world-heldout --videos 20 --seed 1 --duration 30   # if not there yet
     python benchmarks/narration_timing.py data/world-heldout/annotations.jsonl --videos 5
@@ -52,7 +53,8 @@ def main() -> None:
         scores = match_timing(truth, responses, args.tolerance)
         print(f"{record['video']}: {json.dumps(scores.as_dict())}", flush=True)
         pooled = TimingScores(pooled.events + scores.events, pooled.responses + scores.responses,
-                              pooled.matched + scores.matched, pooled.named + scores.named, 0.0)
+                              pooled.matched + scores.matched, pooled.named + scores.named, 0.0,
+                              pooled.covered + scores.covered)
         offsets += scores.mean_abs_offset_s * scores.matched if scores.matched else 0.0
     pooled.mean_abs_offset_s = offsets / pooled.matched if pooled.matched else float("nan")
     print(json.dumps({"videos": len(lines), "tolerance_s": args.tolerance, "threshold": args.threshold}

@@ -1,4 +1,4 @@
-"""Free-running timing match: events ↔ responses within a tolerance, one to one."""
+"""Free-running timing match: events ↔ responses within a tolerance, one to one (and the looser coverage)."""
 
 import pytest
 
@@ -19,3 +19,11 @@ def test_matching_is_one_to_one_within_tolerance():
     assert (scores.events, scores.responses, scores.matched, scores.named) == (3, 3, 1, 1)
     assert scores.recall == pytest.approx(1 / 3) and scores.precision == pytest.approx(1 / 3)
     assert scores.mean_abs_offset_s == pytest.approx(0.5)
+
+
+def test_coverage_counts_events_a_shared_response_is_near():
+    # one response at 2.5 s is within 1 s of both events; one to one it matches only the first
+    events = [(2.0, []), (3.0, []), (9.0, [])]
+    scores = match_timing(events, [(2.5, "Two things happen.")], tolerance_s=1.0)
+    assert (scores.matched, scores.covered) == (1, 2)
+    assert scores.recall == pytest.approx(1 / 3) and scores.coverage == pytest.approx(2 / 3)

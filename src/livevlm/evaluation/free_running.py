@@ -5,7 +5,8 @@ context, as in use. Each annotated event (events on the same 2 fps frame count o
 merge them) is matched to at most one spontaneous response within ±tolerance seconds, greedily in time
 order; precision = matched responses / responses, recall = matched events / events. A matched response
 also counts as "right" when it names the event's object (its colour and shape words), which checks the
-words without asking for the exact sentence.
+words without asking for the exact sentence. `coverage` is the looser reading, "events with a response
+within ±tolerance" (one response may cover two close events): it is at least the recall.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ class TimingScores:
     matched: int
     named: int  # matched responses that name the event's colour and shape
     mean_abs_offset_s: float
+    covered: int = 0  # events with any response within the tolerance, shared or not
+
+    @property
+    def coverage(self) -> float:
+        return self.covered / self.events if self.events else math.nan
 
     @property
     def recall(self) -> float:
@@ -37,7 +43,7 @@ class TimingScores:
 
     def as_dict(self) -> dict[str, float | int]:
         return {"events": self.events, "responses": self.responses, "matched": self.matched,
-                "recall": self.recall, "precision": self.precision, "f1": self.f1,
+                "recall": self.recall, "precision": self.precision, "f1": self.f1, "coverage": self.coverage,
                 "named_share": self.named / self.matched if self.matched else math.nan,
                 "mean_abs_offset_s": self.mean_abs_offset_s}
 
@@ -81,4 +87,5 @@ def match_timing(events: list[tuple[float, list[dict]]], responses: list[tuple[f
             offsets.append(abs(responses[best][0] - time_s))
             named += _names(responses[best][1], group)
     mean = sum(offsets) / len(offsets) if offsets else math.nan
-    return TimingScores(len(events), len(responses), matched, named, mean)
+    covered = sum(any(abs(r - t) <= tolerance_s + 1e-9 for r, _ in responses) for t, _ in events)
+    return TimingScores(len(events), len(responses), matched, named, mean, covered)
