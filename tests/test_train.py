@@ -256,6 +256,27 @@ def test_init_from_starts_training_from_the_checkpoints_weights(workdir, tmp_pat
             assert torch.equal(start[key], value), key
 
 
+def test_init_from_a_full_finetune_checkpoint_starts_from_its_llm(workdir, tmp_path):
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    recipe = load_recipe(write_recipe(workdir, tmp_path / "a", max_steps=3, lr=5e-2))
+    recipe.model.finetune = "full"
+    first = train(recipe)
+    seen: dict[str, torch.Tensor] = {}
+
+    class WeightsAtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen.update({k: v.clone() for k, v in model.llm.state_dict().items()})
+
+    recipe = load_recipe(write_recipe(workdir, tmp_path / "b", max_steps=1, init_from=str(first)))
+    recipe.model.finetune = "full"
+    train(recipe, callbacks=[WeightsAtStart()])
+    trained = AutoModelForCausalLM.from_pretrained(first / "llm").state_dict()
+    base = build_tiny_llm(len(build_tiny_tokenizer())).state_dict()
+    assert any(not torch.equal(trained[k], base[k]) for k in trained)  # the first run changed the LLM
+    assert all(torch.equal(seen[k], v) for k, v in trained.items())
+
+
 def test_init_from_a_checkpoint_with_other_lora_settings_names_them(workdir, tmp_path):
     first = train(load_recipe(write_recipe(workdir, tmp_path / "a", max_steps=1)))
     recipe = load_recipe(write_recipe(workdir, tmp_path / "b", max_steps=1, init_from=str(first)))
