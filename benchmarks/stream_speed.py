@@ -45,7 +45,7 @@ def run_mode(mode: str, model, fmt, encoder, video: str, fps: float, threads: in
     import torch
 
     from livevlm.config import EngineConfig
-    from livevlm.engine.pipeline import StreamPipeline
+    from livevlm.engine.pipeline import StreamPipeline, query_is_due
     from livevlm.engine.session import ResponseEvent, StreamSession
     from livevlm.video import read_frames
 
@@ -69,9 +69,7 @@ def run_mode(mode: str, model, fmt, encoder, video: str, fps: float, threads: in
     if mode == "sequential":
         pending = sorted(queries)
         for time_s, frame in frames:
-            # The pipeline's rule: a query at t follows the frame shown at t, so it is queued before the
-            # first later frame (a query at 0 s follows frame 0, whose decision is acted on).
-            while pending and pending[0][0] < time_s - 1e-6:
+            while pending and query_is_due(pending[0][0], time_s):  # the pipeline's rule
                 when, text = pending.pop(0)
                 session.add_query(text, when)
             record(session.step(encoder.encode(frame[None]), [time_s]))

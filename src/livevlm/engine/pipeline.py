@@ -40,6 +40,15 @@ _JOIN_S = 10.0
 _EPS_S = 1e-6
 
 
+def query_is_due(query_time_s: float, frame_time_s: float) -> bool:
+    """Whether a query asked at `query_time_s` goes in before the frame at `frame_time_s`.
+
+    A query at t follows the frame shown at t, so it is queued before the first frame later than t. A query
+    at 0 s follows frame 0, and frame 0's decision is acted on.
+    """
+    return query_time_s < frame_time_s - _EPS_S
+
+
 @dataclass(frozen=True)
 class _Failure:
     """An exception raised in a stage thread, handed downstream to be re-raised by the consumer."""
@@ -303,7 +312,7 @@ class StreamPipeline:
 
     def _has_due_query(self, frame_time: float) -> bool:
         self._collect_asked()
-        return bool(self._scheduled) and self._scheduled[0][0] < frame_time - _EPS_S
+        return bool(self._scheduled) and query_is_due(self._scheduled[0][0], frame_time)
 
     def _queue_due_queries(self, frame_time: float) -> None:
         while self._has_due_query(frame_time):
