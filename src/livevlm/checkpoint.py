@@ -93,6 +93,13 @@ def _untie_lm_head(llm) -> None:
             llm.config.get_text_config().tie_word_embeddings = False
 
 
+def _load_connector(folder: Path) -> dict[str, torch.Tensor]:
+    """The connector's weights; every checkpoint has them, whatever it fine-tuned."""
+    if not (folder / "connector.safetensors").is_file():
+        raise CheckpointError(f"checkpoint {folder} is incomplete: connector.safetensors is missing")
+    return load_file(str(folder / "connector.safetensors"))
+
+
 def read_checkpoint_config(folder: str | Path) -> tuple[ModelConfig, FormatConfig]:
     folder = Path(folder)
     config_file = folder / CONFIG_NAME
@@ -122,8 +129,7 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
 
     folder = Path(folder)
     model_config, format_config = read_checkpoint_config(folder)
-    if not (folder / "connector.safetensors").is_file():
-        raise CheckpointError(f"checkpoint {folder} is incomplete: connector.safetensors is missing")
+    connector_state = _load_connector(folder)
     if (folder / "tokenizer").is_dir():
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
     else:  # a slim checkpoint (the shipped default model): the base tokenizer + the placeholder
@@ -148,7 +154,6 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
             llm = PeftModel.from_pretrained(llm, str(folder), is_trainable=trainable)
         if not trainable and merge_lora:
             llm = llm.merge_and_unload()
-    connector_state = load_file(str(folder / "connector.safetensors"))
     vision_dim = connector_state["fc1.weight"].shape[1]
     placeholder_id = tokenizer.convert_tokens_to_ids(format_config.placeholder)
     model = LiveModel(llm, vision_dim, placeholder_id, model_config.connector_hidden)
@@ -180,9 +185,7 @@ def load_trained_weights(model: LiveModel, folder: str | Path, model_config: Mod
     if differ:
         raise CheckpointError(f"train.init_from={folder} was trained with other model settings; set them as "
                               "it has them, or start from scratch: " + "; ".join(differ))
-    if not (folder / "connector.safetensors").is_file():
-        raise CheckpointError(f"checkpoint {folder} is incomplete: connector.safetensors is missing")
-    connector = load_file(str(folder / "connector.safetensors"))
+    connector = _load_connector(folder)
     model.connector.load_state_dict({k: v.to(model.connector.fc1.weight.dtype) for k, v in connector.items()})
     if model_config.finetune == "lora":
         from peft import set_peft_model_state_dict
