@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.725)
     parser.add_argument("--tolerance", type=float, default=1.0)
     args = parser.parse_args()
-    pooled = TimingScores(0, 0, 0, 0, 0.0)
+    pooled = TimingScores(0, 0, 0, 0, 0.0, 0)
     offsets = 0.0
     lines = args.annotations.read_text().splitlines()[: args.videos]
     for line in lines:

@@ -22,7 +22,7 @@ class TimingScores:
     matched: int
     named: int  # matched responses that name the event's colour and shape
     mean_abs_offset_s: float
-    covered: int = 0  # events with any response within the tolerance, shared or not
+    covered: int  # events with any response within the tolerance, shared or not
 
     @property
     def coverage(self) -> float:
