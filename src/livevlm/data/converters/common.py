@@ -209,8 +209,9 @@ class VideoPaths:
 
 
 def ceil_frame(time_s: float, fps: float, start_s: float = 0.0) -> int:
-    """Index of the first frame at or after `time_s` (frame i is at start_s + i / fps)."""
-    return max(0, math.ceil((time_s - start_s) * fps - FRAME_EPS))
+    """Index of the first frame at or after `time_s` (frame i is at start_s + i / fps): the number of frames
+    before it, `count_frames(start_s, time_s, fps)`."""
+    return count_frames(start_s, time_s, fps)
 
 
 @dataclass
