@@ -116,3 +116,25 @@ def test_encode_cache_is_resumable_and_ignores_half_written_files(tmp_path):
     assert calls == [6]  # only the missing video was encoded again
     assert first.stat().st_mtime_ns == kept
     assert load_features(second)[0].shape == (6, 5, 16)
+
+
+def test_encode_with_decode_workers_writes_the_same_features(tmp_path):
+    """Videos decoded by worker processes give the very tokens one process gives, in every file."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from livevlm.data.features import encode_dialogue_videos
+    from livevlm.vision import build_frame_encoder
+    from livevlm.world import WorldSpec, render_video
+
+    for i in range(3):
+        render_video(WorldSpec(seed=6, index=i, duration=3.0, size=64), tmp_path / "videos" / f"{i:03d}.mp4")
+    write_dialogues(tmp_path / "d.jsonl", [narration(i, duration=3.0) for i in range(3)])
+    torch.manual_seed(0)
+    tower = Dinov2Model(Dinov2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     patch_size=8, image_size=32))
+    encoder = build_frame_encoder(tower, image_size=32, grid=2)
+    one = encode_dialogue_videos(tmp_path / "d.jsonl", encoder, tmp_path / "one", batch_size=3)
+    two = encode_dialogue_videos(tmp_path / "d.jsonl", encoder, tmp_path / "two", batch_size=3, workers=2)
+    assert [f.name for f in one] == [f.name for f in two]
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(load_features(a)[0], load_features(b)[0])

@@ -99,6 +99,15 @@ def test_generate_world_twice_gives_identical_files(tmp_path: Path) -> None:
     assert digests[0] == digests[1]
 
 
+def test_parallel_workers_write_the_same_files_as_one_process(tmp_path: Path) -> None:
+    digests = []
+    for run_dir, workers in (("one", 1), ("two", 2)):
+        out = generate_world(tmp_path / run_dir, videos=3, seed=5, duration=2.0, size=64, workers=workers)
+        files = [out, *(out.parent / f"videos/{i:03d}.mp4" for i in range(3))]
+        digests.append([hashlib.sha256(f.read_bytes()).hexdigest() for f in files])
+    assert digests[0] == digests[1]
+
+
 # ---------------------------------------------------------------------------------------------------
 # the timeline matches the pixels
 

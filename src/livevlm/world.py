@@ -26,8 +26,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -605,13 +607,25 @@ def render_video(spec: WorldSpec, path: str | Path, *, preset: str = "veryfast",
 # a set of videos and the command
 
 
+def _render_job(job: tuple[WorldSpec, Path, str]) -> dict[str, Any]:
+    """Render one video of a set (a top-level function, so worker processes can run it)."""
+    spec, out, relative = job
+    start = time.perf_counter()
+    record = render_video(spec, out / relative)
+    logger.info("rendered %s (%.0f s of video, %d events) in %.1f s", relative, record["duration_s"],
+                len(record["events"]), time.perf_counter() - start)
+    return record
+
+
 def generate_world(out_dir: str | Path, videos: int = 10, seed: int = 0, duration: float = 30.0,
-                   **options: Any) -> Path:
+                   workers: int = 1, **options: Any) -> Path:
     """Render `videos` videos into OUT/videos/000.mp4 … and write OUT/annotations.jsonl.
 
     Args:
         out_dir: output folder (created).
         videos, seed, duration: how many, the set's seed, seconds each.
+        workers: processes rendering at once. Video i depends only on (seed, i), so any number of
+            workers writes the same files and the same annotations, in index order.
         options: other `WorldSpec` fields (size, video_fps, density, noise, flicker, texture, …).
     Returns:
         the annotations path. Each line: {"video": "videos/000.mp4" (relative to the file),
@@ -621,6 +635,8 @@ def generate_world(out_dir: str | Path, videos: int = 10, seed: int = 0, duratio
     """
     if videos < 1:
         raise ValueError(f"world: videos={videos} is invalid; generate at least 1 video")
+    if workers < 1:
+        raise ValueError(f"world: workers={workers} is invalid; use 1 or more processes")
     valid = sorted(set(WorldSpec.__dataclass_fields__) - {"seed", "index", "duration"})
     unknown = sorted(set(options) - set(valid))
     if unknown:
@@ -628,14 +644,14 @@ def generate_world(out_dir: str | Path, videos: int = 10, seed: int = 0, duratio
     out = Path(out_dir)
     specs = [WorldSpec(seed=seed, index=i, duration=duration, **options) for i in range(videos)]
     width = max(3, len(str(videos - 1)))
-    lines = []
-    for spec in specs:
-        relative = f"videos/{spec.index:0{width}d}.mp4"
-        start = time.perf_counter()
-        record = render_video(spec, out / relative)
-        logger.info("rendered %s (%.0f s of video, %d events) in %.1f s", relative, record["duration_s"],
-                    len(record["events"]), time.perf_counter() - start)
-        lines.append(json.dumps({"video": relative, **record}, ensure_ascii=False))
+    jobs = [(spec, out, f"videos/{spec.index:0{width}d}.mp4") for spec in specs]
+    if workers == 1:
+        records = [_render_job(job) for job in jobs]
+    else:
+        with ProcessPoolExecutor(min(workers, videos), mp_context=multiprocessing.get_context("spawn")) as pool:
+            records = list(pool.map(_render_job, jobs))  # map keeps index order
+    lines = [json.dumps({"video": relative, **record}, ensure_ascii=False)
+             for (_, _, relative), record in zip(jobs, records, strict=True)]
     annotations = out / "annotations.jsonl"
     tmp = annotations.with_name(annotations.name + ".part")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -659,13 +675,16 @@ class GenerateArgs:
     noise: float = field(default=0.0, metadata={"help": "camera noise std in grey levels (e.g. 6)"})
     flicker: float = field(default=0.0, metadata={"help": "per-frame brightness jitter (e.g. 0.1 = ±10%%)"})
     texture: bool = field(default=False, metadata={"help": "textured background as a distractor"})
+    workers: int = field(default=1, metadata={"help": "processes rendering at once (same files for any number)"})
 
 
 def generate_command(args: GenerateArgs) -> int:
     """`livevlm world generate`: render the set and print where it is and how fast it went."""
-    options = {k: v for k, v in asdict(args).items() if k not in ("out", "videos", "seed", "duration")}
+    fixed = ("out", "videos", "seed", "duration", "workers")
+    options = {k: v for k, v in asdict(args).items() if k not in fixed}
     start = time.perf_counter()
-    path = generate_world(args.out, videos=args.videos, seed=args.seed, duration=args.duration, **options)
+    path = generate_world(args.out, videos=args.videos, seed=args.seed, duration=args.duration,
+                          workers=args.workers, **options)
     seconds = time.perf_counter() - start
     minutes = args.videos * args.duration / 60
     print(f"wrote {args.videos} videos and {path} in {seconds:.1f} s "

@@ -9,10 +9,13 @@ complete, so a killed run never leaves a file that reads as valid; a rerun skips
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -63,18 +66,34 @@ class EncodeArgs:
     pooled_token: bool = field(default=True, metadata={"help": "prepend the pooled/CLS token"})
     batch_size: int = field(default=16, metadata={"help": "frames per encoder forward"})
     fps: float = field(default=0.0, metadata={"help": "sampling rate; 0 = each dialogue's own fps"})
+    device: str = field(default="auto", metadata={"help": "where the encoder runs: auto (cuda if available), "
+                                                           "cpu, cuda, cuda:1, …"})
+    workers: int = field(default=1, metadata={"help": "processes decoding videos while the encoder runs "
+                                                      "(worth it on a GPU, where decoding is the bottleneck)"})
+
+
+def _decode_video(job: tuple[Path, float, int]) -> np.ndarray:
+    """All frames of one video at `fps`, letterboxed to `size`: `[T, size, size, 3]` uint8 (a worker's job)."""
+    from livevlm.video import read_frames
+
+    path, fps, size = job
+    frames = [frame for _, frame in read_frames(path, fps=fps, size=size)]
+    return np.stack(frames) if frames else np.zeros((0, size, size, 3), np.uint8)
 
 
 def encode_dialogue_videos(dialogues_path: str | Path, encoder, out_dir: str | Path, fps: float | None = None,
-                           batch_size: int = 16, encoder_name: str = "") -> list[Path]:
+                           batch_size: int = 16, encoder_name: str = "", workers: int = 1) -> list[Path]:
     """Encode every distinct video of a dialogue file into the cache (skipping finished ones).
+
+    With `workers` > 1, that many processes decode the next videos while this one encodes; the files
+    are the same as with one. At most 2 × `workers` decoded videos wait in memory at a time.
 
     Returns the cache files, one per distinct video. Raises `VideoError` naming a missing/broken video.
     """
     from tqdm import tqdm
 
-    from livevlm.video import read_frames
-
+    if workers < 1:
+        raise ValueError(f"encode: workers={workers} is invalid; use 1 or more processes")
     dialogues_path = Path(dialogues_path)
     root = dialogues_path.parent
     out_dir = Path(out_dir)
@@ -82,34 +101,49 @@ def encode_dialogue_videos(dialogues_path: str | Path, encoder, out_dir: str | P
     for d in read_dialogues(dialogues_path):
         if d.video is not None:
             videos.setdefault(d.video, fps or d.fps)
-    files = []
-    for video, rate in tqdm(sorted(videos.items()), desc="encode videos", unit="video"):
-        target = out_dir / feature_name(video)
-        files.append(target)
-        if target.is_file():
-            continue
-        chunks, batch = [], []
-        for _, frame in read_frames(root / video, fps=rate, size=encoder.image_size):
-            batch.append(frame)
-            if len(batch) == batch_size:
-                chunks.append(encoder.encode(batch, batch_size))
-                batch = []
-        if batch:
-            chunks.append(encoder.encode(batch, batch_size))
-        tokens = torch.cat(chunks) if chunks else torch.zeros(0, encoder.tokens_per_frame, encoder.hidden_size)
-        save_features(target, tokens, {"fps": str(rate), "video": video, "encoder": encoder_name,
-                                       "frame_size": str(encoder.image_size), "grid": str(encoder.grid),
-                                       "pooled_token": str(encoder.pooled_token)})
+    files = [out_dir / feature_name(video) for video in sorted(videos)]
+    todo = [(video, rate, target) for (video, rate), target in zip(sorted(videos.items()), files, strict=True)
+            if not target.is_file()]
+    jobs = [(root / video, rate, encoder.image_size) for video, rate, _ in todo]
+    progress = tqdm(total=len(files), initial=len(files) - len(todo), desc="encode videos", unit="video")
+    pool = None
+    if workers > 1 and len(todo) > 1:
+        pool = ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        window = 2 * workers
+        for start in range(0, len(todo), window):  # a window at a time bounds the decoded frames held
+            chunk = jobs[start:start + window]
+            decoded = pool.map(_decode_video, chunk) if pool else map(_decode_video, chunk)
+            for (video, rate, target), frames in zip(todo[start:start + window], decoded, strict=True):
+                tokens = encoder.encode(frames, batch_size)  # [T, N, D] on CPU
+                save_features(target, tokens, {"fps": str(rate), "video": video, "encoder": encoder_name,
+                                               "frame_size": str(encoder.image_size), "grid": str(encoder.grid),
+                                               "pooled_token": str(encoder.pooled_token)})
+                progress.update()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        progress.close()
     return files
+
+
+def encode_device(name: str) -> str:
+    """`auto` → `cuda` when a GPU is visible, else `cpu`; anything else as given."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def encode_command(args: EncodeArgs) -> int:
     from livevlm.backbones import resolve_vision
     from livevlm.vision import load_frame_encoder
 
+    device = encode_device(args.device)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    encoder = load_frame_encoder(resolve_vision(args.encoder), args.frame_size, args.pooled_token, args.grid)
+    encoder = load_frame_encoder(resolve_vision(args.encoder), args.frame_size, args.pooled_token, args.grid,
+                                 device=device)
     out = Path(args.out) if args.out else Path(args.dialogues).parent / "features"
-    files = encode_dialogue_videos(args.dialogues, encoder, out, args.fps or None, args.batch_size, args.encoder)
-    print(f"{len(files)} videos encoded into {out}")
+    files = encode_dialogue_videos(args.dialogues, encoder, out, args.fps or None, args.batch_size, args.encoder,
+                                   workers=args.workers)
+    print(f"{len(files)} videos encoded into {out} (encoder on {device})")
     return 0
