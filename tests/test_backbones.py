@@ -8,6 +8,8 @@ references (onnxruntime on the original ONNX graph, quicktok's own BPE encoder, 
 from __future__ import annotations
 
 import importlib.util
+import json
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -243,3 +245,28 @@ def test_cli_prepare_prints_both_folders(run_cli, smollm2_dir: Path, dinov2_dir:
                                          capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(["assets", "prepare", "--cache-dir", str(smollm2_dir.parent)]) == 0
     assert capsys.readouterr().out.splitlines() == [f"llm: {smollm2_dir}", f"vision: {dinov2_dir}"]
+
+
+def test_smollm2_ends_turns_with_im_end_even_when_the_conversion_said_im_start(smollm2_dir: Path,
+                                                                                tmp_path: Path) -> None:
+    """transformers 5.17 converts the GGUF with eos `<|im_start|>`; the cached folder is repaired on use."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / backbones.SMOLLM2_DIR
+    folder.mkdir()
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        shutil.copy(smollm2_dir / name, folder / name)
+    config = json.loads((smollm2_dir / "tokenizer_config.json").read_text())
+    config.update(eos_token="<|im_start|>", eos_token_id=1, pad_token_id=None)  # as 5.17 writes it
+    config.pop("pad_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert backbones.materialize_smollm2(tmp_path) == folder
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.pad_token_id) == ("<|im_end|>", 2, 2)
+
+
+def test_smollm2_cached_tokenizer_ends_turns_with_im_end(smollm2_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    assert (tokenizer.eos_token, tokenizer.eos_token_id) == ("<|im_end|>", 2)

