@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,12 +82,33 @@ def _decode_video(job: tuple[Path, float, int]) -> np.ndarray:
     return np.stack(frames) if frames else np.zeros((0, size, size, 3), np.uint8)
 
 
+def _stream_video(path: Path, fps: float, size: int) -> Iterator[np.ndarray]:
+    """The frames of one video at `fps`, letterboxed to `size`, one at a time."""
+    from livevlm.video import read_frames
+
+    return (frame for _, frame in read_frames(path, fps=fps, size=size))
+
+
+def _encode_in_batches(encoder, frames: Iterable[np.ndarray], batch_size: int) -> torch.Tensor:
+    """Frame tokens `[T, N, D]` (CPU) of `frames`, encoded `batch_size` at a time as they come."""
+    chunks, batch = [], []
+    for frame in frames:
+        batch.append(frame)
+        if len(batch) == batch_size:
+            chunks.append(encoder.encode(batch, batch_size))
+            batch = []
+    if batch:
+        chunks.append(encoder.encode(batch, batch_size))
+    return torch.cat(chunks) if chunks else torch.zeros(0, encoder.tokens_per_frame, encoder.hidden_size)
+
+
 def encode_dialogue_videos(dialogues_path: str | Path, encoder, out_dir: str | Path, fps: float | None = None,
                            batch_size: int = 16, encoder_name: str = "", workers: int = 1) -> list[Path]:
     """Encode every distinct video of a dialogue file into the cache (skipping finished ones).
 
     With `workers` > 1, that many processes decode the next videos while this one encodes; the files
-    are the same as with one. At most 2 × `workers` decoded videos wait in memory at a time.
+    are the same as with one. At most 2 × `workers` decoded videos wait in memory at a time, so keep one
+    worker for hour-long videos (it streams frames in batches).
 
     Returns the cache files, one per distinct video. Raises `VideoError` naming a missing/broken video.
     """
@@ -113,9 +135,11 @@ def encode_dialogue_videos(dialogues_path: str | Path, encoder, out_dir: str | P
         window = 2 * workers
         for start in range(0, len(todo), window):  # a window at a time bounds the decoded frames held
             chunk = jobs[start:start + window]
-            decoded = pool.map(_decode_video, chunk) if pool else map(_decode_video, chunk)
+            # one process streams a video's frames batch by batch (constant memory for any length);
+            # workers hand over whole decoded videos
+            decoded = pool.map(_decode_video, chunk) if pool else (_stream_video(*job) for job in chunk)
             for (video, rate, target), frames in zip(todo[start:start + window], decoded, strict=True):
-                tokens = encoder.encode(frames, batch_size)  # [T, N, D] on CPU
+                tokens = _encode_in_batches(encoder, frames, batch_size)  # [T, N, D] on CPU
                 save_features(target, tokens, {"fps": str(rate), "video": video, "encoder": encoder_name,
                                                "frame_size": str(encoder.image_size), "grid": str(encoder.grid),
                                                "pooled_token": str(encoder.pooled_token)})
