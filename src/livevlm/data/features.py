@@ -73,20 +73,17 @@ class EncodeArgs:
                                                       "(worth it on a GPU, where decoding is the bottleneck)"})
 
 
-def _decode_video(job: tuple[Path, float, int]) -> np.ndarray:
-    """All frames of one video at `fps`, letterboxed to `size`: `[T, size, size, 3]` uint8 (a worker's job)."""
-    from livevlm.video import read_frames
-
-    path, fps, size = job
-    frames = [frame for _, frame in read_frames(path, fps=fps, size=size)]
-    return np.stack(frames) if frames else np.zeros((0, size, size, 3), np.uint8)
-
-
 def _stream_video(path: Path, fps: float, size: int) -> Iterator[np.ndarray]:
     """The frames of one video at `fps`, letterboxed to `size`, one at a time."""
     from livevlm.video import read_frames
 
     return (frame for _, frame in read_frames(path, fps=fps, size=size))
+
+
+def _decode_video(job: tuple[Path, float, int]) -> np.ndarray:
+    """All frames of one video at once: `[T, size, size, 3]` uint8 (a worker's job)."""
+    frames = list(_stream_video(*job))
+    return np.stack(frames) if frames else np.zeros((0, job[2], job[2], 3), np.uint8)
 
 
 def _encode_in_batches(encoder, frames: Iterable[np.ndarray], batch_size: int) -> torch.Tensor:
@@ -123,9 +120,9 @@ def encode_dialogue_videos(dialogues_path: str | Path, encoder, out_dir: str | P
     for d in read_dialogues(dialogues_path):
         if d.video is not None:
             videos.setdefault(d.video, fps or d.fps)
-    files = [out_dir / feature_name(video) for video in sorted(videos)]
-    todo = [(video, rate, target) for (video, rate), target in zip(sorted(videos.items()), files, strict=True)
-            if not target.is_file()]
+    entries = [(video, rate, out_dir / feature_name(video)) for video, rate in sorted(videos.items())]
+    files = [target for _, _, target in entries]
+    todo = [entry for entry in entries if not entry[2].is_file()]
     jobs = [(root / video, rate, encoder.image_size) for video, rate, _ in todo]
     progress = tqdm(total=len(files), initial=len(files) - len(todo), desc="encode videos", unit="video")
     pool = None
