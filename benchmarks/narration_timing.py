@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +40,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.725)
     parser.add_argument("--tolerance", type=float, default=1.0)
     args = parser.parse_args()
-    pooled = TimingScores(0, 0, 0, 0, 0.0, 0)
-    offsets = 0.0
+    pooled = TimingScores(0, 0, 0, 0, math.nan, 0)
     lines = args.annotations.read_text().splitlines()[: args.videos]
     for line in lines:
         record = json.loads(line)
@@ -52,11 +52,7 @@ def main() -> None:
         truth = [(t, group) for t, group in truth if t > 0]  # events at 0 s are answered with the query
         scores = match_timing(truth, responses, args.tolerance)
         print(f"{record['video']}: {json.dumps(scores.as_dict())}", flush=True)
-        pooled = TimingScores(pooled.events + scores.events, pooled.responses + scores.responses,
-                              pooled.matched + scores.matched, pooled.named + scores.named, 0.0,
-                              pooled.covered + scores.covered)
-        offsets += scores.mean_abs_offset_s * scores.matched if scores.matched else 0.0
-    pooled.mean_abs_offset_s = offsets / pooled.matched if pooled.matched else float("nan")
+        pooled += scores
     print(json.dumps({"videos": len(lines), "tolerance_s": args.tolerance, "threshold": args.threshold}
                      | pooled.as_dict(), indent=2))
 

@@ -1,8 +1,10 @@
 """Free-running timing match: events ↔ responses within a tolerance, one to one (and the looser coverage)."""
 
+import math
+
 import pytest
 
-from livevlm.evaluation.free_running import event_frames, match_timing
+from livevlm.evaluation.free_running import TimingScores, event_frames, match_timing
 
 
 def test_events_on_the_same_frame_count_once_and_are_ceiled_to_the_grid():
@@ -27,3 +29,12 @@ def test_coverage_counts_events_a_shared_response_is_near():
     scores = match_timing(events, [(2.5, "Two things happen.")], tolerance_s=1.0)
     assert (scores.matched, scores.covered) == (1, 2)
     assert scores.recall == pytest.approx(1 / 3) and scores.coverage == pytest.approx(2 / 3)
+
+
+def test_pooled_scores_sum_the_counts_and_weight_the_offset_by_matches():
+    a = TimingScores(events=4, responses=3, matched=2, named=1, mean_abs_offset_s=0.5, covered=3)
+    b = TimingScores(events=2, responses=2, matched=1, named=1, mean_abs_offset_s=0.2, covered=1)
+    empty = TimingScores(0, 0, 0, 0, math.nan, 0)
+    pooled = empty + a + b
+    assert (pooled.events, pooled.responses, pooled.matched, pooled.named, pooled.covered) == (6, 5, 3, 2, 4)
+    assert pooled.mean_abs_offset_s == pytest.approx((2 * 0.5 + 1 * 0.2) / 3)

@@ -41,6 +41,14 @@ class TimingScores:
         p, r = self.precision, self.recall
         return 2 * p * r / (p + r) if p + r > 0 else 0.0
 
+    def __add__(self, other: TimingScores) -> TimingScores:
+        """The scores of both sets of videos pooled: counts summed, the mean offset weighted by matches."""
+        matched = self.matched + other.matched
+        offsets = sum(s.mean_abs_offset_s * s.matched for s in (self, other) if s.matched)
+        return TimingScores(self.events + other.events, self.responses + other.responses, matched,
+                            self.named + other.named, offsets / matched if matched else math.nan,
+                            self.covered + other.covered)
+
     def as_dict(self) -> dict[str, float | int]:
         return {"events": self.events, "responses": self.responses, "matched": self.matched,
                 "recall": self.recall, "precision": self.precision, "f1": self.f1, "coverage": self.coverage,
