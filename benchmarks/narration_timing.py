@@ -23,9 +23,11 @@ from livevlm.evaluation.free_running import TimingScores, event_frames, match_ti
 QUERY = "Please narrate the video in real time."
 
 
-def stream(video: Path, model: str, threshold: float) -> list[dict]:
+def stream(video: Path, model: str, threshold: float | None) -> list[dict]:
     cmd = [sys.executable, "-m", "livevlm.app.cli", "stream", str(video), "--query", QUERY, "--at", "0",
-           "--jsonl", "--fast", "--no-frames", "--threshold", str(threshold)]
+           "--jsonl", "--fast", "--no-frames"]
+    if threshold is not None:
+        cmd += ["--threshold", str(threshold)]
     if model:
         cmd += ["--model", model]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL).stdout
@@ -37,15 +39,18 @@ def main() -> None:
     parser.add_argument("annotations", type=Path)
     parser.add_argument("--videos", type=int, default=5)
     parser.add_argument("--model", default="")
-    parser.add_argument("--threshold", type=float, default=0.725)
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="speak threshold θ (default: the model's recommended θ, else 0.725)")
     parser.add_argument("--tolerance", type=float, default=1.0)
     args = parser.parse_args()
     pooled = TimingScores(0, 0, 0, 0, math.nan, 0)
     lines = args.annotations.read_text().splitlines()[: args.videos]
+    threshold = args.threshold
     for line in lines:
         record = json.loads(line)
         video = args.annotations.parent / record["video"]
         events = stream(video, args.model, args.threshold)
+        threshold = next(e["threshold"] for e in events if e["type"] == "summary")
         # the immediate answer to the narration query is not a timed narration; the rest are
         responses = [(e["time_s"], e["text"]) for e in events if e["type"] == "response"][1:]
         truth = event_frames(record["events"], record["fps"], record["duration_s"])
@@ -53,7 +58,7 @@ def main() -> None:
         scores = match_timing(truth, responses, args.tolerance)
         print(f"{record['video']}: {json.dumps(scores.as_dict())}", flush=True)
         pooled += scores
-    print(json.dumps({"videos": len(lines), "tolerance_s": args.tolerance, "threshold": args.threshold}
+    print(json.dumps({"videos": len(lines), "tolerance_s": args.tolerance, "threshold": threshold}
                      | pooled.as_dict(), indent=2))
 
 

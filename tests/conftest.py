@@ -46,6 +46,19 @@ def build_tiny_llm(vocab_size: int, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+def save_tiny_llm(folder):
+    """A tiny tokenizer with the `<v>` placeholder registered and a tiny LLM sized for it, both saved in
+    `folder` (a checkpoint's `model.llm`). Returns (tokenizer, placeholder id, llm)."""
+    from livevlm.stream_format import register_placeholder
+
+    tokenizer = build_tiny_tokenizer()
+    placeholder = register_placeholder(tokenizer)
+    llm = build_tiny_llm(len(tokenizer))
+    llm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return tokenizer, placeholder, llm
+
+
 @pytest.fixture
 def tiny_llm(tiny_tokenizer):
     return build_tiny_llm(len(tiny_tokenizer))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,23 +13,18 @@ import torch
 from transformers import Dinov2Config, Dinov2Model
 
 from livevlm.app.cli import run
-from livevlm.checkpoint import save_checkpoint
+from livevlm.checkpoint import save_checkpoint, store_recommended_threshold
 from livevlm.config import FormatConfig, ModelConfig
 from livevlm.model import build_live_model
-from livevlm.stream_format import register_placeholder
 from livevlm.world import WorldSpec, render_video
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from conftest import build_tiny_llm, build_tiny_tokenizer
+    from conftest import save_tiny_llm
 
     root = tmp_path_factory.mktemp("stream")
-    tokenizer = build_tiny_tokenizer()
-    placeholder = register_placeholder(tokenizer)
-    llm = build_tiny_llm(len(tokenizer))
-    llm.save_pretrained(root / "llm")
-    tokenizer.save_pretrained(root / "llm")
+    tokenizer, placeholder, llm = save_tiny_llm(root / "llm")
     torch.manual_seed(0)
     tower = Dinov2Model(Dinov2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      patch_size=8, image_size=32))
@@ -50,13 +46,23 @@ def test_jsonl_events_and_summary(tiny_checkpoint, capsys, tmp_path):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     types = [line["type"] for line in lines]
     assert types.count("frame") == 12  # 6 s at 2 fps
-    assert types[-1] == "summary" and lines[-1]["frames"] == 12
+    assert types[-1] == "summary" and lines[-1]["frames"] == 12 and lines[-1]["threshold"] == 0.0
     query = next(line for line in lines if line["type"] == "query")
     assert query == {"type": "query", "time_s": 1.0, "text": "Narrate."}
     answer = lines[types.index("query") + 1]
     assert answer["type"] == "response" and answer["time_s"] == 1.0
     assert set(answer) == {"type", "time_s", "text", "latency_s"}
     assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_the_models_recommended_threshold_is_used_when_none_is_given(tiny_checkpoint, capsys, tmp_path):
+    ckpt, video = tiny_checkpoint
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    store_recommended_threshold(tmp_path / "ckpt", 0.9)
+    assert run(["stream", str(video), "--model", str(tmp_path / "ckpt"), "--jsonl", "--no-frames",
+                "--max-new-tokens", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["type"] == "summary" and summary["threshold"] == 0.9
 
 
 def test_missing_source_is_one_clean_error(tiny_checkpoint, capsys, tmp_path):

@@ -1,7 +1,9 @@
 """Save and load LiveModel checkpoints (safetensors): only what was trained, plus the recipe to rebuild it.
 
 A checkpoint folder holds:
-    livevlm.yaml            the model and format sections of the recipe (base LLM, vision tower, layout)
+    livevlm.yaml            the model and format sections of the recipe (base LLM, vision tower, layout),
+                            and optionally `engine: {threshold: θ}`, the speak threshold chosen for this
+                            model on a validation split (`livevlm evaluate --choose-threshold`)
     connector.safetensors   the connector
     adapter_model.safetensors + adapter_config.json   LoRA (peft's own format), when finetune = lora
     llm/                    the whole LLM (HF format), when finetune = full
@@ -25,7 +27,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from livevlm.config import FormatConfig, ModelConfig, from_dict, to_dict
+from livevlm.config import EngineConfig, FormatConfig, ModelConfig, from_dict, to_dict
 from livevlm.model import LiveModel
 from livevlm.stream_format import register_placeholder
 
@@ -43,6 +45,7 @@ class LoadedModel:
     tokenizer: object
     model_config: ModelConfig
     format_config: FormatConfig
+    threshold: float | None = None  # the speak threshold θ recommended for this model, if it has one
 
 
 def save_checkpoint(model: LiveModel, tokenizer, model_config: ModelConfig, format_config: FormatConfig,
@@ -111,6 +114,45 @@ def read_checkpoint_config(folder: str | Path) -> tuple[ModelConfig, FormatConfi
                                                                              "format.")
 
 
+def read_recommended_threshold(folder: str | Path) -> float | None:
+    """The speak threshold θ stored in a checkpoint's livevlm.yaml (`engine.threshold`), or None.
+
+    A model's P(separator) is calibrated by its own training data, so the θ that times it best differs
+    between models (the paper's 0.725 was chosen for its 8B model). Only the threshold may be stored: the
+    other engine settings are the user's, not the model's.
+    """
+    config_file = Path(folder) / CONFIG_NAME
+    data = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
+    engine = (data or {}).get("engine") or {}
+    if not isinstance(engine, dict) or set(engine) - {"threshold"}:
+        raise CheckpointError(f"{config_file}: the engine section may hold only `threshold`, got {engine!r}")
+    if "threshold" not in engine:
+        return None
+    return from_dict(EngineConfig, engine, "engine.").threshold
+
+
+def store_recommended_threshold(folder: str | Path, threshold: float) -> Path:
+    """Write `engine: {threshold: θ}` into a checkpoint's livevlm.yaml (atomically; other sections kept)."""
+    EngineConfig(threshold=threshold)  # range check, naming engine.threshold
+    config_file = Path(folder) / CONFIG_NAME
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder} is not a livevlm checkpoint: {CONFIG_NAME} is missing")
+    data = yaml.safe_load(config_file.read_text()) or {}
+    data["engine"] = {"threshold": float(threshold)}
+    tmp = config_file.with_name(f".{CONFIG_NAME}.{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    os.replace(tmp, config_file)
+    return config_file
+
+
+def resolve_threshold(requested: float | None, loaded: LoadedModel) -> float:
+    """The θ to run with: the one asked for, else the model's recommended one, else the engine's default
+    (the paper's 0.725)."""
+    if requested is not None:
+        return requested
+    return loaded.threshold if loaded.threshold is not None else EngineConfig().threshold
+
+
 def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                     trainable: bool = False, merge_lora: bool = True) -> LoadedModel:
     """Rebuild a LiveModel from a checkpoint folder.
@@ -161,7 +203,7 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
     model.to(device=device, dtype=dtype)
     if not trainable:
         model.eval().requires_grad_(False)
-    return LoadedModel(model, tokenizer, model_config, format_config)
+    return LoadedModel(model, tokenizer, model_config, format_config, read_recommended_threshold(folder))
 
 
 # The model settings that decide the shapes and meaning of the trained weights: a checkpoint can start a

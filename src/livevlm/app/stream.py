@@ -4,7 +4,7 @@ Events go out as they happen, as a readable live view or as JSON lines (`--jsonl
     {"type": "frame", "time_s", "p_speak"}            every frame
     {"type": "query", "time_s", "text"}               a user query, when it enters the stream
     {"type": "response", "time_s", "text", "latency_s"}
-    {"type": "summary", "frames", "fps", "max_lag_s"}  once, at the end
+    {"type": "summary", "frames", "fps", "max_lag_s", "threshold"}  once, at the end (θ as used)
 Queries come from `--query "…" [--at SEC]` (repeatable; the n-th --at goes with the n-th --query, no --at =
 as soon as possible) and from lines typed on stdin while it runs. Ctrl-C prints what was said and exits 130.
 """
@@ -38,7 +38,9 @@ class StreamArgs:
     model: str = field(default="", metadata={"help": "checkpoint folder; empty = the shipped default model"})
     query: list[str] = field(default_factory=list, metadata={"help": "a user query"})
     at: list[float] = field(default_factory=list, metadata={"help": "stream time (s) of the matching --query"})
-    threshold: float = field(default=0.725, metadata={"help": "stay silent while P(separator) >= threshold"})
+    threshold: float | None = field(default=None, metadata={
+        "help": "stay silent while P(separator) >= threshold; default: the model's recommended θ "
+                "(livevlm.yaml engine.threshold), else the engine's 0.725"})
     max_new_tokens: int = field(default=64, metadata={"help": "cap on a response's length in tokens"})
     realtime: bool = field(default=False, metadata={
         "help": "pace frames to the wall clock (default for cameras and URLs)"})
@@ -145,6 +147,7 @@ def _read_stdin(pipeline) -> None:
 
 
 def stream_command(args: StreamArgs) -> int:
+    from livevlm.checkpoint import resolve_threshold
     from livevlm.config import EngineConfig
     from livevlm.engine.pipeline import StreamPipeline
     from livevlm.engine.session import StreamSession
@@ -163,7 +166,8 @@ def stream_command(args: StreamArgs) -> int:
     queries = _queries(args)
     loaded, fmt, encoder = _load(args)
     frames = read_frames(source, fps=loaded.format_config.fps, size=encoder.image_size, realtime=False)
-    config = EngineConfig(threshold=args.threshold, max_new_tokens=args.max_new_tokens,
+    threshold = resolve_threshold(args.threshold, loaded)
+    config = EngineConfig(threshold=threshold, max_new_tokens=args.max_new_tokens,
                           max_frames_per_forward=args.max_frames_per_forward, realtime=realtime)
     session = StreamSession(loaded.model, fmt, config)
     view = _View(args.jsonl, args.frames)
@@ -177,18 +181,18 @@ def stream_command(args: StreamArgs) -> int:
     if view.status:
         print("\r" + " " * 50 + "\r", end="", file=sys.stderr)
     summary_obj = {"type": "summary", "frames": summary.frames, "fps": round(summary.fps, 2),
-                   "max_lag_s": round(summary.max_lag_s, 3)}
+                   "max_lag_s": round(summary.max_lag_s, 3), "threshold": threshold}
     if args.jsonl:
         print(json.dumps(summary_obj), flush=True)
     else:
         print(f"{summary.frames} frames at {summary.fps:.1f} fps, {summary.responses} responses, "
-              f"max lag {summary.max_lag_s:.2f} s")
+              f"max lag {summary.max_lag_s:.2f} s, speak threshold θ = {threshold:g}")
         if annotation is not None:
             print("true events of the demo video:")
             for event in annotation["events"]:
                 print(f"  [{event['time_s']:7.1f}s] {event['text']}")
     if args.plot:
-        plot_timeline(view, args.plot, args.threshold)
+        plot_timeline(view, args.plot, threshold)
     return 0
 
 

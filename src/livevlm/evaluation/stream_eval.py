@@ -3,6 +3,11 @@
 One forward per dialogue over its ground-truth stream; the metrics of `evaluation.metrics` at each
 threshold asked for, pooled over all turns, overall and per task (narration, reminder, …). Prints one
 JSON object: the metrics at the main threshold at top level, the others under "by_threshold".
+
+`--choose-threshold` calibrates a model: among the thresholds given, the one that times most turns within
+1 s on the data (a validation split, never the test set; `choose_threshold` says why) is stored in the
+checkpoint (`engine.threshold` in its livevlm.yaml), and `livevlm stream` / `evaluate` then use it
+whenever no θ is named.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -23,7 +29,11 @@ class EvaluateArgs:
     model: str = field(default="", metadata={"help": "checkpoint folder; empty = the shipped default model"})
     features: str = field(default="", metadata={"help": "feature cache folder; empty = encode videos on the fly"})
     threshold: list[float] = field(default_factory=list, metadata={
-        "help": "speak thresholds θ to report (default: the engine's θ and 0, as the paper)"})
+        "help": "speak thresholds θ to report, the first at top level (default: the model's recommended θ if "
+                "it has one, the engine's 0.725 and 0, as the paper)"})
+    choose_threshold: bool = field(default=False, metadata={
+        "help": "store in the --model folder the θ (among --threshold) that times most turns of --data within "
+                "1 s (then the lowest TimeDiff) as the model's recommended θ; use a validation split"})
     max_frames: int = field(default=1200, metadata={"help": "truncate streams to this many frames"})
     limit: int = field(default=0, metadata={"help": "evaluate only the first N dialogues (0 = all)"})
 
@@ -55,13 +65,30 @@ def evaluate_stream_model(loaded, dataset, thresholds: list[float], limit: int =
     return result
 
 
+def choose_threshold(by_threshold: dict[str, dict[str, float]]) -> float:
+    """The θ under which most timed turns are spoken within 1 s of their frame; ties go to the lower
+    TimeDiff, then to the θ nearest the engine's default.
+
+    Why the 1-s share first: it counts turns that are on time, which is what a viewer notices, and it is
+    not swayed by a few very late turns (a reminder missed by 20 s), which dominate the mean TimeDiff and
+    made it pick an over-talkative θ on the default model's validation split.
+    """
+    from livevlm.config import EngineConfig
+
+    timed = {float(t): m for t, m in by_threshold.items() if not math.isnan(m["time_diff_s"])}
+    if not timed:
+        raise ValueError("no timed turns in --data: TimeDiff is undefined, so no threshold can be chosen")
+    return min(timed, key=lambda t: (-round(timed[t]["within_1s"], 9), round(timed[t]["time_diff_s"], 9),
+                                     abs(t - EngineConfig().threshold)))
+
+
 def share_within(diffs: list[float], seconds: float) -> float:
     """The share of TimeDiffs of at most `seconds` (nan when there are none)."""
     return sum(d <= seconds + 1e-9 for d in diffs) / len(diffs) if diffs else math.nan
 
 
 def evaluate_command(args: EvaluateArgs) -> int:
-    from livevlm.checkpoint import load_checkpoint
+    from livevlm.checkpoint import load_checkpoint, store_recommended_threshold
     from livevlm.config import EngineConfig
     from livevlm.data.dataset import StreamDataset
     from livevlm.default_model import default_model_path
@@ -69,6 +96,9 @@ def evaluate_command(args: EvaluateArgs) -> int:
 
     if not args.data:
         raise ValueError("give the dialogue file to evaluate on: livevlm evaluate --data FILE.jsonl")
+    if args.choose_threshold and (not args.model or (Path(args.model) / "SHA256SUMS").is_file()):
+        raise ValueError("--choose-threshold writes into the model folder: name a trained checkpoint with "
+                         "--model (the shipped default model is read-only; copy its folder first)")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     loaded = load_checkpoint(args.model or default_model_path())
     fmt = StreamFormat(loaded.tokenizer, loaded.format_config, loaded.model_config.tokens_per_frame)
@@ -81,7 +111,14 @@ def evaluate_command(args: EvaluateArgs) -> int:
         encoder = load_frame_encoder(resolve_vision(mc.vision), mc.frame_size, mc.pooled_token, mc.grid)
     dataset = StreamDataset(args.data, fmt, cache_dir=args.features or None, encoder=encoder,
                             max_frames=args.max_frames)
-    thresholds = args.threshold or [EngineConfig().threshold, 0.0]
+    default = [EngineConfig().threshold, 0.0]
+    if loaded.threshold is not None:
+        default = [loaded.threshold] + [t for t in default if t != loaded.threshold]
+    thresholds = list(dict.fromkeys(args.threshold)) or default
     result = evaluate_stream_model(loaded, dataset, thresholds, args.limit)
+    if args.choose_threshold:
+        chosen = choose_threshold(result["by_threshold"])  # type: ignore[arg-type]
+        store_recommended_threshold(args.model, chosen)
+        result["chosen_threshold"] = chosen
     print(json.dumps(result, indent=2, sort_keys=False))
     return 0

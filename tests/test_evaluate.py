@@ -1,0 +1,117 @@
+"""`livevlm evaluate` end to end on a tiny random checkpoint, and calibrating a model's speak threshold."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import save_tiny_llm
+from livevlm.app.cli import run
+from livevlm.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_recommended_threshold,
+    resolve_threshold,
+    save_checkpoint,
+    store_recommended_threshold,
+)
+from livevlm.config import ConfigError, FormatConfig, ModelConfig
+from livevlm.data.features import feature_name, save_features
+from livevlm.evaluation.stream_eval import choose_threshold
+from livevlm.model import build_live_model
+
+FRAMES, VISION_DIM = 8, 16  # 4 s at 2 fps; a pooled token + a 1x1 grid per frame
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A tiny connector-only checkpoint, 3 narration dialogues and their feature cache."""
+    root = tmp_path_factory.mktemp("evaluate")
+    tokenizer, placeholder, llm = save_tiny_llm(root / "llm")
+    config = ModelConfig(llm=str(root / "llm"), grid=1, finetune="connector")
+    torch.manual_seed(0)
+    model = build_live_model(config, llm, vision_dim=VISION_DIM, placeholder_id=placeholder)
+    save_checkpoint(model, tokenizer, config, FormatConfig(), root / "ckpt")
+    generator = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(3):
+        video = f"videos/{i:03d}.mp4"
+        save_features(root / "features" / feature_name(video), torch.randn(FRAMES, 2, VISION_DIM, generator=generator),
+                      {"fps": "2.0"})
+        turns = [{"role": "user", "time_s": 0.0, "text": "Please narrate the video in real time."},
+                 {"role": "assistant", "time_s": 0.0, "text": "Sure."},
+                 {"role": "assistant", "time_s": 1.5 + 0.5 * i, "text": "A red circle appears."}]
+        lines.append(json.dumps({"id": f"d{i}", "video": video, "fps": 2.0, "duration_s": 4.0, "turns": turns}))
+    (root / "dialogues.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "ckpt", root / "dialogues.jsonl", root / "features"
+
+
+def evaluate(capsys, *args: str) -> dict:
+    assert run(["evaluate", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_evaluate_prints_the_four_metrics_at_the_engine_threshold_and_zero(setup, capsys):
+    ckpt, data, features = setup
+    result = evaluate(capsys, "--model", str(ckpt), "--data", str(data), "--features", str(features))
+    assert result["threshold"] == 0.725 and set(result["by_threshold"]) == {"0.725", "0.0"}
+    assert result["lm_ppl"] >= 1.0 and result["time_diff_s"] >= 0.0
+    assert 0.0 <= result["lm_correctness"] <= 1.0 and 0.0 <= result["fluency"] <= 1.0
+    assert result["dialogues"] == 3
+
+
+def test_choose_threshold_stores_the_best_timed_and_later_runs_use_it(setup, capsys, tmp_path):
+    ckpt, data, features = setup
+    model = Path(shutil.copytree(ckpt, tmp_path / "ckpt"))
+    common = ["--model", str(model), "--data", str(data), "--features", str(features)]
+    sweep = ["--threshold", "0", "--threshold", "0.5", "--threshold", "0.999"]
+    result = evaluate(capsys, *common, *sweep, "--choose-threshold")
+    scores = {float(t): (-m["within_1s"], m["time_diff_s"], abs(float(t) - 0.725))
+              for t, m in result["by_threshold"].items()}
+    assert result["chosen_threshold"] == min(scores, key=scores.get)
+    assert read_recommended_threshold(model) == result["chosen_threshold"]
+    again = evaluate(capsys, *common)
+    assert again["threshold"] == result["chosen_threshold"]
+    assert {float(t) for t in again["by_threshold"]} == {result["chosen_threshold"], 0.725, 0.0}
+
+
+def test_choose_threshold_refuses_the_shipped_default_model(setup, capsys):
+    _, data, features = setup
+    assert run(["evaluate", "--data", str(data), "--features", str(features), "--choose-threshold"]) == 2
+    assert "read-only" in capsys.readouterr().err
+
+
+def test_choosing_takes_the_most_turns_within_1s_then_the_lowest_time_diff_then_the_engine_default():
+    def m(within: float, diff: float) -> dict[str, float]:
+        return {"within_1s": within, "time_diff_s": diff}
+
+    assert choose_threshold({"0.725": m(0.75, 2.3), "0.9": m(0.70, 1.9), "0.0": m(0.5, 3.7)}) == 0.725
+    assert choose_threshold({"0.725": m(0.75, 2.3), "0.8": m(0.75, 2.0)}) == 0.8
+    assert choose_threshold({"0.9": m(0.75, 2.0), "0.7": m(0.75, 2.0)}) == 0.7
+    with pytest.raises(ValueError, match="no timed turns"):
+        choose_threshold({"0.725": m(math.nan, math.nan)})
+
+
+def test_a_stored_threshold_is_loaded_and_an_explicit_one_wins(setup, tmp_path):
+    ckpt, _, _ = setup
+    assert load_checkpoint(ckpt).threshold is None
+    assert resolve_threshold(None, load_checkpoint(ckpt)) == 0.725
+    model = Path(shutil.copytree(ckpt, tmp_path / "m"))
+    store_recommended_threshold(model, 0.8)
+    loaded = load_checkpoint(model)
+    assert loaded.threshold == 0.8 and loaded.model_config == load_checkpoint(ckpt).model_config
+    assert resolve_threshold(None, loaded) == 0.8 and resolve_threshold(0.5, loaded) == 0.5
+
+
+def test_a_bad_stored_threshold_names_the_key(tmp_path):
+    (tmp_path / "livevlm.yaml").write_text("model: {}\nengine: {threshold: 1.5}\n")
+    with pytest.raises(ConfigError, match="engine.threshold"):
+        read_recommended_threshold(tmp_path)
+    (tmp_path / "livevlm.yaml").write_text("model: {}\nengine: {max_new_tokens: 3}\n")
+    with pytest.raises(CheckpointError, match="only `threshold`"):
+        read_recommended_threshold(tmp_path)
+    with pytest.raises(ConfigError, match="engine.threshold"):
+        store_recommended_threshold(tmp_path, -0.1)
