@@ -20,6 +20,7 @@ from livevlm.checkpoint import (
 )
 from livevlm.config import ConfigError, FormatConfig, ModelConfig
 from livevlm.data.features import feature_name, save_features
+from livevlm.default_model import DEFAULT_MODEL_DIR
 from livevlm.evaluation.stream_eval import choose_threshold
 from livevlm.model import build_live_model
 
@@ -81,6 +82,9 @@ def test_choose_threshold_stores_the_best_timed_and_later_runs_use_it(setup, cap
 def test_choose_threshold_refuses_the_shipped_default_model(setup, capsys):
     _, data, features = setup
     assert run(["evaluate", "--data", str(data), "--features", str(features), "--choose-threshold"]) == 2
+    assert "read-only" in capsys.readouterr().err
+    assert run(["evaluate", "--model", str(DEFAULT_MODEL_DIR), "--data", str(data), "--features", str(features),
+                "--choose-threshold"]) == 2
     assert "read-only" in capsys.readouterr().err
 
 

@@ -91,12 +91,12 @@ def evaluate_command(args: EvaluateArgs) -> int:
     from livevlm.checkpoint import load_checkpoint, store_recommended_threshold
     from livevlm.config import EngineConfig
     from livevlm.data.dataset import StreamDataset
-    from livevlm.default_model import default_model_path
+    from livevlm.default_model import DEFAULT_MODEL_DIR, default_model_path
     from livevlm.stream_format import StreamFormat
 
     if not args.data:
         raise ValueError("give the dialogue file to evaluate on: livevlm evaluate --data FILE.jsonl")
-    if args.choose_threshold and (not args.model or (Path(args.model) / "SHA256SUMS").is_file()):
+    if args.choose_threshold and (not args.model or Path(args.model).resolve() == DEFAULT_MODEL_DIR.resolve()):
         raise ValueError("--choose-threshold writes into the model folder: name a trained checkpoint with "
                          "--model (the shipped default model is read-only; copy its folder first)")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
