@@ -103,13 +103,17 @@ def _load_connector(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "connector.safetensors"))
 
 
-def read_checkpoint_config(folder: str | Path) -> tuple[ModelConfig, FormatConfig]:
-    folder = Path(folder)
+def _read_config(folder: Path) -> dict:
+    """The parsed livevlm.yaml of a checkpoint folder; CheckpointError when it is not one."""
     config_file = folder / CONFIG_NAME
     if not config_file.is_file():
         raise CheckpointError(f"{folder} is not a livevlm checkpoint: {CONFIG_NAME} is missing "
                               "(train one with `livevlm train`, or omit --model for the default model)")
-    data = yaml.safe_load(config_file.read_text()) or {}
+    return yaml.safe_load(config_file.read_text()) or {}
+
+
+def read_checkpoint_config(folder: str | Path) -> tuple[ModelConfig, FormatConfig]:
+    data = _read_config(Path(folder))
     return from_dict(ModelConfig, data.get("model", {}), "model."), from_dict(FormatConfig, data.get("format", {}),
                                                                              "format.")
 
@@ -121,11 +125,10 @@ def read_recommended_threshold(folder: str | Path) -> float | None:
     between models (the paper's 0.725 was chosen for its 8B model). Only the threshold may be stored: the
     other engine settings are the user's, not the model's.
     """
-    config_file = Path(folder) / CONFIG_NAME
-    data = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
-    engine = (data or {}).get("engine") or {}
+    engine = _read_config(Path(folder)).get("engine") or {}
     if not isinstance(engine, dict) or set(engine) - {"threshold"}:
-        raise CheckpointError(f"{config_file}: the engine section may hold only `threshold`, got {engine!r}")
+        raise CheckpointError(f"{Path(folder) / CONFIG_NAME}: the engine section may hold only `threshold`, "
+                              f"got {engine!r}")
     if "threshold" not in engine:
         return None
     return from_dict(EngineConfig, engine, "engine.").threshold
@@ -134,11 +137,9 @@ def read_recommended_threshold(folder: str | Path) -> float | None:
 def store_recommended_threshold(folder: str | Path, threshold: float) -> Path:
     """Write `engine: {threshold: θ}` into a checkpoint's livevlm.yaml (atomically; other sections kept)."""
     EngineConfig(threshold=threshold)  # range check, naming engine.threshold
-    config_file = Path(folder) / CONFIG_NAME
-    if not config_file.is_file():
-        raise CheckpointError(f"{folder} is not a livevlm checkpoint: {CONFIG_NAME} is missing")
-    data = yaml.safe_load(config_file.read_text()) or {}
+    data = _read_config(Path(folder))
     data["engine"] = {"threshold": float(threshold)}
+    config_file = Path(folder) / CONFIG_NAME
     tmp = config_file.with_name(f".{CONFIG_NAME}.{os.getpid()}")
     tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
     os.replace(tmp, config_file)

@@ -88,7 +88,7 @@ def share_within(diffs: list[float], seconds: float) -> float:
 
 
 def evaluate_command(args: EvaluateArgs) -> int:
-    from livevlm.checkpoint import load_checkpoint, store_recommended_threshold
+    from livevlm.checkpoint import load_checkpoint, resolve_threshold, store_recommended_threshold
     from livevlm.config import EngineConfig
     from livevlm.data.dataset import StreamDataset
     from livevlm.default_model import DEFAULT_MODEL_DIR, default_model_path
@@ -111,10 +111,8 @@ def evaluate_command(args: EvaluateArgs) -> int:
         encoder = load_frame_encoder(resolve_vision(mc.vision), mc.frame_size, mc.pooled_token, mc.grid)
     dataset = StreamDataset(args.data, fmt, cache_dir=args.features or None, encoder=encoder,
                             max_frames=args.max_frames)
-    default = [EngineConfig().threshold, 0.0]
-    if loaded.threshold is not None:
-        default = [loaded.threshold] + [t for t in default if t != loaded.threshold]
-    thresholds = list(dict.fromkeys(args.threshold)) or default
+    # default: the θ stream would run with (the model's, else the engine's), the engine's and 0 (the paper's)
+    thresholds = list(dict.fromkeys(args.threshold or [resolve_threshold(None, loaded), EngineConfig().threshold, 0.0]))
     result = evaluate_stream_model(loaded, dataset, thresholds, args.limit)
     if args.choose_threshold:
         chosen = choose_threshold(result["by_threshold"])  # type: ignore[arg-type]
