@@ -111,7 +111,13 @@ def test_encode_cache_is_resumable_and_ignores_half_written_files(tmp_path):
     (cache / f".{second.name}.tmp-999").write_bytes(b"half a file")
     calls = []
     original = encoder.encode
-    encoder.encode = lambda frames, batch_size=32: calls.append(len(frames)) or original(frames, batch_size)
+
+    def counting_encode(frames, batch_size=32):  # frames may be a stream: count the tokens it gives
+        tokens = original(frames, batch_size)
+        calls.append(len(tokens))
+        return tokens
+
+    encoder.encode = counting_encode
     encode_dialogue_videos(tmp_path / "d.jsonl", encoder, cache)
     assert calls == [6]  # only the missing video was encoded again
     assert first.stat().st_mtime_ns == kept

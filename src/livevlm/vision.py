@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -116,9 +117,14 @@ class FrameEncoder(nn.Module):
         pooled = F.adaptive_avg_pool2d(grid, self.grid)  # [T, D, k, k]
         return pooled.flatten(2).transpose(1, 2)  # [T, k*k, D]
 
-    def encode(self, frames: np.ndarray | Sequence[np.ndarray], batch_size: int = 32) -> torch.Tensor:
-        """uint8 frames `[T, H, W, 3]` → frame tokens `[T, N, D]` on CPU, encoded `batch_size` at a time."""
-        outputs = [self(self.preprocess(frames[i:i + batch_size])).cpu() for i in range(0, len(frames), batch_size)]
+    def encode(self, frames: np.ndarray | Iterable[np.ndarray], batch_size: int = 32) -> torch.Tensor:
+        """uint8 frames `[T, H, W, 3]`, or any iterable of `[H, W, 3]` frames (a decoder's stream) → frame
+        tokens `[T, N, D]` on CPU, encoded `batch_size` at a time as they come: only one batch of pixels is
+        held, so an hour-long video streams through in constant memory."""
+        frames = iter(frames)
+        outputs = []
+        while batch := list(islice(frames, batch_size)):
+            outputs.append(self(self.preprocess(batch)).cpu())
         if not outputs:
             return torch.zeros(0, self.tokens_per_frame, self.hidden_size)
         return torch.cat(outputs)

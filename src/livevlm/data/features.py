@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,19 +86,6 @@ def _decode_video(job: tuple[Path, float, int]) -> np.ndarray:
     return np.stack(frames) if frames else np.zeros((0, job[2], job[2], 3), np.uint8)
 
 
-def _encode_in_batches(encoder, frames: Iterable[np.ndarray], batch_size: int) -> torch.Tensor:
-    """Frame tokens `[T, N, D]` (CPU) of `frames`, encoded `batch_size` at a time as they come."""
-    chunks, batch = [], []
-    for frame in frames:
-        batch.append(frame)
-        if len(batch) == batch_size:
-            chunks.append(encoder.encode(batch, batch_size))
-            batch = []
-    if batch:
-        chunks.append(encoder.encode(batch, batch_size))
-    return torch.cat(chunks) if chunks else torch.zeros(0, encoder.tokens_per_frame, encoder.hidden_size)
-
-
 def encode_dialogue_videos(dialogues_path: str | Path, encoder, out_dir: str | Path, fps: float | None = None,
                            batch_size: int = 16, encoder_name: str = "", workers: int = 1) -> list[Path]:
     """Encode every distinct video of a dialogue file into the cache (skipping finished ones).
@@ -136,7 +123,7 @@ def encode_dialogue_videos(dialogues_path: str | Path, encoder, out_dir: str | P
             # workers hand over whole decoded videos
             decoded = pool.map(_decode_video, chunk) if pool else (_stream_video(*job) for job in chunk)
             for (video, rate, target), frames in zip(todo[start:start + window], decoded, strict=True):
-                tokens = _encode_in_batches(encoder, frames, batch_size)  # [T, N, D] on CPU
+                tokens = encoder.encode(frames, batch_size)  # [T, N, D] on CPU, streamed batch by batch
                 save_features(target, tokens, {"fps": str(rate), "video": video, "encoder": encoder_name,
                                                "frame_size": str(encoder.image_size), "grid": str(encoder.grid),
                                                "pooled_token": str(encoder.pooled_token)})
