@@ -58,6 +58,12 @@ def test_not_a_checkpoint_says_how_to_get_one(tmp_path):
         load_checkpoint(tmp_path)
 
 
+def test_a_checkpoint_config_with_a_key_twice_is_refused(tmp_path):
+    (tmp_path / "livevlm.yaml").write_text("model:\n  grid: 3\nmodel:\n  grid: 2\n")
+    with pytest.raises(CheckpointError, match=r"line 3: key 'model' is given twice"):
+        load_checkpoint(tmp_path)
+
+
 def test_merging_a_lora_on_a_tied_lm_head_keeps_the_input_embeddings(tmp_path, tiny_tokenizer):
     """SmolLM2 ties lm_head to the embeddings: a merged lm_head LoRA must not leak into the inputs."""
     from transformers import LlamaConfig, LlamaForCausalLM

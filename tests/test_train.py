@@ -227,6 +227,21 @@ def test_bad_key_inside_the_recipe_file_is_named(workdir, tmp_path):
         load_recipe(path)
 
 
+def test_a_key_given_twice_in_the_recipe_file_is_named(tmp_path):
+    # yaml.safe_load would keep the second `lr` silently; a hand-edited recipe must not run half-read
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  lr: 1.0e-4\n  epochs: 1\n  lr: 5.0e-4\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml: line 4: key 'lr' is given twice"):
+        load_recipe(path)
+
+
+def test_a_recipe_that_is_not_yaml_is_named(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("train: [lr: 1\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml is not valid YAML"):
+        load_recipe(path)
+
+
 def test_resume_from_a_folder_that_is_no_checkpoint_says_so(workdir, tmp_path):
     recipe = load_recipe(write_recipe(workdir, tmp_path))
     with pytest.raises(FileNotFoundError, match="not a complete training checkpoint"):

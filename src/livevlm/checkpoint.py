@@ -27,7 +27,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from livevlm.config import EngineConfig, FormatConfig, ModelConfig, from_dict, to_dict
+from livevlm.config import ConfigError, EngineConfig, FormatConfig, ModelConfig, from_dict, load_yaml, to_dict
 from livevlm.model import LiveModel
 from livevlm.stream_format import register_placeholder
 
@@ -109,7 +109,13 @@ def _read_config(folder: Path) -> dict:
     if not config_file.is_file():
         raise CheckpointError(f"{folder} is not a livevlm checkpoint: {CONFIG_NAME} is missing "
                               "(train one with `livevlm train`, or omit --model for the default model)")
-    return yaml.safe_load(config_file.read_text()) or {}
+    try:
+        data = load_yaml(config_file.read_text(), config_file) or {}
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{config_file} must be a mapping of sections (model, format, engine)")
+    return data
 
 
 def read_checkpoint_config(folder: str | Path) -> tuple[ModelConfig, FormatConfig]:

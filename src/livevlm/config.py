@@ -32,6 +32,35 @@ class ConfigError(ValueError):
     """A configuration value or key is invalid; the message names the key and the fix."""
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error.
+
+    Plain `yaml.safe_load` keeps the last of two equal keys without a word, so a recipe edited by hand
+    (a second `model:` block left below the first, a `lr:` set twice) would silently run with whichever
+    came last.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice in the same "
+                                  "section; keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, source: str | Path) -> Any:
+    """Parse YAML text (safe types only), refusing duplicate keys; errors name `source` and the line."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source} is not valid YAML: {exc}") from None
+
+
 @dataclass
 class ModelConfig:
     """What the model is made of. `llm` / `vision` are a local folder, a hub name, or "default"."""
@@ -248,7 +277,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"recipe {path} does not exist; the shipped ones are under recipes/")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = load_yaml(path.read_text(), f"recipe {path}") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"recipe {path} must be a mapping of sections (model, format, train, engine)")
         data = loaded

@@ -35,13 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from livevlm.checkpoint import CheckpointError, load_trained_weights, save_checkpoint
-from livevlm.config import ConfigError, ModelConfig, Recipe, TrainConfig, load_recipe, save_recipe, to_dict
+from livevlm.config import ConfigError, ModelConfig, Recipe, TrainConfig, load_recipe, load_yaml, save_recipe, to_dict
 from livevlm.data.dataset import StreamDataset, collate_streams
 from livevlm.data.features import feature_file
 from livevlm.default_model import default_model_path
@@ -390,7 +389,7 @@ def changed_settings(recipe: Recipe, saved: Path) -> list[str]:
     """The `section.key`s whose value differs from the recipe saved at `saved` (empty if none is saved)."""
     if not saved.is_file():
         return []
-    old = yaml.safe_load(saved.read_text()) or {}
+    old = load_yaml(saved.read_text(), saved) or {}
     new = to_dict(recipe)
     return [f"{section}.{key}" for section, values in new.items() for key, value in values.items()
             if (old.get(section) or {}).get(key, value) != value]
