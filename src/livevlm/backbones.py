@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from filelock import FileLock
 
+from livevlm.files import write_text_atomically
+
 if TYPE_CHECKING:
     import onnx
     import torch
@@ -183,9 +185,7 @@ def pin_chatml_tokens(folder: Path) -> None:
         return
     log.warning("%s: setting eos and pad to %s (the conversion had eos %r)", path, CHATML_END,
                 config.get("eos_token"))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(pinned, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(pinned, indent=2, ensure_ascii=False) + "\n")
 
 
 def _build_smollm2(folder: Path) -> None:

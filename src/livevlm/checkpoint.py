@@ -28,6 +28,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from livevlm.config import ConfigError, EngineConfig, FormatConfig, ModelConfig, from_dict, load_yaml, to_dict
+from livevlm.files import write_text_atomically
 from livevlm.model import LiveModel
 from livevlm.stream_format import register_placeholder
 
@@ -145,11 +146,7 @@ def store_recommended_threshold(folder: str | Path, threshold: float) -> Path:
     EngineConfig(threshold=threshold)  # range check, naming engine.threshold
     data = _read_config(Path(folder))
     data["engine"] = {"threshold": float(threshold)}
-    config_file = Path(folder) / CONFIG_NAME
-    tmp = config_file.with_name(f".{CONFIG_NAME}.{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
-    os.replace(tmp, config_file)
-    return config_file
+    return write_text_atomically(Path(folder) / CONFIG_NAME, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
 
 def resolve_threshold(requested: float | None, loaded: LoadedModel) -> float:

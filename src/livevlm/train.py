@@ -44,6 +44,7 @@ from livevlm.config import ConfigError, ModelConfig, Recipe, TrainConfig, load_r
 from livevlm.data.dataset import StreamDataset, collate_streams
 from livevlm.data.features import feature_file
 from livevlm.default_model import default_model_path
+from livevlm.files import write_text_atomically
 from livevlm.model import LiveModel, build_live_model
 from livevlm.stream_format import IGNORE, StreamFormat, register_placeholder
 
@@ -380,9 +381,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def changed_settings(recipe: Recipe, saved: Path) -> list[str]:

@@ -38,6 +38,8 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
+from livevlm.files import write_text_atomically
+
 logger = logging.getLogger(__name__)
 
 SHAPES = ("circle", "square", "triangle", "star")
@@ -652,10 +654,7 @@ def generate_world(out_dir: str | Path, videos: int = 10, seed: int = 0, duratio
             records = list(pool.map(_render_job, jobs))  # map keeps index order
     lines = [json.dumps({"video": relative, **record}, ensure_ascii=False)
              for (_, _, relative), record in zip(jobs, records, strict=True)]
-    annotations = out / "annotations.jsonl"
-    tmp = annotations.with_name(annotations.name + ".part")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, annotations)
+    annotations = write_text_atomically(out / "annotations.jsonl", "\n".join(lines) + "\n")
     return annotations
 
 
