@@ -120,7 +120,10 @@ def _read_config(folder: Path) -> dict:
 
 
 def read_checkpoint_config(folder: str | Path) -> tuple[ModelConfig, FormatConfig]:
-    data = _read_config(Path(folder))
+    return _model_and_format(_read_config(Path(folder)))
+
+
+def _model_and_format(data: dict) -> tuple[ModelConfig, FormatConfig]:
     return from_dict(ModelConfig, data.get("model", {}), "model."), from_dict(FormatConfig, data.get("format", {}),
                                                                              "format.")
 
@@ -132,9 +135,13 @@ def read_recommended_threshold(folder: str | Path) -> float | None:
     between models (the paper's 0.725 was chosen for its 8B model). Only the threshold may be stored: the
     other engine settings are the user's, not the model's.
     """
-    engine = _read_config(Path(folder)).get("engine") or {}
+    return _stored_threshold(_read_config(Path(folder)), Path(folder))
+
+
+def _stored_threshold(data: dict, folder: Path) -> float | None:
+    engine = data.get("engine") or {}
     if not isinstance(engine, dict) or set(engine) - {"threshold"}:
-        raise CheckpointError(f"{Path(folder) / CONFIG_NAME}: the engine section may hold only `threshold`, "
+        raise CheckpointError(f"{folder / CONFIG_NAME}: the engine section may hold only `threshold`, "
                               f"got {engine!r}")
     if "threshold" not in engine:
         return None
@@ -174,7 +181,9 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
     from livevlm.backbones import resolve_llm
 
     folder = Path(folder)
-    model_config, format_config = read_checkpoint_config(folder)
+    config = _read_config(folder)
+    model_config, format_config = _model_and_format(config)
+    threshold = _stored_threshold(config, folder)  # checked before the slow part, like the rest of the config
     connector_state = _load_connector(folder)
     if (folder / "tokenizer").is_dir():
         tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
@@ -207,7 +216,7 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
     model.to(device=device, dtype=dtype)
     if not trainable:
         model.eval().requires_grad_(False)
-    return LoadedModel(model, tokenizer, model_config, format_config, read_recommended_threshold(folder))
+    return LoadedModel(model, tokenizer, model_config, format_config, threshold)
 
 
 # The model settings that decide the shapes and meaning of the trained weights: a checkpoint can start a
