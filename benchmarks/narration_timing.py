@@ -23,8 +23,9 @@ from livevlm.evaluation.free_running import TimingScores, event_frames, match_ti
 QUERY = "Please narrate the video in real time."
 
 
-def stream(video: Path, model: str, threshold: float | None) -> list[dict]:
-    cmd = [sys.executable, "-m", "livevlm.app.cli", "stream", str(video), "--query", QUERY, "--at", "0",
+def stream(video: Path, model: str, threshold: float | None, query: str = QUERY, at: float = 0.0) -> list[dict]:
+    """The JSON events of `livevlm stream VIDEO --query QUERY --at AT --jsonl --fast` (no frame events)."""
+    cmd = [sys.executable, "-m", "livevlm.app.cli", "stream", str(video), "--query", query, "--at", str(at),
            "--jsonl", "--fast", "--no-frames"]
     if threshold is not None:
         cmd += ["--threshold", str(threshold)]

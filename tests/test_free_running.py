@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from livevlm.evaluation.free_running import TimingScores, event_frames, match_timing
+from livevlm.evaluation.free_running import TimingScores, event_frames, match_timing, reminder_outcome
 
 
 def test_events_on_the_same_frame_count_once_and_are_ceiled_to_the_grid():
@@ -38,3 +38,16 @@ def test_pooled_scores_sum_the_counts_and_weight_the_offset_by_matches():
     pooled = empty + a + b
     assert (pooled.events, pooled.responses, pooled.matched, pooled.named, pooled.covered) == (6, 5, 3, 2, 4)
     assert pooled.mean_abs_offset_s == pytest.approx((2 * 0.5 + 1 * 0.2) / 3)
+
+
+@pytest.mark.parametrize(("responses", "kind", "offset", "extra"), [
+    ([], "never", None, 0),
+    ([11.0], "on_time", -0.5, 0),
+    ([12.5, 20.0], "on_time", 1.0, 1),  # exactly at the tolerance still counts; the second is chatter
+    ([8.0, 11.5], "early", -3.5, 1),  # a false alarm decides, even if the model speaks again on time
+    ([13.0], "late", 1.5, 0),
+])
+def test_a_reminder_is_judged_by_its_first_spontaneous_response(responses, kind, offset, extra):
+    outcome = reminder_outcome(11.5, responses, tolerance_s=1.0)
+    assert (outcome.kind, outcome.extra) == (kind, extra)
+    assert outcome.offset_s == (pytest.approx(offset) if offset is not None else None)

@@ -97,3 +97,38 @@ def match_timing(events: list[tuple[float, list[dict]]], responses: list[tuple[f
     mean = sum(offsets) / len(offsets) if offsets else math.nan
     covered = sum(any(abs(r - t) <= tolerance_s + 1e-9 for r, _ in responses) for t, _ in events)
     return TimingScores(len(events), len(responses), matched, named, mean, covered)
+
+
+# ---------------------------------------------------------------------------------------------------
+# reminders: "tell me when X happens", asked at some time, answered once by the model at X
+
+
+REMINDER_OUTCOMES = ("on_time", "early", "late", "never")
+
+
+@dataclass
+class ReminderOutcome:
+    """What the model did with one reminder, judged by its first spontaneous response after the request.
+
+    The first response decides, as it would for a user: a reminder given 3 s early is a false alarm even if
+    the model speaks again at the event. `offset_s` is that response's time minus the event's (None when it
+    never spoke); `extra` counts the spontaneous responses after it (a reminder should be said once).
+    """
+
+    kind: str  # one of REMINDER_OUTCOMES
+    offset_s: float | None
+    extra: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in REMINDER_OUTCOMES:
+            raise ValueError(f"reminder outcome {self.kind!r} is not one of {REMINDER_OUTCOMES}")
+
+
+def reminder_outcome(event_time_s: float, responses: list[float], tolerance_s: float = 1.0) -> ReminderOutcome:
+    """Classify a reminder from the times of the model's spontaneous responses after its acknowledgement."""
+    if not responses:
+        return ReminderOutcome("never", None, 0)
+    first = min(responses)
+    offset = first - event_time_s
+    kind = "on_time" if abs(offset) <= tolerance_s + 1e-9 else ("early" if offset < 0 else "late")
+    return ReminderOutcome(kind, offset, len(responses) - 1)
