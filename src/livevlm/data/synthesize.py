@@ -140,7 +140,8 @@ class SynthesizeArgs:
     concurrency: int = field(default=4, metadata={"help": "openai: requests in flight; transformers: items "
                                                           "gathered into batches"})
     batch_size: int = field(default=8, metadata={"help": "transformers: prompts per generate call"})
-    device: str = field(default="", metadata={"help": "transformers: device (default cuda if available, else cpu)"})
+    device: str = field(default="auto", metadata={"help": "transformers: device (auto = cuda if available, "
+                                                           "else cpu)"})
     dtype: Literal["float32", "bfloat16", "float16"] = field(default="float32", metadata={
         "help": "transformers: weight dtype"})
     retries: int = field(default=4, metadata={"help": "openai: retries of a request after a timeout, 5xx or "

@@ -17,6 +17,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -36,6 +37,10 @@ class EvaluateArgs:
                 "1 s (then the lowest TimeDiff) as the model's recommended θ; use a validation split"})
     max_frames: int = field(default=1200, metadata={"help": "truncate streams to this many frames"})
     limit: int = field(default=0, metadata={"help": "evaluate only the first N dialogues (0 = all)"})
+    device: str = field(default="auto", metadata={"help": "where the model runs: auto (a GPU when there is one), "
+                                                           "cpu, cuda, cuda:1, …"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "weight precision; auto = bfloat16 on a GPU, float32 on the CPU (the README's figures)"})
 
 
 def evaluate_stream_model(loaded, dataset, thresholds: list[float], limit: int = 0) -> dict[str, object]:
@@ -47,10 +52,12 @@ def evaluate_stream_model(loaded, dataset, thresholds: list[float], limit: int =
     for index in range(count):
         sample = dataset[index]
         task = dataset.dialogues[index].task or "all"
+        device = loaded.model.device
+        frame_tokens = sample.frame_tokens.to(device) if sample.frame_tokens is not None else None
         with torch.no_grad():
-            logits, _, _ = loaded.model(sample.input_ids[None].to(loaded.model.device), sample.frame_tokens)
+            logits, _, _ = loaded.model(sample.input_ids[None].to(device), frame_tokens)
         for threshold in thresholds:
-            scores = stream_scores(logits[0].cpu(), sample.labels.tolist(), sample.frame_ends, fmt.separator_id,
+            scores = stream_scores(logits[0].float().cpu(), sample.labels.tolist(), sample.frame_ends, fmt.separator_id,
                                    fmt.eos_id, dataset.dialogues[index].fps, threshold)
             pooled[threshold].extend(scores)
             per_task.setdefault(task, {t: StreamScores() for t in thresholds})[threshold].extend(scores)
@@ -92,6 +99,7 @@ def evaluate_command(args: EvaluateArgs) -> int:
     from livevlm.config import EngineConfig
     from livevlm.data.dataset import StreamDataset
     from livevlm.default_model import DEFAULT_MODEL_DIR, default_model_path
+    from livevlm.devices import resolve_device, resolve_dtype
     from livevlm.stream_format import StreamFormat
 
     if not args.data:
@@ -99,8 +107,10 @@ def evaluate_command(args: EvaluateArgs) -> int:
     if args.choose_threshold and (not args.model or Path(args.model).resolve() == DEFAULT_MODEL_DIR.resolve()):
         raise ValueError("--choose-threshold writes into the model folder: name a trained checkpoint with "
                          "--model (the shipped default model is read-only; copy its folder first)")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    loaded = load_checkpoint(args.model or default_model_path())
+    loaded = load_checkpoint(args.model or default_model_path(), device=device, dtype=dtype)
     fmt = StreamFormat(loaded.tokenizer, loaded.format_config, loaded.model_config.tokens_per_frame)
     encoder = None
     if not args.features:
@@ -108,7 +118,8 @@ def evaluate_command(args: EvaluateArgs) -> int:
         from livevlm.vision import load_frame_encoder
 
         mc = loaded.model_config
-        encoder = load_frame_encoder(resolve_vision(mc.vision), mc.frame_size, mc.pooled_token, mc.grid)
+        encoder = load_frame_encoder(resolve_vision(mc.vision), mc.frame_size, mc.pooled_token, mc.grid,
+                                     device=device, dtype=dtype)
     dataset = StreamDataset(args.data, fmt, cache_dir=args.features or None, encoder=encoder,
                             max_frames=args.max_frames)
     # default: the θ stream would run with (the model's, else the engine's), the engine's and 0 (the paper's)

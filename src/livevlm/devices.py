@@ -1,0 +1,50 @@
+"""Where a model runs and in what precision: one meaning of "auto" for every command.
+
+`livevlm stream`, `evaluate`, `data encode` and the transformers synthesis backend all take `--device` and
+(where weights are loaded) `--dtype`; they resolve them here so that "auto" means the same everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" (or "") → the first CUDA GPU when one is visible, else the CPU; anything else as torch spells it.
+
+    Raises:
+        ValueError: a name torch does not know (naming it), or a CUDA device when no GPU is visible.
+    """
+    if name in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device torch knows; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ValueError(f"--device {name}: this machine has {count} visible CUDA GPU(s); "
+                             "use --device cpu (or auto, which picks the GPU when there is one)")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto" → bfloat16 on a GPU that supports it (float16 on an older one), float32 on the CPU.
+
+    Why float32 on the CPU: without bf16 matrix units most CPUs run bf16 matmuls slower than fp32, and the
+    figures in the README and the model card were measured in fp32 there.
+
+    Raises:
+        ValueError: a name outside DTYPE_CHOICES.
+    """
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r}: use one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[name]
