@@ -28,7 +28,8 @@ def default_stream(tmp_path_factory):
 
 
 def run(model, fmt, tokens, times, frames_per_forward):
-    session = StreamSession(model, fmt, EngineConfig(max_frames_per_forward=frames_per_forward))
+    session = StreamSession(model, fmt, EngineConfig(max_frames_per_forward=frames_per_forward),
+                            record_fed_ids=True)
     session.add_query("Please narrate the video in real time.", 0.0)
     events = session.step(tokens, times)
     return events, session

@@ -77,7 +77,8 @@ def p_speak(events) -> list[float]:
 
 
 def test_query_right_after_a_response_is_fed_in_the_training_layout(fmt):
-    session = StreamSession(scripted_model(fmt), fmt, EngineConfig(threshold=1.0))  # every frame speaks
+    # every frame speaks
+    session = StreamSession(scripted_model(fmt), fmt, EngineConfig(threshold=1.0), record_fed_ids=True)
     tokens, times = frames(2)
     first = session.step(tokens[:1], times[:1])
     session.add_query("Where?", time_s=0.2)
@@ -91,7 +92,8 @@ def test_query_right_after_a_response_is_fed_in_the_training_layout(fmt):
 
 
 def test_a_response_cut_by_max_new_tokens_still_leaves_the_training_layout(fmt):
-    session = StreamSession(scripted_model(fmt), fmt, EngineConfig(threshold=1.0, max_new_tokens=4))
+    session = StreamSession(scripted_model(fmt), fmt, EngineConfig(threshold=1.0, max_new_tokens=4),
+                            record_fed_ids=True)
     events = session.step(*frames(2))
     cut = fmt.tokenizer.decode(fmt.response_ids(SCRIPT)[:4]).strip()
     assert [(e.text, e.reason) for e in events if isinstance(e, ResponseEvent)] == [(cut, "max_tokens")] * 2
@@ -101,8 +103,16 @@ def test_a_response_cut_by_max_new_tokens_still_leaves_the_training_layout(fmt):
     assert session.cache_ids == session.fed_ids[:-2] and session.cache_length == len(session.cache_ids)
 
 
-def test_a_query_before_the_first_frame_follows_that_frame(fmt):
+def test_a_default_session_keeps_no_record_of_the_ids_it_fed(fmt):
+    """An endless stream's memory stays bounded: the id record is for checking layouts only."""
     session = StreamSession(scripted_model(fmt), fmt, EngineConfig(threshold=1.0))
+    session.add_query("Narrate.", time_s=0.0)
+    session.step(*frames(3))
+    assert session.fed_ids == [] and session.cache_length > 0
+
+
+def test_a_query_before_the_first_frame_follows_that_frame(fmt):
+    session = StreamSession(scripted_model(fmt), fmt, EngineConfig(threshold=1.0), record_fed_ids=True)
     session.add_query("Narrate.", time_s=0.0)
     events = session.step(*frames(1))
     assert [type(e) for e in events] == [FrameEvent, QueryEvent, ResponseEvent]  # frame 0 does not speak itself
@@ -130,7 +140,7 @@ def mixed_threshold(model, fmt, tokens, times) -> float:
 
 
 def run_stream(model, fmt, config: EngineConfig, tokens, times, query_at: int) -> tuple[list, StreamSession]:
-    session = StreamSession(model, fmt, config)
+    session = StreamSession(model, fmt, config, record_fed_ids=True)
     events = session.step(tokens[:query_at], times[:query_at])
     session.add_query("What just happened?")
     events += session.step(tokens[query_at:], times[query_at:])
@@ -160,7 +170,8 @@ def test_multi_frame_forward_gives_the_per_frame_events(fmt, random_model):
 
 def test_per_frame_decisions_equal_one_teacher_forced_forward(fmt, random_model):
     tokens, times = frames(12)
-    session = StreamSession(random_model, fmt, EngineConfig(threshold=0.0, max_frames_per_forward=5))
+    session = StreamSession(random_model, fmt, EngineConfig(threshold=0.0, max_frames_per_forward=5),
+                            record_fed_ids=True)
     got = p_speak(session.step(tokens, times))
     rendered = fmt.render([Frames(12)])
     assert session.fed_ids == rendered.input_ids

@@ -1,7 +1,8 @@
 """One live stream through a LiveModel: KV cache, the speak decision, queries, generation, bounded memory.
 
 The session feeds exactly the token layout training saw (`StreamFormat`'s engine inputs), so
-`session.fed_ids` always equals `fmt.render(...)` of the conversation it had:
+`session.fed_ids` (recorded when the session is made with `record_fed_ids=True`, as the tests do) always
+equals `fmt.render(...)` of the conversation it had:
 
     <bos>{system}\\n\\n[<v>…,<v>…]\\nAssistant: {response}<eos>\\n[<v>…]\\nUser: {q}\\nAssistant: {answer}<eos>…
 
@@ -179,7 +180,7 @@ class StreamSession:
     """
 
     def __init__(self, model: LiveModel, fmt: StreamFormat, config: EngineConfig, system_prompt: str | None = None,
-                 seed: int = 0, max_cache_tokens: int | None = None) -> None:
+                 seed: int = 0, max_cache_tokens: int | None = None, record_fed_ids: bool = False) -> None:
         self.model = model
         self.fmt = fmt
         self.config = config
@@ -192,7 +193,10 @@ class StreamSession:
         self._cursor = _Cursor(fmt)
         self._head_ids = fmt.prompt_ids(self.system_prompt)  # what precedes the record in the cache
         self._pending: list[int] = list(self._head_ids)  # known ids not forwarded yet
-        self.fed_ids: list[int] = list(self._head_ids)  # everything fed since the start (the logical stream)
+        # Everything fed since the start (the logical stream), for checking the layout; off by default, as
+        # it grows without bound (~2 M ids, ~17 MB, a day of 2-fps camera) while everything else here is bounded.
+        self.record_fed_ids = record_fed_ids
+        self.fed_ids: list[int] = list(self._head_ids) if record_fed_ids else []
         self.cache_ids: list[int] = []  # the ids the KV cache holds now (forwarded)
         self._entries: list[_Entry] = []  # the record of what the cache holds after the head
         self._pinned: list[tuple[str, str]] = []  # (query, answer text) kept from dropped parts
@@ -292,13 +296,17 @@ class StreamSession:
         """
         if keep < len(ids):
             self._cache.crop(-(len(ids) - keep))  # negative = tokens to remove (every transformers version)
-        self.fed_ids += ids[len(self._pending):keep]
+        self._record(ids[len(self._pending):keep])
         self.cache_ids += ids[:keep]
         self._pending = []
         for tokens, time_s in zip(frame_tokens, times, strict=True):
             self._entries.append(_Entry("frame", time_s, tokens=tokens.detach().clone()))
         self.frames_seen += len(times)
         self.last_time_s = times[-1]
+
+    def _record(self, ids: list[int]) -> None:
+        if self.record_fed_ids:
+            self.fed_ids += ids
 
     # -- queries and responses -----------------------------------------------------------------------
 
@@ -321,7 +329,7 @@ class StreamSession:
     def _generate(self, prefix: list[int], time_s: float, answer: bool) -> ResponseEvent:
         """Prefill `prefix` (speak or query header), decode until eos or the cap, leave eos pending."""
         start = time.perf_counter()
-        self.fed_ids += prefix
+        self._record(prefix)
         ids = self._pending + prefix
         self.cache_ids += ids
         self._pending = []
@@ -339,9 +347,9 @@ class StreamSession:
                 break
             self.cache_ids.append(token)
             logits = self._forward([token], None, keep=[0])[0]
-        self.fed_ids += out
+        self._record(out)
         self._pending += self._cursor.end_response()
-        self.fed_ids.append(self.fmt.eos_id)
+        self._record([self.fmt.eos_id])
         text = self.fmt.tokenizer.decode(out, skip_special_tokens=True).strip()
         self._entries.append(_Entry("answer" if answer else "response", time_s, text=text, token_ids=tuple(out)))
         return ResponseEvent(time_s, text, tuple(out), time.perf_counter() - start, reason, answer)
