@@ -109,3 +109,18 @@ def test_ctrl_c_prints_what_was_said_and_exits_130(tiny_checkpoint):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130
     assert "said so far" in err and "Traceback" not in err
+
+
+def test_the_timeline_plot_takes_any_response_text(tmp_path):
+    """Dollar signs are not TeX (matplotlib failed to parse "$x^^2$") and control characters are dropped."""
+    import warnings
+    from types import SimpleNamespace
+
+    from livevlm.app.stream import plot_timeline
+
+    view = SimpleNamespace(timeline=[(0.0, 0.1), (0.5, 0.9)],
+                           said=[(0.0, "user", "Tell me when $x^^2$ shows"), (0.5, "assistant", "Now\x1a")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_timeline(view, str(tmp_path / "t.png"), 0.725)
+    assert (tmp_path / "t.png").stat().st_size > 0

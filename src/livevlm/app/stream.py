@@ -227,8 +227,9 @@ def plot_timeline(view: _View, path: str, threshold: float) -> None:
     for k, (time_s, role, text) in enumerate(view.said):
         color = "tab:green" if role == "assistant" else "tab:blue"
         ax.axvline(time_s, color=color, alpha=0.6)
-        ax.text(time_s, 1.02 + 0.08 * (k % 3), text[:40], rotation=0, fontsize=7, color=color,
-                transform=ax.get_xaxis_transform(), clip_on=False)
+        label = "".join(c for c in text[:40] if c.isprintable())  # a model may emit control characters
+        ax.text(time_s, 1.02 + 0.08 * (k % 3), label, rotation=0, fontsize=7, color=color,
+                transform=ax.get_xaxis_transform(), clip_on=False, parse_math=False)  # "$5 … $6" is not TeX
     ax.set_xlabel("stream time (s)")
     ax.set_ylabel("p(speak)")
     ax.set_ylim(0, 1)
