@@ -39,8 +39,9 @@ class EvaluateArgs:
     limit: int = field(default=0, metadata={"help": "evaluate only the first N dialogues (0 = all)"})
     device: str = field(default="auto", metadata={"help": "where the model runs: auto (a GPU when there is one), "
                                                            "cpu, cuda, cuda:1, …"})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
-        "help": "weight precision; auto = bfloat16 on a GPU, float32 on the CPU (the README's figures)"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="float32", metadata={
+        "help": "weight precision: float32 by default, so that figures compare across machines (the README's "
+                "are float32); auto = bfloat16 on a GPU, faster, with figures moved by rounding"})
 
 
 def evaluate_stream_model(loaded, dataset, thresholds: list[float], limit: int = 0) -> dict[str, object]:
