@@ -1,0 +1,84 @@
+"""Which words does a model read from the frames? Teacher-forced accuracy of colour and shape words.
+
+Why: LM-Correctness says a sentence went wrong, not where. On the synthetic world a narration's colour word
+has three sources: a new object ("A small red circle appears", only the frames tell it), a colour change
+("… turns red", the frames again) and an object named before ("The red circle starts moving", which the
+model may copy from its own earlier words). Their accuracies, set against `benchmarks/feature_probe.py`
+(what a linear probe reads from the same frozen features), say whether the features or the model fall
+short. Each word is scored under teacher forcing: the reference prefix is given, the argmax must be the
+reference token. Prints a table; asserts nothing.
+
+    python benchmarks/word_accuracy.py data/world-heldout/dialogue.jsonl --features data/world-heldout/features
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+SLOTS = ("colour: new object", "colour: colour change", "colour: object named before", "shape: any")
+
+
+def slot_of(words: list[str], j: int, colours: set[str], shapes: set[str]) -> str | None:
+    """The slot of word j of a sentence (lower-case words), or None for other words."""
+    if words[j] in shapes:
+        return "shape: any"
+    if words[j] not in colours:
+        return None
+    before = words[j - 1] if j else ""
+    if before in ("a", "small", "large"):
+        return "colour: new object"
+    return "colour: colour change" if before == "turns" else "colour: object named before"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", type=Path, help="dialogue JSONL (held-out)")
+    parser.add_argument("--features", default="", help="feature cache folder")
+    parser.add_argument("--model", default="", help="checkpoint folder; empty = the shipped default model")
+    parser.add_argument("--task", default="narration", help="only dialogues of this task ('' = all)")
+    args = parser.parse_args()
+
+    from livevlm.checkpoint import load_checkpoint
+    from livevlm.data.dataset import StreamDataset
+    from livevlm.default_model import default_model_path
+    from livevlm.evaluation.metrics import split_turns
+    from livevlm.stream_format import StreamFormat
+    from livevlm.world import COLORS, SHAPES
+
+    loaded = load_checkpoint(args.model or default_model_path())
+    fmt = StreamFormat(loaded.tokenizer, loaded.format_config, loaded.model_config.tokens_per_frame)
+    dataset = StreamDataset(args.data, fmt, cache_dir=args.features or None)
+    right, total, confusions = Counter(), Counter(), Counter()
+    for index in range(len(dataset)):
+        if args.task and dataset.dialogues[index].task != args.task:
+            continue
+        sample = dataset[index]
+        with torch.no_grad():
+            logits = loaded.model(sample.input_ids[None], sample.frame_tokens)[0][0]  # [L, V]
+        predicted, labels = logits.argmax(-1).tolist(), sample.labels.tolist()
+        for turn in split_turns(labels, sample.frame_ends, fmt.eos_id):
+            positions = turn.text_positions
+            words = [loaded.tokenizer.decode([labels[i]]).strip().lower() for i in positions]
+            for j, word in enumerate(words):
+                slot = slot_of(words, j, set(COLORS), set(SHAPES))
+                if slot is None:
+                    continue
+                ok = predicted[positions[j]] == labels[positions[j]]
+                total[slot] += 1
+                right[slot] += ok
+                if not ok:
+                    confusions[(word, loaded.tokenizer.decode([predicted[positions[j]]]).strip())] += 1
+    print("| word | right | of |\n|---|---|---|")
+    for slot in SLOTS:
+        if total[slot]:
+            print(f"| {slot} | {right[slot] / total[slot]:.0%} | {total[slot]} |")
+    print("\nmost common mistakes (reference → predicted):",
+          ", ".join(f"{a} → {b} ({n})" for (a, b), n in confusions.most_common(6)))
+
+
+if __name__ == "__main__":
+    main()
