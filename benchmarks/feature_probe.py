@@ -4,8 +4,10 @@ Why: the default model names colours wrong more than anything else, and the ques
 features or the model is at fault. For every "appear" event, the frame one step after the object is first
 shown is encoded, the patch grid is average-pooled to k x k, and the cell under the object's centre is
 kept. A linear classifier is trained on the training videos' appearances and tested on held-out ones; the
-mean RGB of the same cell is probed beside it, as a reference that keeps colour by construction. Prints a
-table (accuracy per grid size); asserts nothing.
+mean RGB of the same cell is probed beside it, as a reference that keeps colour by construction, and so is
+what a model gets: the change of the whole frame's tokens (pooled token + grid, as the encoder is configured)
+from 1.5 s before (so only appearances at least 1.5 s into a video count). Prints a table (accuracy per
+input); asserts nothing.
 
     python benchmarks/feature_probe.py data/world-train/annotations.jsonl \\
         data/world-heldout/annotations.jsonl data/world-val/annotations.jsonl --grids 3 4 6 8
@@ -40,14 +42,18 @@ def appearances(annotations: Path, encoder, grids: list[int], videos: int) -> li
         frames = {round(t * fps): f for t, f in read_frames(str(annotations.parent / record["video"]), fps=fps,
                                                              size=encoder.image_size)}
         # the first sampled frame at or after the event shows it; one step later it is surely whole
-        picks = [(e, frames[k]) for e in events if (k := math.ceil(e["time_s"] * fps - 1e-6) + 1) in frames]
+        picks = [(e, frames[k], frames[k - 3]) for e in events
+                 if (k := math.ceil(e["time_s"] * fps - 1e-6) + 1) in frames and k - 3 in frames]
         if not picks:
             continue
-        patches = encoder_patches(encoder, np.stack([f for _, f in picks]))  # [B, D, h, w]
-        pixels = torch.from_numpy(np.stack([f for _, f in picks])).permute(0, 3, 1, 2).float() / 255  # [B, 3, S, S]
-        for b, (event, _) in enumerate(picks):
+        after, before = np.stack([p[1] for p in picks]), np.stack([p[2] for p in picks])
+        patches = encoder_patches(encoder, after)  # [B, D, h, w]
+        pixels = torch.from_numpy(after).permute(0, 3, 1, 2).float() / 255  # [B, 3, S, S]
+        change = (encoder.encode(after) - encoder.encode(before)).flatten(1)  # the frame tokens' change [B, N*D]
+        for b, (event, _, _) in enumerate(picks):
             x, y = event["center"]
-            row = {"color": event["object"]["color"], "shape": event["object"]["shape"]}
+            row = {"color": event["object"]["color"], "shape": event["object"]["shape"],
+                   "the model's frame tokens, change": change[b]}
             for k in grids:
                 row[f"features {k}x{k}"] = F.adaptive_avg_pool2d(patches[b], k)[:, int(y * k), int(x * k)]
                 row[f"RGB {k}x{k}"] = F.adaptive_avg_pool2d(pixels[b], k)[:, int(y * k), int(x * k)]
@@ -101,8 +107,9 @@ def main() -> None:
     train = appearances(args.train, encoder, args.grids, args.videos)
     test = [row for path in args.test for row in appearances(path, encoder, args.grids, 0)]
     print(f"{len(train)} training and {len(test)} held-out appearances; linear probe accuracy on the held-out ones\n")
-    print("| input (the cell under the object) | colour | shape |\n|---|---|---|")
-    for key in [f"{kind} {k}x{k}" for kind in ("features", "RGB") for k in args.grids]:
+    print("| input (the cell under the object, or the whole frame) | colour | shape |\n|---|---|---|")
+    for key in [f"{kind} {k}x{k}" for kind in ("features", "RGB") for k in args.grids] + [
+            "the model's frame tokens, change"]:
         scores = " | ".join(f"{probe_accuracy(train, test, key, target):.0%}" for target in TARGETS)
         print(f"| {key} | {scores} |")
 
