@@ -47,7 +47,8 @@ def appearances(annotations: Path, encoder, grids: list[int], videos: int) -> li
         if not picks:
             continue
         after, before = np.stack([p[1] for p in picks]), np.stack([p[2] for p in picks])
-        patches = encoder_patches(encoder, after)  # [B, D, h, w]
+        _, patches = encoder.tower_tokens(encoder.preprocess(after))  # [B, P, D]
+        cells = {k: encoder.pool_grid(patches, k).float() for k in grids}  # k -> [B, k*k, D], row-major
         pixels = torch.from_numpy(after).permute(0, 3, 1, 2).float() / 255  # [B, 3, S, S]
         change = (encoder.encode(after) - encoder.encode(before)).flatten(1)  # the frame tokens' change [B, N*D]
         for b, (event, _, _) in enumerate(picks):
@@ -55,20 +56,10 @@ def appearances(annotations: Path, encoder, grids: list[int], videos: int) -> li
             row = {"color": event["object"]["color"], "shape": event["object"]["shape"],
                    "the model's frame tokens, change": change[b]}
             for k in grids:
-                row[f"features {k}x{k}"] = F.adaptive_avg_pool2d(patches[b], k)[:, int(y * k), int(x * k)]
+                row[f"features {k}x{k}"] = cells[k][b, int(y * k) * k + int(x * k)]
                 row[f"RGB {k}x{k}"] = F.adaptive_avg_pool2d(pixels[b], k)[:, int(y * k), int(x * k)]
             rows.append(row)
     return rows
-
-
-@torch.no_grad()
-def encoder_patches(encoder, frames: np.ndarray) -> torch.Tensor:
-    """uint8 `[B, S, S, 3]` → the tower's patch tokens as a map `[B, D, h, w]` (CLS and registers dropped)."""
-    out = encoder.tower(pixel_values=encoder.preprocess(frames))
-    hidden = out.last_hidden_state
-    patches = hidden if encoder.kind == "siglip" else hidden[:, 1 + encoder.num_registers:]  # [B, P, D]
-    side = math.isqrt(patches.shape[1])
-    return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], side, side).float()
 
 
 def probe_accuracy(train: list[dict], test: list[dict], key: str, target: str, steps: int = 500) -> float:

@@ -52,6 +52,7 @@ def main() -> None:
     loaded = load_checkpoint(args.model or default_model_path())
     fmt = StreamFormat(loaded.tokenizer, loaded.format_config, loaded.model_config.tokens_per_frame)
     dataset = StreamDataset(args.data, fmt, cache_dir=args.features or None)
+    colours, shapes = set(COLORS), set(SHAPES)
     right, total, confusions = Counter(), Counter(), Counter()
     for index in range(len(dataset)):
         if args.task and dataset.dialogues[index].task != args.task:
@@ -64,7 +65,7 @@ def main() -> None:
             positions = turn.text_positions
             words = [loaded.tokenizer.decode([labels[i]]).strip().lower() for i in positions]
             for j, word in enumerate(words):
-                slot = slot_of(words, j, set(COLORS), set(SHAPES))
+                slot = slot_of(words, j, colours, shapes)
                 if slot is None:
                     continue
                 ok = predicted[positions[j]] == labels[positions[j]]

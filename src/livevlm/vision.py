@@ -96,25 +96,33 @@ class FrameEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised pixels `[T, 3, S, S]` → frame tokens `[T, N, D]` (float32)."""
+        pooled, patches = self.tower_tokens(pixel_values)
+        tokens = []
+        if self.pooled_token:
+            tokens.append(pooled[:, None])  # [T, 1, D]
+        if self.grid:
+            tokens.append(self.pool_grid(patches, self.grid))  # [T, k*k, D]
+        return torch.cat(tokens, dim=1).float()
+
+    @torch.no_grad()
+    def tower_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised pixels `[T, 3, S, S]` → the tower's pooled token `[T, D]` and patch tokens `[T, P, D]`
+        (CLS and register tokens dropped), in the tower's dtype."""
         dtype = next(self.tower.parameters()).dtype
         kwargs = {"interpolate_pos_encoding": True} if self._interpolate else {}
         out = self.tower(pixel_values=pixel_values.to(dtype), **kwargs)
         hidden = out.last_hidden_state  # [T, (1 + R) + P, D] for CLS towers, [T, P, D] for SigLIP
         patches = hidden if self.kind == "siglip" else hidden[:, 1 + self.num_registers:]
-        tokens = []
-        if self.pooled_token:
-            tokens.append(out.pooler_output[:, None])  # [T, 1, D]
-        if self.grid:
-            tokens.append(self._pool_grid(patches))  # [T, k*k, D]
-        return torch.cat(tokens, dim=1).float()
+        return out.pooler_output, patches
 
-    def _pool_grid(self, patches: torch.Tensor) -> torch.Tensor:
+    def pool_grid(self, patches: torch.Tensor, k: int) -> torch.Tensor:
+        """Patch tokens `[T, P, D]` (P a square) → the grid average-pooled to `[T, k*k, D]`, row-major."""
         frames, count, dim = patches.shape
         side = math.isqrt(count)
         if side * side != count:
             raise VisionError(f"{count} patch tokens do not form a square grid (image size {self.image_size})")
         grid = patches.transpose(1, 2).reshape(frames, dim, side, side)  # [T, D, h, w]
-        pooled = F.adaptive_avg_pool2d(grid, self.grid)  # [T, D, k, k]
+        pooled = F.adaptive_avg_pool2d(grid, k)  # [T, D, k, k]
         return pooled.flatten(2).transpose(1, 2)  # [T, k*k, D]
 
     def encode(self, frames: np.ndarray | Iterable[np.ndarray], batch_size: int = 32) -> torch.Tensor:
