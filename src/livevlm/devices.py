@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]  # the --dtype choices of every command
+DTYPE_CHOICES: tuple[str, ...] = get_args(DtypeName)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 def resolve_device(name: str) -> torch.device:

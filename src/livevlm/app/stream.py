@@ -21,9 +21,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from livevlm.app.cli import CommandError
+from livevlm.devices import DtypeName
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class StreamArgs:
     max_frames_per_forward: int = field(default=8, metadata={"help": "frames per LLM forward when catching up"})
     device: str = field(default="auto", metadata={"help": "where the encoder and the LLM run: auto (a GPU when "
                                                            "there is one), cpu, cuda, cuda:1, …"})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+    dtype: DtypeName = field(default="auto", metadata={
         "help": "weight precision; auto = bfloat16 on a GPU, float32 on the CPU"})
 
 

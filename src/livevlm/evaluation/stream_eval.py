@@ -17,10 +17,10 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
+from livevlm.devices import DtypeName
 from livevlm.evaluation.metrics import StreamScores, stream_scores
 
 
@@ -39,7 +39,7 @@ class EvaluateArgs:
     limit: int = field(default=0, metadata={"help": "evaluate only the first N dialogues (0 = all)"})
     device: str = field(default="auto", metadata={"help": "where the model runs: auto (a GPU when there is one), "
                                                            "cpu, cuda, cuda:1, …"})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="float32", metadata={
+    dtype: DtypeName = field(default="float32", metadata={
         "help": "weight precision: float32 by default, so that figures compare across machines (the README's "
                 "are float32); auto = bfloat16 on a GPU, faster, with figures moved by rounding"})
 
@@ -50,10 +50,10 @@ def evaluate_stream_model(loaded, dataset, thresholds: list[float], limit: int =
     pooled = {t: StreamScores() for t in thresholds}
     per_task: dict[str, dict[float, StreamScores]] = {}
     count = len(dataset) if not limit else min(limit, len(dataset))
+    device = loaded.model.device
     for index in range(count):
         sample = dataset[index]
         task = dataset.dialogues[index].task or "all"
-        device = loaded.model.device
         frame_tokens = sample.frame_tokens.to(device) if sample.frame_tokens is not None else None
         with torch.no_grad():
             logits, _, _ = loaded.model(sample.input_ids[None].to(device), frame_tokens)
