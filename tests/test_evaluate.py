@@ -19,7 +19,7 @@ from livevlm.checkpoint import (
     store_recommended_threshold,
 )
 from livevlm.config import ConfigError, FormatConfig, ModelConfig
-from livevlm.data.features import feature_name, save_features
+from livevlm.data.features import feature_name, load_features, save_features
 from livevlm.default_model import DEFAULT_MODEL_DIR
 from livevlm.evaluation.stream_eval import choose_threshold
 from livevlm.model import build_live_model
@@ -62,6 +62,15 @@ def test_evaluate_prints_the_four_metrics_at_the_engine_threshold_and_zero(setup
     assert result["lm_ppl"] >= 1.0 and result["time_diff_s"] >= 0.0
     assert 0.0 <= result["lm_correctness"] <= 1.0 and 0.0 <= result["fluency"] <= 1.0
     assert result["dialogues"] == 3
+
+
+def test_features_of_another_width_than_the_model_takes_are_named(setup, tmp_path, capsys):
+    ckpt, data, features = setup
+    for file in features.glob("*.safetensors"):  # as if encoded with --mean-rgb for a model without it
+        tokens, meta = load_features(file)
+        save_features(tmp_path / file.name, torch.cat([tokens, torch.zeros(*tokens.shape[:2], 3)], -1), meta)
+    assert run(["evaluate", "--model", str(ckpt), "--data", str(data), "--features", str(tmp_path)]) != 0
+    assert "frame tokens are 19 wide, the model takes 16" in capsys.readouterr().err
 
 
 def test_evaluate_in_bfloat16_agrees_with_float32(setup, capsys):

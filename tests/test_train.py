@@ -300,6 +300,46 @@ def test_init_from_a_checkpoint_with_other_lora_settings_names_them(workdir, tmp
         train(recipe)
 
 
+def rgb_features(workdir: Path) -> Path:
+    """The workdir's feature cache with 3 colour channels appended, as `data encode --mean_rgb true` writes."""
+    from livevlm.data.features import load_features
+
+    out = workdir / "features-rgb"
+    if not out.is_dir():
+        for file in sorted((workdir / "features").glob("*.safetensors")):
+            tokens, meta = load_features(file)
+            save_features(out / file.name, torch.cat([tokens, torch.ones(*tokens.shape[:2], 3)], dim=-1),
+                          {**meta, "mean_rgb": "True"})
+    return out
+
+
+def test_init_from_a_model_without_colour_starts_a_mean_rgb_model_as_it(workdir, tmp_path):
+    from transformers import TrainerCallback
+
+    first = train(load_recipe(write_recipe(workdir, tmp_path / "a", max_steps=2)))
+    seen: dict[str, torch.Tensor] = {}
+
+    class ConnectorAtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen["fc1"] = model.connector.fc1.weight.detach().clone()
+
+    recipe = load_recipe(write_recipe(workdir, tmp_path / "b", max_steps=1, init_from=str(first),
+                                      features=str(rgb_features(workdir))))
+    recipe.model.mean_rgb = True
+    train(recipe, callbacks=[ConnectorAtStart()])
+    saved = load_file(first / "connector.safetensors")["fc1.weight"]  # [H, 16]
+    assert seen["fc1"].shape == (saved.shape[0], VISION_DIM + 3)
+    assert torch.equal(seen["fc1"][:, :VISION_DIM], saved)
+    assert torch.equal(seen["fc1"][:, VISION_DIM:], torch.zeros(saved.shape[0], 3))  # colour starts unused
+
+
+def test_a_cache_without_colour_for_a_mean_rgb_model_is_named(workdir, tmp_path):
+    recipe = load_recipe(write_recipe(workdir, tmp_path, max_steps=1))
+    recipe.model.mean_rgb = True
+    with pytest.raises(ConfigError, match="model.mean_rgb=True but .* was encoded with mean_rgb=False"):
+        train(recipe)
+
+
 def test_command_line_takes_overrides_after_the_recipe():
     import argparse
 

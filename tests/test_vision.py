@@ -15,7 +15,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from livevlm.vision import VisionError, build_frame_encoder, load_frame_encoder
+from livevlm.vision import RGB_GAIN, VisionError, build_frame_encoder, load_frame_encoder
 
 SMALL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=4)
 
@@ -44,6 +44,20 @@ def test_tokens_are_pooled_then_grid(kind):
     assert torch.allclose(tokens[:, 1], top_left, atol=1e-6)
     assert torch.allclose(tokens[:, 1:], F.adaptive_avg_pool2d(grid.permute(0, 3, 1, 2), 3).flatten(2).transpose(1, 2),
                           atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["siglip", "dinov2"])
+def test_mean_rgb_appends_each_tokens_pixel_colour(kind):
+    encoder = build_frame_encoder(tiny_tower(kind), image_size=24, pooled_token=True, grid=3, mean_rgb=True)
+    pixels = torch.zeros(1, 3, 24, 24)
+    pixels[0, :, :8, :8] = torch.tensor([1.0, 2.0, 3.0])[:, None, None]  # the top-left cell (6x6 patches -> 3x3)
+    tokens = encoder(pixels)
+    assert tokens.shape == (1, 10, 16 + 3) and encoder.feature_width == 19
+    assert torch.allclose(tokens[..., :16], build_frame_encoder(encoder.tower, 24)(pixels), atol=1e-6)
+    colours = tokens[0, :, 16:] / RGB_GAIN  # [10, 3]
+    assert torch.allclose(colours[0], torch.tensor([1.0, 2.0, 3.0]) / 9)  # the frame: 1 cell of 9
+    assert torch.allclose(colours[1], torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.equal(colours[2:], torch.zeros(8, 3))
 
 
 def test_grid_only_and_pooled_only_counts():

@@ -31,6 +31,7 @@ from livevlm.config import ConfigError, EngineConfig, FormatConfig, ModelConfig,
 from livevlm.files import write_text_atomically
 from livevlm.model import LiveModel
 from livevlm.stream_format import register_placeholder
+from livevlm.vision import RGB_CHANNELS
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "livevlm.yaml"
@@ -240,7 +241,18 @@ def load_trained_weights(model: LiveModel, folder: str | Path, model_config: Mod
     if differ:
         raise CheckpointError(f"train.init_from={folder} was trained with other model settings; set them as "
                               "it has them, or start from scratch: " + "; ".join(differ))
+    if saved.mean_rgb and not model_config.mean_rgb:
+        raise CheckpointError(f"train.init_from={folder} was trained with model.mean_rgb=true; set it here too")
     connector = _load_connector(folder)
+    if model_config.mean_rgb and not saved.mean_rgb:
+        # Colour is added to a model trained without it: the new input columns start at zero, so the model
+        # starts as the checkpoint and training learns what the colour is worth.
+        weight = connector["fc1.weight"]  # [H, D]
+        connector["fc1.weight"] = torch.cat([weight, weight.new_zeros(weight.shape[0], RGB_CHANNELS)], dim=1)
+    expected = model.connector.fc1.in_features
+    if connector["fc1.weight"].shape[1] != expected:
+        raise CheckpointError(f"train.init_from={folder}: its connector takes {connector['fc1.weight'].shape[1]}-wide "
+                              f"frame tokens, the feature cache has {expected}; encode the features as it was trained")
     model.connector.load_state_dict({k: v.to(model.connector.fc1.weight.dtype) for k, v in connector.items()})
     if model_config.finetune == "lora":
         from peft import set_peft_model_state_dict

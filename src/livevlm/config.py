@@ -70,6 +70,7 @@ class ModelConfig:
     frame_size: int = 224  # square side the frames are letterboxed to before the vision encoder
     pooled_token: bool = True  # one pooled/CLS token per frame, before the grid
     grid: int = 3  # k: the patch grid is average-pooled to k x k tokens (0 = no grid tokens)
+    mean_rgb: bool = False  # each frame token also carries its pixels' mean colour (D + 3; see vision.py)
     connector_hidden: int = 0  # hidden width of the 2-layer MLP connector; 0 = the LLM's hidden size
     finetune: Literal["lora", "full", "connector"] = "lora"
     lora_r: int = 16

@@ -115,7 +115,8 @@ def train(recipe: Recipe, resume: str = "auto", callbacks: list[TrainerCallback]
     train_set = StreamDataset(cfg.data, fmt, cfg.features or None, max_frames=cfg.max_frames)
     eval_set = StreamDataset(cfg.eval_data, fmt, cfg.features or None, max_frames=cfg.max_frames) \
         if cfg.eval_data else None
-    model = build_model(recipe.model, feature_dim(train_set), placeholder_id, cfg.gradient_checkpointing)
+    model = build_model(recipe.model, feature_dim(train_set, recipe.model), placeholder_id,
+                        cfg.gradient_checkpointing)
     if cfg.init_from and not checkpoint:  # a resumed run gets every weight from its checkpoint
         init_from = default_model_path() if cfg.init_from == "default" else Path(cfg.init_from)
         load_trained_weights(model, init_from, recipe.model)
@@ -166,13 +167,22 @@ def _load_tokenizer(llm: str):
     return AutoTokenizer.from_pretrained(resolve_llm(llm))
 
 
-def feature_dim(dataset: StreamDataset) -> int:
-    """Width D of the cached frame tokens `[T, N, D]`, read from the first dialogue's cache file header."""
+def feature_dim(dataset: StreamDataset, config: ModelConfig | None = None) -> int:
+    """Width D of the cached frame tokens `[T, N, D]`, read from the first dialogue's cache file header.
+
+    Raises:
+        ConfigError: the cache was encoded with another `mean_rgb` than `config` asks for.
+    """
     dialogue = dataset.dialogues[0]
     file = feature_file(dialogue, dataset.root, dataset.cache_dir)
     if file is None:  # StreamDataset has already checked the cache; this is an encoder-only dataset
         raise ConfigError("train.features: training reads cached features; run `livevlm data encode` first")
     with safe_open(str(file), framework="pt") as handle:
+        cached_rgb = (handle.metadata() or {}).get("mean_rgb", "False") == "True"
+        if config is not None and cached_rgb != config.mean_rgb:
+            raise ConfigError(f"model.mean_rgb={config.mean_rgb} but {file} was encoded with mean_rgb={cached_rgb}; "
+                              f"re-encode with `livevlm data encode … --{'' if config.mean_rgb else 'no-'}mean-rgb` "
+                              "into another folder, or set model.mean_rgb to match")
         return int(handle.get_slice("tokens").get_shape()[-1])
 
 

@@ -77,7 +77,7 @@ def _load(args: StreamArgs):
     mc = loaded.model_config
     fmt = StreamFormat(loaded.tokenizer, loaded.format_config, mc.tokens_per_frame)
     encoder = load_frame_encoder(resolve_vision(mc.vision), mc.frame_size, mc.pooled_token, mc.grid,
-                                 device=device, dtype=dtype)
+                                 device=device, dtype=dtype, mean_rgb=mc.mean_rgb)
     return loaded, fmt, encoder
 
 

@@ -2,8 +2,9 @@
 
 One safetensors file per (video, fps), named after the video's path relative to the dialogue file
 (`videos/000.mp4` → `videos__000.mp4.safetensors`), holding `tokens` `[T, N, D]` (frames at 0, 1/fps, …)
-and metadata (fps, encoder, frame size, grid). Files are written to a temporary name and renamed when
-complete, so a killed run never leaves a file that reads as valid; a rerun skips finished videos.
+and metadata (fps, encoder, frame size, grid, pooled token, mean_rgb). Files are written to a temporary name
+and renamed when complete, so a killed run never leaves a file that reads as valid; a rerun skips finished
+videos.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class EncodeArgs:
     frame_size: int = field(default=224, metadata={"help": "square side frames are letterboxed to"})
     grid: int = field(default=3, metadata={"help": "k of the k x k pooled patch grid"})
     pooled_token: bool = field(default=True, metadata={"help": "prepend the pooled/CLS token"})
+    mean_rgb: bool = field(default=False, metadata={"help": "append each token's mean pixel colour (for a "
+                                                            "model with model.mean_rgb: true)"})
     batch_size: int = field(default=16, metadata={"help": "frames per encoder forward"})
     fps: float = field(default=0.0, metadata={"help": "sampling rate; 0 = each dialogue's own fps"})
     device: str = field(default="auto", metadata={"help": "where the encoder runs: auto (cuda if available), "
@@ -126,7 +129,8 @@ def encode_dialogue_videos(dialogues_path: str | Path, encoder, out_dir: str | P
                 tokens = encoder.encode(frames, batch_size)  # [T, N, D] on CPU, streamed batch by batch
                 save_features(target, tokens, {"fps": str(rate), "video": video, "encoder": encoder_name,
                                                "frame_size": str(encoder.image_size), "grid": str(encoder.grid),
-                                               "pooled_token": str(encoder.pooled_token)})
+                                               "pooled_token": str(encoder.pooled_token),
+                                               "mean_rgb": str(encoder.mean_rgb)})
                 progress.update()
     finally:
         if pool is not None:
@@ -143,7 +147,7 @@ def encode_command(args: EncodeArgs) -> int:
     device = resolve_device(args.device)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     encoder = load_frame_encoder(resolve_vision(args.encoder), args.frame_size, args.pooled_token, args.grid,
-                                 device=device)
+                                 device=device, mean_rgb=args.mean_rgb)
     out = Path(args.out) if args.out else Path(args.dialogues).parent / "features"
     files = encode_dialogue_videos(args.dialogues, encoder, out, args.fps or None, args.batch_size, args.encoder,
                                    workers=args.workers)

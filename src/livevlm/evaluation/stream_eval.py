@@ -55,6 +55,11 @@ def evaluate_stream_model(loaded, dataset, thresholds: list[float], limit: int =
         sample = dataset[index]
         task = dataset.dialogues[index].task or "all"
         frame_tokens = sample.frame_tokens.to(device) if sample.frame_tokens is not None else None
+        width = loaded.model.connector.fc1.in_features
+        if frame_tokens is not None and frame_tokens.shape[-1] != width:
+            raise ValueError(f"dialogue {sample.id!r}: its frame tokens are {frame_tokens.shape[-1]} wide, the model "
+                             f"takes {width} (model.mean_rgb={loaded.model_config.mean_rgb}); give --features a "
+                             "cache encoded as the model was trained, or leave it out to encode the videos")
         with torch.no_grad():
             logits, _, _ = loaded.model(sample.input_ids[None].to(device), frame_tokens)
         for threshold in thresholds:
@@ -120,7 +125,7 @@ def evaluate_command(args: EvaluateArgs) -> int:
 
         mc = loaded.model_config
         encoder = load_frame_encoder(resolve_vision(mc.vision), mc.frame_size, mc.pooled_token, mc.grid,
-                                     device=device, dtype=dtype)
+                                     device=device, dtype=dtype, mean_rgb=mc.mean_rgb)
     dataset = StreamDataset(args.data, fmt, cache_dir=args.features or None, encoder=encoder,
                             max_frames=args.max_frames)
     # default: the θ stream would run with (the model's, else the engine's), the engine's and 0 (the paper's)
