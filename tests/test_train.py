@@ -300,6 +300,23 @@ def test_init_from_a_checkpoint_with_other_lora_settings_names_them(workdir, tmp
         train(recipe)
 
 
+def test_connector_lr_gives_the_connector_its_own_peak_lr(workdir, tmp_path):
+    from transformers import TrainerCallback
+
+    seen: dict[str, list[tuple[float, str]]] = {}
+
+    class GroupsAtFirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if "groups" not in seen:
+                names = {id(p): n.split(".")[0] for n, p in model.named_parameters()}
+                seen["groups"] = [(group["initial_lr"], names[id(p)]) for group in optimizer.param_groups
+                                  for p in group["params"]]
+
+    train(load_recipe(write_recipe(workdir, tmp_path, max_steps=1, lr=1e-3, connector_lr=5e-3)),
+          callbacks=[GroupsAtFirstStep()])
+    assert set(seen["groups"]) == {(1e-3, "llm"), (5e-3, "connector")}  # the connector's weights and biases
+
+
 def rgb_features(workdir: Path) -> Path:
     """The workdir's feature cache with 3 colour channels appended, as `data encode --mean_rgb true` writes."""
     from livevlm.data.features import load_features

@@ -132,6 +132,7 @@ class TrainConfig:
     batch_size: int = 1
     grad_accum: int = 1
     lr: float = 2e-4
+    connector_lr: float = 0.0  # the connector's own peak lr (LLaVA's mm_projector_lr); 0 = train.lr
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     max_frames: int = 256
@@ -149,6 +150,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.connector_lr < 0:
+            raise ConfigError(f"train.connector_lr must be positive (or 0 = train.lr), got {self.connector_lr}")
 
 
 @dataclass

@@ -265,6 +265,26 @@ class StreamTrainer(Trainer):
         return self.is_deepspeed_enabled and \
             self.accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
 
+    def create_optimizer(self, model: torch.nn.Module | None = None):
+        """Trainer's optimizer, with the connector in a parameter group of its own at `train.connector_lr`
+        (the schedule scales both groups alike). A new input of the connector (colour, a new tower) can need
+        a larger step than the LoRA it feeds."""
+        connector_lr = self.recipe.train.connector_lr
+        if not connector_lr or self.optimizer is not None or self.is_deepspeed_enabled:
+            return super().create_optimizer()
+        decay = set(self.get_decay_parameter_names(self.model))
+        groups = []
+        for is_connector in (False, True):
+            for decays in (True, False):
+                params = [p for n, p in self.model.named_parameters() if p.requires_grad and (n in decay) == decays
+                          and n.startswith("connector.") == is_connector]
+                if params:
+                    groups.append({"params": params, "weight_decay": self.args.weight_decay if decays else 0.0,
+                                   **({"lr": connector_lr} if is_connector else {})})
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
         """Σ wⱼ·CEⱼ over this micro-batch / labelled tokens of the whole optimizer step's batch.
