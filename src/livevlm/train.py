@@ -270,6 +270,9 @@ class StreamTrainer(Trainer):
         (the schedule scales both groups alike). A new input of the connector (colour, a new tower) can need
         a larger step than the LoRA it feeds."""
         connector_lr = self.recipe.train.connector_lr
+        if connector_lr and self.is_deepspeed_enabled:
+            log.warning("train.connector_lr is not applied under DeepSpeed (its config builds the optimizer): "
+                        "the connector trains at train.lr")
         if not connector_lr or self.optimizer is not None or self.is_deepspeed_enabled:
             return super().create_optimizer()
         decay = set(self.get_decay_parameter_names(self.model))
