@@ -3,14 +3,13 @@
 import pytest
 import torch
 
-from livevlm.backbones import resolve_vision
 from livevlm.checkpoint import load_checkpoint
 from livevlm.config import EngineConfig
 from livevlm.default_model import default_model_path
 from livevlm.engine import FrameEvent, ResponseEvent, StreamSession
 from livevlm.stream_format import StreamFormat
 from livevlm.video import read_frames
-from livevlm.vision import load_frame_encoder
+from livevlm.vision import model_frame_encoder
 from livevlm.world import WorldSpec, render_video
 
 
@@ -19,7 +18,7 @@ def default_stream(tmp_path_factory):
     loaded = load_checkpoint(default_model_path())
     mc = loaded.model_config
     fmt = StreamFormat(loaded.tokenizer, loaded.format_config, mc.tokens_per_frame)
-    encoder = load_frame_encoder(resolve_vision(mc.vision), mc.frame_size, mc.pooled_token, mc.grid)
+    encoder = model_frame_encoder(mc)
     video = tmp_path_factory.mktemp("default") / "heldout.mp4"
     render_video(WorldSpec(seed=1, index=3, duration=30.0), video)  # seed 1: never seen in training
     frames = [frame for _, frame in read_frames(video, fps=2.0, size=encoder.image_size)]

@@ -238,11 +238,11 @@ def load_trained_weights(model: LiveModel, folder: str | Path, model_config: Mod
     saved, _ = read_checkpoint_config(folder)
     differ = [f"model.{name}: {getattr(saved, name)!r} in the checkpoint, {getattr(model_config, name)!r} here"
               for name in WEIGHT_SETTINGS if getattr(saved, name) != getattr(model_config, name)]
+    if saved.mean_rgb and not model_config.mean_rgb:  # colour can be added to a checkpoint, not taken away
+        differ.append("model.mean_rgb: True in the checkpoint, False here")
     if differ:
         raise CheckpointError(f"train.init_from={folder} was trained with other model settings; set them as "
                               "it has them, or start from scratch: " + "; ".join(differ))
-    if saved.mean_rgb and not model_config.mean_rgb:
-        raise CheckpointError(f"train.init_from={folder} was trained with model.mean_rgb=true; set it here too")
     connector = _load_connector(folder)
     if model_config.mean_rgb and not saved.mean_rgb:
         # Colour is added to a model trained without it: the new input columns start at zero, so the model

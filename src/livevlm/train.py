@@ -167,7 +167,7 @@ def _load_tokenizer(llm: str):
     return AutoTokenizer.from_pretrained(resolve_llm(llm))
 
 
-def feature_dim(dataset: StreamDataset, config: ModelConfig | None = None) -> int:
+def feature_dim(dataset: StreamDataset, config: ModelConfig) -> int:
     """Width D of the cached frame tokens `[T, N, D]`, read from the first dialogue's cache file header.
 
     Raises:
@@ -179,7 +179,7 @@ def feature_dim(dataset: StreamDataset, config: ModelConfig | None = None) -> in
         raise ConfigError("train.features: training reads cached features; run `livevlm data encode` first")
     with safe_open(str(file), framework="pt") as handle:
         cached_rgb = (handle.metadata() or {}).get("mean_rgb", "False") == "True"
-        if config is not None and cached_rgb != config.mean_rgb:
+        if cached_rgb != config.mean_rgb:
             raise ConfigError(f"model.mean_rgb={config.mean_rgb} but {file} was encoded with mean_rgb={cached_rgb}; "
                               f"re-encode with `livevlm data encode … --{'' if config.mean_rgb else 'no-'}mean-rgb` "
                               "into another folder, or set model.mean_rgb to match")

@@ -18,11 +18,15 @@ import math
 from collections.abc import Iterable, Sequence
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from livevlm.config import ModelConfig
 
 # Normalisation used when a folder ships no preprocessor_config.json.
 _DEFAULT_MEAN_STD = {
@@ -223,3 +227,13 @@ def load_frame_encoder(path: str | Path, image_size: int | None = None, pooled_t
     mean, std = _mean_std(folder, kind) if folder.is_dir() else _DEFAULT_MEAN_STD[kind]
     size = image_size or getattr(tower.config, "image_size", 224)
     return FrameEncoder(tower, kind, size, mean, std, pooled_token, grid, mean_rgb).to(device)
+
+
+def model_frame_encoder(config: ModelConfig, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> FrameEncoder:
+    """The frame encoder a model was trained with, as its `model` settings describe it (tower, frame size,
+    pooled token, grid, mean colour): what `stream` and `evaluate` feed a checkpoint."""
+    from livevlm.backbones import resolve_vision
+
+    return load_frame_encoder(resolve_vision(config.vision), config.frame_size, config.pooled_token, config.grid,
+                              device=device, dtype=dtype, mean_rgb=config.mean_rgb)

@@ -62,12 +62,11 @@ def _load(args: StreamArgs):
     import torch
     from transformers.utils import logging as hf_logging
 
-    from livevlm.backbones import resolve_vision
     from livevlm.checkpoint import load_checkpoint
     from livevlm.default_model import default_model_path
     from livevlm.devices import resolve_device, resolve_dtype
     from livevlm.stream_format import StreamFormat
-    from livevlm.vision import load_frame_encoder
+    from livevlm.vision import model_frame_encoder
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in a live transcript
     device = resolve_device(args.device)
@@ -76,8 +75,7 @@ def _load(args: StreamArgs):
     loaded = load_checkpoint(args.model or default_model_path(), device=device, dtype=dtype)
     mc = loaded.model_config
     fmt = StreamFormat(loaded.tokenizer, loaded.format_config, mc.tokens_per_frame)
-    encoder = load_frame_encoder(resolve_vision(mc.vision), mc.frame_size, mc.pooled_token, mc.grid,
-                                 device=device, dtype=dtype, mean_rgb=mc.mean_rgb)
+    encoder = model_frame_encoder(mc, device=device, dtype=dtype)
     return loaded, fmt, encoder
 
 

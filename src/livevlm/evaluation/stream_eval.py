@@ -51,11 +51,11 @@ def evaluate_stream_model(loaded, dataset, thresholds: list[float], limit: int =
     per_task: dict[str, dict[float, StreamScores]] = {}
     count = len(dataset) if not limit else min(limit, len(dataset))
     device = loaded.model.device
+    width = loaded.model.connector.fc1.in_features  # D of the frame tokens the model takes
     for index in range(count):
         sample = dataset[index]
         task = dataset.dialogues[index].task or "all"
         frame_tokens = sample.frame_tokens.to(device) if sample.frame_tokens is not None else None
-        width = loaded.model.connector.fc1.in_features
         if frame_tokens is not None and frame_tokens.shape[-1] != width:
             raise ValueError(f"dialogue {sample.id!r}: its frame tokens are {frame_tokens.shape[-1]} wide, the model "
                              f"takes {width} (model.mean_rgb={loaded.model_config.mean_rgb}); give --features a "
@@ -120,12 +120,9 @@ def evaluate_command(args: EvaluateArgs) -> int:
     fmt = StreamFormat(loaded.tokenizer, loaded.format_config, loaded.model_config.tokens_per_frame)
     encoder = None
     if not args.features:
-        from livevlm.backbones import resolve_vision
-        from livevlm.vision import load_frame_encoder
+        from livevlm.vision import model_frame_encoder
 
-        mc = loaded.model_config
-        encoder = load_frame_encoder(resolve_vision(mc.vision), mc.frame_size, mc.pooled_token, mc.grid,
-                                     device=device, dtype=dtype, mean_rgb=mc.mean_rgb)
+        encoder = model_frame_encoder(loaded.model_config, device=device, dtype=dtype)
     dataset = StreamDataset(args.data, fmt, cache_dir=args.features or None, encoder=encoder,
                             max_frames=args.max_frames)
     # default: the θ stream would run with (the model's, else the engine's), the engine's and 0 (the paper's)
