@@ -51,7 +51,8 @@ def main() -> None:
 
     loaded = load_checkpoint(args.model or default_model_path())
     fmt = StreamFormat(loaded.tokenizer, loaded.format_config, loaded.model_config.tokens_per_frame)
-    dataset = StreamDataset(args.data, fmt, cache_dir=args.features or None)
+    dataset = StreamDataset(args.data, fmt, cache_dir=args.features or None,
+                            frame_delta=loaded.model_config.frame_delta)
     colours, shapes = set(COLORS), set(SHAPES)
     right, total, confusions = Counter(), Counter(), Counter()
     for index in range(len(dataset)):

@@ -47,6 +47,15 @@ def test_sample_has_one_frame_token_set_per_frame_and_speaks_at_the_turn(cached,
     assert frame_labels == [fmt.separator_id] * 3 + [fmt.speak_id] + [fmt.separator_id] * 5
 
 
+def test_frame_delta_appends_each_tokens_change_from_a_zero_start(cached, fmt):
+    plain = StreamDataset(cached / "d.jsonl", fmt, cache_dir=cached / "cache")[1].frame_tokens  # [6, 2, 4]
+    tokens = StreamDataset(cached / "d.jsonl", fmt, cache_dir=cached / "cache", frame_delta=True)[1].frame_tokens
+    assert tokens.shape == (6, 2, 8)
+    assert torch.equal(tokens[..., :4], plain)
+    assert torch.equal(tokens[0, :, 4:], torch.zeros(2, 4))  # the stream's first frame: nothing before it
+    assert torch.equal(tokens[1:, :, 4:], torch.full((5, 2, 4), 8.0))  # the cache counts up by 2·4 a frame
+
+
 def test_max_frames_truncates_stream_and_drops_later_turns(cached, fmt):
     sample = StreamDataset(cached / "d.jsonl", fmt, cache_dir=cached / "cache", max_frames=3)[0]
     assert sample.frame_tokens.shape[0] == 3

@@ -11,6 +11,7 @@ from livevlm.config import EngineConfig, FormatConfig
 from livevlm.engine import FrameEvent, QueryEvent, ResponseEvent, StreamSession
 from livevlm.model import LiveModel
 from livevlm.stream_format import Frames, Message, StreamFormat, register_placeholder
+from livevlm.vision import with_frame_deltas
 
 N, D = 2, 8  # tokens per frame, frame-token width
 SCRIPT = "A red circle"  # what the scripted LLM says after every "Assistant:"
@@ -177,6 +178,21 @@ def test_per_frame_decisions_equal_one_teacher_forced_forward(fmt, random_model)
     assert session.fed_ids == rendered.input_ids
     with torch.no_grad():
         logits, _, _ = random_model(torch.tensor([rendered.input_ids]), tokens)
+    frame_ends = [i for i, is_frame in enumerate(rendered.frame_target) if is_frame]
+    expected = 1.0 - torch.softmax(logits[0, frame_ends].float(), dim=-1)[:, fmt.separator_id]
+    assert torch.allclose(torch.tensor(got, dtype=torch.float64), expected.double(), atol=1e-5, rtol=0)
+
+
+def test_frame_delta_model_sees_each_frames_change_across_steps(fmt, tiny_llm):
+    torch.manual_seed(1)
+    model = bias_separator(LiveModel(tiny_llm, 2 * D, fmt.placeholder_id, frame_delta=True).eval(),
+                           fmt.separator_id, 3.0)
+    tokens, times = frames(6)
+    session = StreamSession(model, fmt, EngineConfig(threshold=0.0, max_frames_per_forward=5))
+    got = p_speak(session.step(tokens[:2], times[:2]) + session.step(tokens[2:], times[2:]))
+    rendered = fmt.render([Frames(6)])
+    with torch.no_grad():  # one forward over the whole stream, its changes computed at once
+        logits, _, _ = model(torch.tensor([rendered.input_ids]), with_frame_deltas(tokens, None))
     frame_ends = [i for i, is_frame in enumerate(rendered.frame_target) if is_frame]
     expected = 1.0 - torch.softmax(logits[0, frame_ends].float(), dim=-1)[:, fmt.separator_id]
     assert torch.allclose(torch.tensor(got, dtype=torch.float64), expected.double(), atol=1e-5, rtol=0)

@@ -21,7 +21,7 @@ from livevlm.checkpoint import (
 from livevlm.config import ConfigError, FormatConfig, ModelConfig
 from livevlm.data.features import feature_name, load_features, save_features
 from livevlm.default_model import DEFAULT_MODEL_DIR
-from livevlm.evaluation.stream_eval import choose_threshold
+from livevlm.evaluation.stream_eval import choose_threshold, sweep_edge_warning
 from livevlm.model import build_live_model
 
 FRAMES, VISION_DIM = 8, 16  # 4 s at 2 fps; a pooled token + a 1x1 grid per frame
@@ -96,6 +96,13 @@ def test_choose_threshold_stores_the_best_timed_and_later_runs_use_it(setup, cap
     again = evaluate(capsys, *common)
     assert again["threshold"] == result["chosen_threshold"]
     assert {float(t) for t in again["by_threshold"]} == {result["chosen_threshold"], 0.725, 0.0}
+
+
+def test_a_threshold_chosen_at_the_edge_of_the_sweep_asks_to_sweep_past_it():
+    assert "highest" in sweep_edge_warning(0.875, [0.725, 0.8, 0.875])
+    assert "lowest" in sweep_edge_warning(0.6, [0.6, 0.7, 0.8])
+    assert sweep_edge_warning(0.8, [0.6, 0.8, 0.9]) is None
+    assert sweep_edge_warning(0.8, [0.8]) is None  # one θ is no sweep
 
 
 def test_choose_threshold_refuses_the_shipped_default_model(setup, capsys):

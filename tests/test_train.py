@@ -350,6 +350,32 @@ def test_init_from_a_model_without_colour_starts_a_mean_rgb_model_as_it(workdir,
     assert torch.equal(seen["fc1"][:, VISION_DIM:], torch.zeros(saved.shape[0], 3))  # colour starts unused
 
 
+def test_init_from_a_colour_model_starts_a_frame_delta_model_as_it(workdir, tmp_path):
+    from transformers import TrainerCallback
+
+    rgb = str(rgb_features(workdir))
+    first = load_recipe(write_recipe(workdir, tmp_path / "a", max_steps=2, features=rgb))
+    first.model.mean_rgb = True
+    first = train(first)
+    seen: dict[str, torch.Tensor] = {}
+
+    class ConnectorAtStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen["fc1"] = model.connector.fc1.weight.detach().clone()
+
+    recipe = load_recipe(write_recipe(workdir, tmp_path / "b", max_steps=1, init_from=str(first), features=rgb))
+    recipe.model.mean_rgb = recipe.model.frame_delta = True
+    second = train(recipe, callbacks=[ConnectorAtStart()])
+    saved = load_file(first / "connector.safetensors")["fc1.weight"]  # [H, 16 + 3]
+    assert seen["fc1"].shape == (saved.shape[0], 2 * (VISION_DIM + 3))
+    assert torch.equal(seen["fc1"][:, :VISION_DIM + 3], saved)
+    assert torch.equal(seen["fc1"][:, VISION_DIM + 3:], torch.zeros_like(saved))  # the changes start unused
+    back = load_recipe(write_recipe(workdir, tmp_path / "c", max_steps=1, init_from=str(second), features=rgb))
+    back.model.mean_rgb = True
+    with pytest.raises(CheckpointError, match="model.frame_delta: True in the checkpoint, False here"):
+        train(back)
+
+
 def test_a_cache_without_colour_for_a_mean_rgb_model_is_named(workdir, tmp_path):
     recipe = load_recipe(write_recipe(workdir, tmp_path, max_steps=1))
     recipe.model.mean_rgb = True

@@ -212,7 +212,7 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
             llm = llm.merge_and_unload()
     vision_dim = connector_state["fc1.weight"].shape[1]
     placeholder_id = tokenizer.convert_tokens_to_ids(format_config.placeholder)
-    model = LiveModel(llm, vision_dim, placeholder_id, model_config.connector_hidden)
+    model = LiveModel(llm, vision_dim, placeholder_id, model_config.connector_hidden, model_config.frame_delta)
     model.connector.load_state_dict(connector_state)
     model.to(device=device, dtype=dtype)
     if not trainable:
@@ -238,17 +238,22 @@ def load_trained_weights(model: LiveModel, folder: str | Path, model_config: Mod
     saved, _ = read_checkpoint_config(folder)
     differ = [f"model.{name}: {getattr(saved, name)!r} in the checkpoint, {getattr(model_config, name)!r} here"
               for name in WEIGHT_SETTINGS if getattr(saved, name) != getattr(model_config, name)]
-    if saved.mean_rgb and not model_config.mean_rgb:  # colour can be added to a checkpoint, not taken away
-        differ.append("model.mean_rgb: True in the checkpoint, False here")
+    for name in ("mean_rgb", "frame_delta"):  # inputs can be added to a checkpoint, not taken away
+        if getattr(saved, name) and not getattr(model_config, name):
+            differ.append(f"model.{name}: True in the checkpoint, False here")
     if differ:
         raise CheckpointError(f"train.init_from={folder} was trained with other model settings; set them as "
                               "it has them, or start from scratch: " + "; ".join(differ))
     connector = _load_connector(folder)
+    # Inputs added to a model trained without them (colour, frame changes) get zero input columns, so the
+    # model starts as the checkpoint and training learns what they are worth.
+    weight = connector["fc1.weight"]  # [H, D] or, with frame_delta, [H, 2D]: the tokens' columns, then their changes'
+    parts = list(weight.chunk(2, dim=1)) if saved.frame_delta else [weight]
     if model_config.mean_rgb and not saved.mean_rgb:
-        # Colour is added to a model trained without it: the new input columns start at zero, so the model
-        # starts as the checkpoint and training learns what the colour is worth.
-        weight = connector["fc1.weight"]  # [H, D]
-        connector["fc1.weight"] = torch.cat([weight, weight.new_zeros(weight.shape[0], RGB_CHANNELS)], dim=1)
+        parts = [torch.cat([part, part.new_zeros(part.shape[0], RGB_CHANNELS)], dim=1) for part in parts]
+    if model_config.frame_delta and not saved.frame_delta:
+        parts.append(torch.zeros_like(parts[0]))
+    connector["fc1.weight"] = torch.cat(parts, dim=1)
     expected = model.connector.fc1.in_features
     if connector["fc1.weight"].shape[1] != expected:
         raise CheckpointError(f"train.init_from={folder}: its connector takes {connector['fc1.weight'].shape[1]}-wide "

@@ -71,6 +71,7 @@ class ModelConfig:
     pooled_token: bool = True  # one pooled/CLS token per frame, before the grid
     grid: int = 3  # k: the patch grid is average-pooled to k x k tokens (0 = no grid tokens)
     mean_rgb: bool = False  # each frame token also carries its pixels' mean colour (D + 3; see vision.py)
+    frame_delta: bool = False  # each frame token also carries its change since the previous frame (2D; vision.py)
     connector_hidden: int = 0  # hidden width of the 2-layer MLP connector; 0 = the LLM's hidden size
     finetune: Literal["lora", "full", "connector"] = "lora"
     lora_r: int = 16

@@ -93,12 +93,16 @@ class LiveModel(nn.Module):
         placeholder_id: the token id of `<v>`; it may lie outside the LLM's embedding table (the official
             checkpoint's 128256 does): those positions are never looked up.
         connector_hidden: hidden width of the connector (0 = the LLM's hidden size).
+        frame_delta: the frame tokens carry their change since the previous frame (`vision.with_frame_deltas`,
+            D = twice the encoder's width); whoever feeds a stream appends it (the dataset, the engine).
     """
 
-    def __init__(self, llm: nn.Module, vision_dim: int, placeholder_id: int, connector_hidden: int = 0) -> None:
+    def __init__(self, llm: nn.Module, vision_dim: int, placeholder_id: int, connector_hidden: int = 0,
+                 frame_delta: bool = False) -> None:
         super().__init__()
         self.llm = llm
         self.placeholder_id = placeholder_id
+        self.frame_delta = frame_delta
         llm_dim = llm.get_input_embeddings().embedding_dim
         self.connector = Connector(vision_dim, llm_dim, connector_hidden)
         self.connector.to(next(llm.parameters()).dtype)
@@ -200,5 +204,5 @@ def apply_finetuning(model: LiveModel, config: ModelConfig) -> LiveModel:
 
 def build_live_model(config: ModelConfig, llm: nn.Module, vision_dim: int, placeholder_id: int) -> LiveModel:
     """A LiveModel around an already loaded LLM, with a fresh connector and the configured finetuning."""
-    model = LiveModel(llm, vision_dim, placeholder_id, config.connector_hidden)
+    model = LiveModel(llm, vision_dim, placeholder_id, config.connector_hidden, config.frame_delta)
     return apply_finetuning(model, config)

@@ -112,9 +112,10 @@ def train(recipe: Recipe, resume: str = "auto", callbacks: list[TrainerCallback]
     tokenizer = _load_tokenizer(recipe.model.llm)
     placeholder_id = register_placeholder(tokenizer, recipe.format.placeholder)
     fmt = StreamFormat(tokenizer, recipe.format, recipe.model.tokens_per_frame)
-    train_set = StreamDataset(cfg.data, fmt, cfg.features or None, max_frames=cfg.max_frames)
-    eval_set = StreamDataset(cfg.eval_data, fmt, cfg.features or None, max_frames=cfg.max_frames) \
-        if cfg.eval_data else None
+    frame_delta = recipe.model.frame_delta
+    train_set = StreamDataset(cfg.data, fmt, cfg.features or None, max_frames=cfg.max_frames, frame_delta=frame_delta)
+    eval_set = StreamDataset(cfg.eval_data, fmt, cfg.features or None, max_frames=cfg.max_frames,
+                             frame_delta=frame_delta) if cfg.eval_data else None
     model = build_model(recipe.model, feature_dim(train_set, recipe.model), placeholder_id,
                         cfg.gradient_checkpointing)
     if cfg.init_from and not checkpoint:  # a resumed run gets every weight from its checkpoint
@@ -168,7 +169,8 @@ def _load_tokenizer(llm: str):
 
 
 def feature_dim(dataset: StreamDataset, config: ModelConfig) -> int:
-    """Width D of the cached frame tokens `[T, N, D]`, read from the first dialogue's cache file header.
+    """Width D of the frame tokens `[T, N, D]` the model takes: the cached width, read from the first
+    dialogue's cache file header, twice that with `frame_delta`.
 
     Raises:
         ConfigError: the cache was encoded with another `mean_rgb` than `config` asks for.
@@ -183,7 +185,8 @@ def feature_dim(dataset: StreamDataset, config: ModelConfig) -> int:
             raise ConfigError(f"model.mean_rgb={config.mean_rgb} but {file} was encoded with mean_rgb={cached_rgb}; "
                               f"re-encode with `livevlm data encode … --{'' if config.mean_rgb else 'no-'}mean-rgb` "
                               "into another folder, or set model.mean_rgb to match")
-        return int(handle.get_slice("tokens").get_shape()[-1])
+        cached = int(handle.get_slice("tokens").get_shape()[-1])
+    return 2 * cached if config.frame_delta else cached
 
 
 def build_model(config: ModelConfig, vision_dim: int, placeholder_id: int,

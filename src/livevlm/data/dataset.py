@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from livevlm.data.features import feature_file, load_features
 from livevlm.data.schema import Dialogue, read_dialogues
 from livevlm.stream_format import IGNORE, StreamFormat, timeline_to_items
+from livevlm.vision import with_frame_deltas
 
 
 class MissingFeaturesError(FileNotFoundError):
@@ -27,7 +28,7 @@ class StreamSample:
     input_ids: torch.Tensor  # [L]
     labels: torch.Tensor  # [L]
     frame_target: torch.Tensor  # [L] bool
-    frame_tokens: torch.Tensor  # [T, N, D]
+    frame_tokens: torch.Tensor  # [T, N, D] ([T, N, 2D] with frame_delta)
     id: str
     frame_ends: list[int]  # position of every frame's last token (labelled or not)
 
@@ -41,13 +42,15 @@ class StreamDataset(Dataset):
         cache_dir: feature cache folder (from `livevlm data encode`); None = encode on the fly.
         encoder: a `FrameEncoder`, needed when there is no cache.
         max_frames: truncate streams to this many frames.
+        frame_delta: append each token's change since the previous frame (a model with `model.frame_delta`);
+            the stream starts at the dialogue's first frame, whose change is zero, as the engine sees it.
 
     Raises:
         MissingFeaturesError: listing the videos missing from the cache.
     """
 
     def __init__(self, dialogues_path: str | Path, fmt: StreamFormat, cache_dir: str | Path | None = None,
-                 encoder=None, max_frames: int = 256) -> None:
+                 encoder=None, max_frames: int = 256, frame_delta: bool = False) -> None:
         self.path = Path(dialogues_path)
         self.root = self.path.parent
         self.dialogues: list[Dialogue] = read_dialogues(self.path)
@@ -55,6 +58,7 @@ class StreamDataset(Dataset):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.encoder = encoder
         self.max_frames = max_frames
+        self.frame_delta = frame_delta
         if encoder is None:
             self._check_cache()
 
@@ -71,7 +75,12 @@ class StreamDataset(Dataset):
         return len(self.dialogues)
 
     def frame_tokens(self, dialogue: Dialogue) -> torch.Tensor:
-        """The stream's frame tokens `[T, N, D]`, clipped to [start_s, end_s) and `max_frames`."""
+        """The stream's frame tokens `[T, N, D]` (`[T, N, 2D]` with `frame_delta`), clipped to [start_s, end_s)
+        and `max_frames`."""
+        tokens = self._stored_tokens(dialogue)
+        return with_frame_deltas(tokens, None) if self.frame_delta else tokens
+
+    def _stored_tokens(self, dialogue: Dialogue) -> torch.Tensor:
         file = feature_file(dialogue, self.root, self.cache_dir)
         if file is not None and file.is_file():
             tokens, meta = load_features(file)

@@ -38,6 +38,7 @@ from livevlm.config import EngineConfig
 from livevlm.engine.kv_cache import clear_cache, growing_cache, pin_mmap_threshold
 from livevlm.model import CACHE_KWARG, LiveModel, silent_decisions
 from livevlm.stream_format import Frames, Message, StreamFormat
+from livevlm.vision import with_frame_deltas
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,7 @@ class StreamSession:
         self._pinned: list[tuple[str, str]] = []  # (query, answer text) kept from dropped parts
         self._queries: list[tuple[str, float | None]] = []
         self.frames_seen = 0
+        self._last_frame: torch.Tensor | None = None  # [N, D] the last frame's tokens, for model.frame_delta
         self.last_time_s = 0.0
         self.windowed = False  # True once the bounded-memory policy first dropped something
         self._check_budget()
@@ -237,6 +239,8 @@ class StreamSession:
             ValueError: shapes that do not match `times` or the format's N.
         """
         self._check_frames(frame_tokens, times)
+        if self.model.frame_delta:  # the model also takes each token's change since the frame before
+            frame_tokens, self._last_frame = with_frame_deltas(frame_tokens, self._last_frame), frame_tokens[-1]
         events: list[Event] = []
         i = 0
         while i < len(times):

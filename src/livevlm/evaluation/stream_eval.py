@@ -13,6 +13,7 @@ whenever no θ is named.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ import torch
 
 from livevlm.devices import DtypeName
 from livevlm.evaluation.metrics import StreamScores, stream_scores
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,7 +61,8 @@ def evaluate_stream_model(loaded, dataset, thresholds: list[float], limit: int =
         frame_tokens = sample.frame_tokens.to(device) if sample.frame_tokens is not None else None
         if frame_tokens is not None and frame_tokens.shape[-1] != width:
             raise ValueError(f"dialogue {sample.id!r}: its frame tokens are {frame_tokens.shape[-1]} wide, the model "
-                             f"takes {width} (model.mean_rgb={loaded.model_config.mean_rgb}); give --features a "
+                             f"takes {width} (model.mean_rgb={loaded.model_config.mean_rgb}, frame_delta="
+                             f"{loaded.model_config.frame_delta}); give --features a "
                              "cache encoded as the model was trained, or leave it out to encode the videos")
         with torch.no_grad():
             logits, _, _ = loaded.model(sample.input_ids[None].to(device), frame_tokens)
@@ -95,6 +99,16 @@ def choose_threshold(by_threshold: dict[str, dict[str, float]]) -> float:
                                      abs(t - EngineConfig().threshold)))
 
 
+def sweep_edge_warning(chosen: float, thresholds: list[float]) -> str | None:
+    """What to say when the chosen θ is the highest or lowest of a sweep: a θ past it, not swept, may be
+    better still (so widen the sweep); None when it lies inside."""
+    if len(set(thresholds)) < 2 or min(thresholds) < chosen < max(thresholds):
+        return None
+    side = "highest" if chosen == max(thresholds) else "lowest"
+    return (f"the chosen θ = {chosen} is the {side} of the swept values {sorted(set(thresholds))}: a θ beyond it "
+            "may time the turns better still; sweep past it with more --threshold values")
+
+
 def share_within(diffs: list[float], seconds: float) -> float:
     """The share of TimeDiffs of at most `seconds` (nan when there are none)."""
     return sum(d <= seconds + 1e-9 for d in diffs) / len(diffs) if diffs else math.nan
@@ -124,7 +138,7 @@ def evaluate_command(args: EvaluateArgs) -> int:
 
         encoder = model_frame_encoder(loaded.model_config, device=device, dtype=dtype)
     dataset = StreamDataset(args.data, fmt, cache_dir=args.features or None, encoder=encoder,
-                            max_frames=args.max_frames)
+                            max_frames=args.max_frames, frame_delta=loaded.model_config.frame_delta)
     # default: the θ stream would run with (the model's, else the engine's), the engine's and 0 (the paper's)
     thresholds = list(dict.fromkeys(args.threshold or [resolve_threshold(None, loaded), EngineConfig().threshold, 0.0]))
     result = evaluate_stream_model(loaded, dataset, thresholds, args.limit)
@@ -132,5 +146,7 @@ def evaluate_command(args: EvaluateArgs) -> int:
         chosen = choose_threshold(result["by_threshold"])  # type: ignore[arg-type]
         store_recommended_threshold(args.model, chosen)
         result["chosen_threshold"] = chosen
+        if warning := sweep_edge_warning(chosen, thresholds):
+            log.warning(warning)
     print(json.dumps(result, indent=2, sort_keys=False))
     return 0
