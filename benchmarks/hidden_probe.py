@@ -1,0 +1,83 @@
+"""Where does a new object's colour get lost inside the model? Linear probes on its hidden states.
+
+Why: `word_accuracy.py` says how often the model names a new object's colour, `feature_probe.py` that the
+frozen features carry it. This probes the path between: the last frame's input tokens, their connector
+outputs (layer 0) and each layer's hidden states, at the frame tokens and where the colour word is predicted
+(teacher-forced narration streams; fitted on one split, scored on another). Prints figures; asserts nothing.
+
+    python benchmarks/hidden_probe.py --model runs/experiment-frame-delta/model \
+        --train data/world-train5/dialogue.jsonl data/world-train5/features-rgb \
+        --test data/world-heldout/dialogue.jsonl data/world-heldout/features-rgb
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from feature_probe import probe_accuracy  # benchmarks/ is on the path when this runs as a script
+from word_accuracy import slot_of
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="", help="checkpoint folder; empty = the shipped default model")
+    p.add_argument("--train", nargs=2, required=True, metavar=("DIALOGUE", "FEATURES"), help="fit on these")
+    p.add_argument("--test", nargs=2, required=True, metavar=("DIALOGUE", "FEATURES"), help="score on these")
+    p.add_argument("--layers", type=int, nargs="+", default=[0, 4, 8, 12, 16, 20, 24, 30],
+                   help="hidden-state layers (0 = the embeddings)")
+    a = p.parse_args()
+
+    from livevlm.checkpoint import load_checkpoint
+    from livevlm.data.dataset import StreamDataset
+    from livevlm.default_model import default_model_path
+    from livevlm.evaluation.metrics import split_turns
+    from livevlm.stream_format import StreamFormat
+    from livevlm.world import COLORS, SHAPES
+
+    loaded = load_checkpoint(a.model or default_model_path())
+    fmt = StreamFormat(loaded.tokenizer, loaded.format_config, loaded.model_config.tokens_per_frame)
+    colours, shapes = set(COLORS), set(SHAPES)
+
+    def collect(data, feats):
+        ds = StreamDataset(data, fmt, cache_dir=feats, frame_delta=loaded.model_config.frame_delta)
+        rows = []
+        for idx in range(len(ds)):
+            if ds.dialogues[idx].task != "narration":
+                continue
+            s = ds[idx]
+            with torch.no_grad():
+                embeds = loaded.model.embed(s.input_ids[None], s.frame_tokens)
+                out = loaded.model.llm(inputs_embeds=embeds, output_hidden_states=True)
+            hs = out.hidden_states  # tuple of [1, L, H]
+            pred = out.logits[0].argmax(-1).tolist()
+            labels = s.labels.tolist()
+            frame_pos = (s.input_ids == fmt.placeholder_id).nonzero().flatten().tolist()
+            for turn in split_turns(labels, s.frame_ends, fmt.eos_id):
+                pos = turn.text_positions
+                words = [loaded.tokenizer.decode([labels[i]]).strip().lower() for i in pos]
+                for j, w in enumerate(words):
+                    if slot_of(words, j, colours, shapes) != "colour: new object":
+                        continue
+                    i = pos[j]
+                    last_frame = [q for q in frame_pos if q < i][-fmt.tokens_per_frame:]
+                    r = {"colour": w, "right": pred[i] == labels[i]}
+                    for layer in a.layers:
+                        r[f"text{layer}"] = hs[layer][0, i].float()
+                        r[f"frame{layer}"] = hs[layer][0, last_frame].float().flatten()
+                    r["input"] = s.frame_tokens.reshape(-1, s.frame_tokens.shape[-1])[
+                        [frame_pos.index(q) for q in last_frame]].flatten().float()
+                    rows.append(r)
+        return rows
+
+    tr, te = collect(*a.train), collect(*a.test)
+    print(f"{len(tr)} train / {len(te)} test new-object colours; model argmax right on test: "
+          f"{sum(r['right'] for r in te) / len(te):.0%}")
+    print("input (last frame's 10 tokens, raw):", f"{probe_accuracy(tr, te, 'input', 'colour'):.0%}")
+    for layer in a.layers:
+        print(f"layer {layer}: at the colour word's position {probe_accuracy(tr, te, f'text{layer}', 'colour'):.0%}, "
+              f"last frame's tokens {probe_accuracy(tr, te, f'frame{layer}', 'colour'):.0%}")
+
+
+if __name__ == "__main__":
+    main()
