@@ -16,7 +16,7 @@ import argparse
 
 import torch
 from feature_probe import probe_accuracy  # benchmarks/ is on the path when this runs as a script
-from word_accuracy import slot_of
+from word_accuracy import slotted_words
 
 
 def main() -> None:
@@ -31,13 +31,10 @@ def main() -> None:
     from livevlm.checkpoint import load_checkpoint
     from livevlm.data.dataset import StreamDataset
     from livevlm.default_model import default_model_path
-    from livevlm.evaluation.metrics import split_turns
     from livevlm.stream_format import StreamFormat
-    from livevlm.world import COLORS, SHAPES
 
     loaded = load_checkpoint(a.model or default_model_path())
     fmt = StreamFormat(loaded.tokenizer, loaded.format_config, loaded.model_config.tokens_per_frame)
-    colours, shapes = set(COLORS), set(SHAPES)
 
     def collect(data, feats):
         ds = StreamDataset(data, fmt, cache_dir=feats, frame_delta=loaded.model_config.frame_delta)
@@ -53,21 +50,17 @@ def main() -> None:
             pred = out.logits[0].argmax(-1).tolist()
             labels = s.labels.tolist()
             frame_pos = (s.input_ids == fmt.placeholder_id).nonzero().flatten().tolist()
-            for turn in split_turns(labels, s.frame_ends, fmt.eos_id):
-                pos = turn.text_positions
-                words = [loaded.tokenizer.decode([labels[i]]).strip().lower() for i in pos]
-                for j, w in enumerate(words):
-                    if slot_of(words, j, colours, shapes) != "colour: new object":
-                        continue
-                    i = pos[j]
-                    last_frame = [q for q in frame_pos if q < i][-fmt.tokens_per_frame:]
-                    r = {"colour": w, "right": pred[i] == labels[i]}
-                    for layer in a.layers:
-                        r[f"text{layer}"] = hs[layer][0, i].float()
-                        r[f"frame{layer}"] = hs[layer][0, last_frame].float().flatten()
-                    r["input"] = s.frame_tokens.reshape(-1, s.frame_tokens.shape[-1])[
-                        [frame_pos.index(q) for q in last_frame]].flatten().float()
-                    rows.append(r)
+            frame_inputs = s.frame_tokens.reshape(-1, s.frame_tokens.shape[-1])  # [T·N, D], in placeholder order
+            for i, word, slot in slotted_words(labels, s.frame_ends, fmt.eos_id, loaded.tokenizer):
+                if slot != "colour: new object":
+                    continue
+                seen = sum(q < i for q in frame_pos)  # frame tokens before the word: the last frame's are the last N
+                last_frame = slice(seen - fmt.tokens_per_frame, seen)
+                r = {"colour": word, "right": pred[i] == labels[i], "input": frame_inputs[last_frame].flatten().float()}
+                for layer in a.layers:
+                    r[f"text{layer}"] = hs[layer][0, i].float()
+                    r[f"frame{layer}"] = hs[layer][0, frame_pos[last_frame]].float().flatten()
+                rows.append(r)
         return rows
 
     tr, te = collect(*a.train), collect(*a.test)

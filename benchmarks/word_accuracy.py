@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,6 +35,20 @@ def slot_of(words: list[str], j: int, colours: set[str], shapes: set[str]) -> st
     return "colour: colour change" if before == "turns" else "colour: object named before"
 
 
+def slotted_words(labels: list[int], frame_ends: list[int], eos_id: int, tokenizer) -> Iterator[tuple[int, str, str]]:
+    """(position, lower-case word, slot) of every colour or shape word in a stream's assistant turns; the
+    position is the one that predicts the word (labels are shifted)."""
+    from livevlm.evaluation.metrics import split_turns
+    from livevlm.world import COLORS, SHAPES
+
+    for turn in split_turns(labels, frame_ends, eos_id):
+        positions = turn.text_positions
+        words = [tokenizer.decode([labels[i]]).strip().lower() for i in positions]
+        for j, word in enumerate(words):
+            if (slot := slot_of(words, j, set(COLORS), set(SHAPES))) is not None:
+                yield positions[j], word, slot
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", type=Path, help="dialogue JSONL (held-out)")
@@ -45,15 +60,12 @@ def main() -> None:
     from livevlm.checkpoint import load_checkpoint
     from livevlm.data.dataset import StreamDataset
     from livevlm.default_model import default_model_path
-    from livevlm.evaluation.metrics import split_turns
     from livevlm.stream_format import StreamFormat
-    from livevlm.world import COLORS, SHAPES
 
     loaded = load_checkpoint(args.model or default_model_path())
     fmt = StreamFormat(loaded.tokenizer, loaded.format_config, loaded.model_config.tokens_per_frame)
     dataset = StreamDataset(args.data, fmt, cache_dir=args.features or None,
                             frame_delta=loaded.model_config.frame_delta)
-    colours, shapes = set(COLORS), set(SHAPES)
     right, total, confusions = Counter(), Counter(), Counter()
     for index in range(len(dataset)):
         if args.task and dataset.dialogues[index].task != args.task:
@@ -62,18 +74,12 @@ def main() -> None:
         with torch.no_grad():
             logits = loaded.model(sample.input_ids[None], sample.frame_tokens)[0][0]  # [L, V]
         predicted, labels = logits.argmax(-1).tolist(), sample.labels.tolist()
-        for turn in split_turns(labels, sample.frame_ends, fmt.eos_id):
-            positions = turn.text_positions
-            words = [loaded.tokenizer.decode([labels[i]]).strip().lower() for i in positions]
-            for j, word in enumerate(words):
-                slot = slot_of(words, j, colours, shapes)
-                if slot is None:
-                    continue
-                ok = predicted[positions[j]] == labels[positions[j]]
-                total[slot] += 1
-                right[slot] += ok
-                if not ok:
-                    confusions[(word, loaded.tokenizer.decode([predicted[positions[j]]]).strip())] += 1
+        for position, word, slot in slotted_words(labels, sample.frame_ends, fmt.eos_id, loaded.tokenizer):
+            ok = predicted[position] == labels[position]
+            total[slot] += 1
+            right[slot] += ok
+            if not ok:
+                confusions[(word, loaded.tokenizer.decode([predicted[position]]).strip())] += 1
     print("| word | right | of |\n|---|---|---|")
     for slot in SLOTS:
         if total[slot]:
