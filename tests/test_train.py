@@ -257,9 +257,9 @@ def test_init_from_starts_training_from_the_checkpoints_weights(workdir, tmp_pat
 
     class WeightsAtStart(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            seen["connector"] = {k: v.clone() for k, v in model.connector.state_dict().items()}
+            seen["connector"] = {k: v.detach().cpu().clone() for k, v in model.connector.state_dict().items()}
             lora = get_peft_model_state_dict(model.llm, save_embedding_layers=False)
-            seen["lora"] = {k: v.clone() for k, v in lora.items()}
+            seen["lora"] = {k: v.detach().cpu().clone() for k, v in lora.items()}
 
     # another seed: fresh weights would differ from the first run's
     train(load_recipe(write_recipe(workdir, tmp_path / "b", max_steps=1, seed=1, init_from=str(first))),
@@ -281,7 +281,7 @@ def test_init_from_a_full_finetune_checkpoint_starts_from_its_llm(workdir, tmp_p
 
     class WeightsAtStart(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            seen.update({k: v.clone() for k, v in model.llm.state_dict().items()})
+            seen.update({k: v.detach().cpu().clone() for k, v in model.llm.state_dict().items()})
 
     recipe = load_recipe(write_recipe(workdir, tmp_path / "b", max_steps=1, init_from=str(first)))
     recipe.model.finetune = "full"
@@ -338,7 +338,7 @@ def test_init_from_a_model_without_colour_starts_a_mean_rgb_model_as_it(workdir,
 
     class ConnectorAtStart(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            seen["fc1"] = model.connector.fc1.weight.detach().clone()
+            seen["fc1"] = model.connector.fc1.weight.detach().cpu().clone()
 
     recipe = load_recipe(write_recipe(workdir, tmp_path / "b", max_steps=1, init_from=str(first),
                                       features=str(rgb_features(workdir))))
@@ -361,7 +361,7 @@ def test_init_from_a_colour_model_starts_a_frame_delta_model_as_it(workdir, tmp_
 
     class ConnectorAtStart(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            seen["fc1"] = model.connector.fc1.weight.detach().clone()
+            seen["fc1"] = model.connector.fc1.weight.detach().cpu().clone()
 
     recipe = load_recipe(write_recipe(workdir, tmp_path / "b", max_steps=1, init_from=str(first), features=rgb))
     recipe.model.mean_rgb = recipe.model.frame_delta = True
@@ -383,6 +383,15 @@ def test_a_cache_without_colour_for_a_mean_rgb_model_is_named(workdir, tmp_path)
         train(recipe)
 
 
+def test_more_processes_than_gpus_is_named_before_training(workdir, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"2 training processes .* 1 visible GPU\(s\): launch at most 1"):
+        train_command(TrainArgs(recipe=str(write_recipe(workdir, tmp_path))))
+    assert not (tmp_path / "run").exists()
+
+
 def test_command_line_takes_overrides_after_the_recipe():
     import argparse
 
@@ -396,7 +405,8 @@ def test_command_line_takes_overrides_after_the_recipe():
 def test_two_processes_over_gloo_train_one_step_on_cpu(workdir, tmp_path):
     """The multi-process path (DDP over gloo, torchrun): gathered token counts, rank 0 alone writes."""
     recipe_path = write_recipe(workdir, tmp_path, max_steps=2, save_steps=2)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}  # CPU processes even on a GPU machine (two ranks on one GPU fail in NCCL)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "livevlm.train", str(recipe_path)],
                           env=env, capture_output=True, timeout=120)

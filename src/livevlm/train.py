@@ -75,8 +75,14 @@ def train_command(args: TrainArgs) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     if args.keep_checkpoints < 1:
         raise ConfigError(f"--keep-checkpoints must be at least 1 (resuming needs one), got {args.keep_checkpoints}")
-    if not torch.cuda.is_available():  # one process per core group under a CPU launcher
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes on this machine (torchrun/accelerate)
+    if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if local_world > gpus:  # NCCL would fail later with "Duplicate GPU detected"
+            raise ConfigError(f"{local_world} training processes were launched on this machine but it has {gpus} "
+                              f"visible GPU(s): launch at most {gpus} per machine (--nproc_per_node / "
+                              "--num_processes), or set CUDA_VISIBLE_DEVICES= to train on the CPU")
+    else:  # one process per core group under a CPU launcher
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
     folder = train(recipe, resume=args.resume, keep_checkpoints=args.keep_checkpoints)
     print(f"livevlm checkpoint: {folder}")
