@@ -183,6 +183,12 @@ def test_per_frame_decisions_equal_one_teacher_forced_forward(fmt, random_model)
     assert torch.allclose(torch.tensor(got, dtype=torch.float64), expected.double(), atol=1e-5, rtol=0)
 
 
+def test_a_frame_delta_model_names_the_width_before_the_doubling(fmt, tiny_llm):
+    model = LiveModel(tiny_llm, 2 * D, fmt.placeholder_id, frame_delta=True).eval()
+    with pytest.raises(ValueError, match=f"D={2 * D} wide but the model takes {D} \\(before frame_delta doubles it\\)"):
+        StreamSession(model, fmt, EngineConfig()).step(torch.zeros(1, N, 2 * D), [0.0])
+
+
 def test_frame_delta_model_sees_each_frames_change_across_steps(fmt, tiny_llm):
     torch.manual_seed(1)
     model = bias_separator(LiveModel(tiny_llm, 2 * D, fmt.placeholder_id, frame_delta=True).eval(),
@@ -212,6 +218,8 @@ def test_frame_tokens_of_the_wrong_shape_are_refused(fmt, random_model):
         session.step(torch.zeros(1, 3, D), [0.0])
     with pytest.raises(ValueError, match="T = len"):
         session.step(torch.zeros(2, N, D), [0.0])
+    with pytest.raises(ValueError, match=f"D={D + 3} wide but the model takes {D};"):
+        session.step(torch.zeros(1, N, D + 3), [0.0])
 
 
 # ---------------------------------------------------------------------------------------------------
