@@ -94,8 +94,10 @@ def test_camera_that_does_not_exist_is_one_clean_error(tiny_checkpoint, capsys):
     assert "video57" in capsys.readouterr().err
 
 
-def test_ctrl_c_prints_what_was_said_and_exits_130(tiny_checkpoint):
-    ckpt, video = tiny_checkpoint
+def test_ctrl_c_prints_what_was_said_and_exits_130(tiny_checkpoint, tmp_path):
+    ckpt, _ = tiny_checkpoint
+    video = tmp_path / "long.mp4"  # 30 s in real time: the signal comes long before the end, even on a busy machine
+    render_video(WorldSpec(seed=3, index=0, duration=30.0, size=64), video)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "livevlm.app.cli", "stream", str(video), "--model", str(ckpt),
                              "--realtime", "--threshold", "1.0", "--max-new-tokens", "2"],
