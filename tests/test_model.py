@@ -74,6 +74,11 @@ def test_frame_token_count_mismatch_names_both_counts(tiny_llm):
         model.embed(torch.tensor([[7, 1, 7]]), torch.randn(3, 8))
 
 
+def test_frame_width_is_the_fed_width_half_the_connectors_with_frame_delta(tiny_llm):
+    assert LiveModel(tiny_llm, 10, placeholder_id=0).frame_width == 10
+    assert LiveModel(tiny_llm, 10, placeholder_id=0, frame_delta=True).frame_width == 5
+
+
 @pytest.mark.parametrize("finetune,llm_trains", [("lora", "lora_"), ("full", "all"), ("connector", "none")])
 def test_finetune_modes_choose_trainable_weights(tiny_llm, finetune, llm_trains):
     model = build_live_model(ModelConfig(finetune=finetune, lora_r=4, lora_alpha=8), tiny_llm, 8, placeholder_id=7)

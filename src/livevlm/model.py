@@ -111,6 +111,12 @@ class LiveModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.connector.parameters()).device
 
+    @property
+    def frame_width(self) -> int:
+        """D of the frame tokens a stream is fed with: the encoder's width (+ 3 with mean_rgb). With
+        frame_delta the connector takes twice that, the changes appended where the stream is fed."""
+        return self.connector.fc1.in_features // (2 if self.frame_delta else 1)
+
     def embed(self, input_ids: torch.Tensor, frame_tokens: torch.Tensor | None) -> torch.Tensor:
         """Joint embedding.
 

@@ -269,7 +269,7 @@ class StreamSession:
         if frame_tokens.shape[1] != self.fmt.tokens_per_frame:
             raise ValueError(f"frame_tokens have N={frame_tokens.shape[1]} tokens per frame but the stream format "
                              f"expects {self.fmt.tokens_per_frame}; encode with the model's vision settings")
-        width = self.model.connector.fc1.in_features // (2 if self.model.frame_delta else 1)
+        width = self.model.frame_width
         if frame_tokens.shape[2] != width:  # else the connector's matmul fails with bare shapes
             raise ValueError(f"frame_tokens are D={frame_tokens.shape[2]} wide but the model takes {width}"
                              f"{' (before frame_delta doubles it)' if self.model.frame_delta else ''}; encode with "
