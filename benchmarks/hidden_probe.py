@@ -51,7 +51,7 @@ def main() -> None:
             labels = s.labels.tolist()
             frame_pos = (s.input_ids == fmt.placeholder_id).nonzero().flatten().tolist()
             frame_inputs = s.frame_tokens.reshape(-1, s.frame_tokens.shape[-1])  # [T·N, D], in placeholder order
-            for i, word, slot in slotted_words(labels, s.frame_ends, fmt.eos_id, loaded.tokenizer):
+            for i, word, slot, _ in slotted_words(labels, s.frame_ends, fmt.eos_id, loaded.tokenizer):
                 if slot != "colour: new object":
                     continue
                 seen = sum(q < i for q in frame_pos)  # frame tokens before the word: the last frame's are the last N

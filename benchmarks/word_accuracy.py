@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-SLOTS = ("colour: new object", "colour: colour change", "colour: object named before", "shape: any")
+SLOTS = ("colour: new object", "colour: new object, first frame", "colour: new object, later",
+         "colour: colour change", "colour: object named before", "shape: new object", "shape: any")
 
 
 def slot_of(words: list[str], j: int, colours: set[str], shapes: set[str]) -> str | None:
@@ -35,9 +36,21 @@ def slot_of(words: list[str], j: int, colours: set[str], shapes: set[str]) -> st
     return "colour: colour change" if before == "turns" else "colour: object named before"
 
 
-def slotted_words(labels: list[int], frame_ends: list[int], eos_id: int, tokenizer) -> Iterator[tuple[int, str, str]]:
-    """(position, lower-case word, slot) of every colour or shape word in a stream's assistant turns; the
-    position is the one that predicts the word (labels are shifted)."""
+def finer_slot(words: list[str], j: int, slot: str, frame: int, colours: set[str]) -> str | None:
+    """A second slot that splits the first: a new object's colour at the stream's first frame (no change
+    since an earlier frame to see it by: the object must be read from the frame itself) or later, and the
+    shape of a new object ("a small red circle") against shapes named before."""
+    if slot == "colour: new object":
+        return f"colour: new object, {'first frame' if frame == 0 else 'later'}"
+    if slot == "shape: any" and j >= 2 and words[j - 1] in colours and words[j - 2] in ("a", "an", "small", "large"):
+        return "shape: new object"
+    return None
+
+
+def slotted_words(labels: list[int], frame_ends: list[int], eos_id: int,
+                  tokenizer) -> Iterator[tuple[int, str, str, str | None]]:
+    """(position, lower-case word, slot, finer slot or None) of every colour or shape word in a stream's
+    assistant turns; the position is the one that predicts the word (labels are shifted)."""
     from livevlm.evaluation.metrics import split_turns
     from livevlm.world import COLORS, SHAPES
 
@@ -46,7 +59,8 @@ def slotted_words(labels: list[int], frame_ends: list[int], eos_id: int, tokeniz
         words = [tokenizer.decode([labels[i]]).strip().lower() for i in positions]
         for j, word in enumerate(words):
             if (slot := slot_of(words, j, set(COLORS), set(SHAPES))) is not None:
-                yield positions[j], word, slot
+                frame = sum(end < positions[j] for end in frame_ends) - 1  # the last frame before the word
+                yield positions[j], word, slot, finer_slot(words, j, slot, frame, set(COLORS))
 
 
 def main() -> None:
@@ -74,10 +88,11 @@ def main() -> None:
         with torch.no_grad():
             logits = loaded.model(sample.input_ids[None], sample.frame_tokens)[0][0]  # [L, V]
         predicted, labels = logits.argmax(-1).tolist(), sample.labels.tolist()
-        for position, word, slot in slotted_words(labels, sample.frame_ends, fmt.eos_id, loaded.tokenizer):
+        for position, word, slot, finer in slotted_words(labels, sample.frame_ends, fmt.eos_id, loaded.tokenizer):
             ok = predicted[position] == labels[position]
-            total[slot] += 1
-            right[slot] += ok
+            for counted in (slot, finer) if finer else (slot,):
+                total[counted] += 1
+                right[counted] += ok
             if not ok:
                 confusions[(word, loaded.tokenizer.decode([predicted[position]]).strip())] += 1
     print("| word | right | of |\n|---|---|---|")
