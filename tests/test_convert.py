@@ -128,16 +128,6 @@ def test_world_questions_are_answered_from_the_timeline_at_that_time():
         "What just happened?", "A small red circle appears on the left. A large blue square appears on the right.")
 
 
-def test_world_scene_question_lists_what_is_on_screen_then_in_order_of_appearance():
-    events = world.parse_events(WORLD_EVENTS, "x")
-    scene = [world.question_options(events, t)["scene"] for t in (0.0, 7.0, 9.0)]
-    assert scene == [[("What is on the screen?", "A small red circle and a large blue square.")],
-                     [("What is on the screen?", "A small red circle and a small green square.")],  # shrunk, recoloured
-                     [("What is on the screen?", "A small green square.")]]  # the circle has vanished
-    later = world.parse_events([dict(e, time_s=e["time_s"] + 1.0) for e in WORLD_EVENTS], "x")
-    assert world.question_options(later, 0.0)["scene"] == [("What is on the screen?", "Nothing, the screen is empty.")]
-
-
 def test_world_sentences_use_an_before_a_vowel():
     assert (world.with_article("orange star"), world.with_article("red circle")) == ("an orange star", "a red circle")
 

@@ -42,7 +42,7 @@ class ConvertArgs:
     skip_missing: bool = field(default=False, metadata={"help": "leave out (with a warning) records whose "
                                                                 "video is missing instead of failing"})
     reminders: int = field(default=2, metadata={"help": "world: reminder dialogues per video"})
-    questions: int = field(default=8, metadata={"help": "world: questions per video (one dialogue)"})
+    questions: int = field(default=4, metadata={"help": "world: questions per video (one dialogue)"})
     min_words: int = field(default=2, metadata={"help": "ego4d-narration: drop narrations shorter than this "
                                                         "after cleaning"})
     subset: str = field(default="", metadata={"help": "coin: only videos whose subset contains this "

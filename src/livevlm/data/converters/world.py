@@ -16,11 +16,8 @@ Per video (all clips are the whole video; every answer is computed from the even
   it since), acknowledged at once, answered with the event's sentence at its frame.
 - `{stem}-questions`: questions at distinct random frames, answered at once: past ("What just
   happened?", "What appeared last?"), present ("How many objects are there?", "What colour is the
-  circle?", "How big is the red circle?"), ongoing ("What is the red circle doing?" → "It is moving
-  to the right." while it moves) and the scene ("What is on the screen?" → "A small red circle and a large
-  blue square.", in order of appearance). A quarter of the questions, by that last kind, make the model read
-  every object's colour, shape and size from the frame at hand: narration asks that only when something
-  appears, and the frames alone tell it (`benchmarks/word_accuracy.py`).
+  circle?", "How big is the red circle?") and ongoing ("What is the red circle doing?" → "It is moving
+  to the right." while it moves).
 """
 
 from __future__ import annotations
@@ -224,18 +221,8 @@ def _count(n: int) -> str:
     return "There is one object." if n == 1 else f"There are {word} objects."
 
 
-def describe_scene(objects: dict[Any, ObjState]) -> str:
-    """The objects on screen, in order of appearance: "A small red circle and a large blue square."."""
-    names = [with_article(" ".join(part for part in (o.size, o.color, o.shape) if part)) for o in objects.values()]
-    if not names:
-        return "Nothing, the screen is empty."
-    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
-    return sentence(listed) + "."
-
-
 def question_options(events: list[Event], time_s: float) -> dict[str, list[tuple[str, str]]]:
-    """Every (question, answer) computable from the events up to `time_s`, by kind: past, present, ongoing,
-    scene."""
+    """Every (question, answer) computable from the events up to `time_s`, by tense: past, present, ongoing."""
     seen = [e for e in events if e.time_s <= time_s + FRAME_EPS]
     objects = state_at(events, time_s)
     latest = [e.text for e in seen if e.time_s == seen[-1].time_s]
@@ -246,8 +233,7 @@ def question_options(events: list[Event], time_s: float) -> dict[str, list[tuple
                                                                f"{appeared[-1].obj.get('shape')}")) + "."
                   if appeared else "Nothing has appeared yet.")],
         "present": [("How many objects are there?", _count(len(objects)))],
-        "ongoing": [],
-        "scene": [("What is on the screen?", describe_scene(objects))]}
+        "ongoing": []}
     for state in objects.values():
         if sum(o.shape == state.shape for o in objects.values()) == 1 and state.color:
             options["present"].append((f"What colour is the {state.shape}?", f"It is {state.color}."))
@@ -263,7 +249,7 @@ def question_options(events: list[Event], time_s: float) -> dict[str, list[tuple
 
 
 def questions(video: WorldVideo, fps: float, count: int, rng: random.Random) -> Dialogue | None:
-    """One dialogue of `count` questions at distinct random frames (a random kind, then a random question
+    """One dialogue of `count` questions at distinct random frames (a random tense, then a random question
     of it), or None when count is 0."""
     n_frames = count_frames(0.0, video.duration_s, fps)
     if count <= 0 or n_frames == 0:
@@ -271,8 +257,8 @@ def questions(video: WorldVideo, fps: float, count: int, rng: random.Random) -> 
     builder = StreamBuilder(fps, 0.0, video.duration_s)
     for frame in sorted(rng.sample(range(n_frames), min(count, n_frames))):
         options = question_options(video.events, frame / fps)
-        kind = rng.choice([k for k, items in options.items() if items])
-        question, answer = rng.choice(options[kind])
+        tense = rng.choice([t for t, items in options.items() if items])
+        question, answer = rng.choice(options[tense])
         builder.ask(frame / fps, question, answer)
     return video.dialogue("questions", builder, "questions")
 
