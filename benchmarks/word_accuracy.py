@@ -14,6 +14,7 @@ reference token. Prints a table; asserts nothing.
 from __future__ import annotations
 
 import argparse
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,13 +55,14 @@ def slotted_words(labels: list[int], frame_ends: list[int], eos_id: int,
     from livevlm.evaluation.metrics import split_turns
     from livevlm.world import COLORS, SHAPES
 
+    colours, shapes = set(COLORS), set(SHAPES)
     for turn in split_turns(labels, frame_ends, eos_id):
         positions = turn.text_positions
         words = [tokenizer.decode([labels[i]]).strip().lower() for i in positions]
         for j, word in enumerate(words):
-            if (slot := slot_of(words, j, set(COLORS), set(SHAPES))) is not None:
-                frame = sum(end < positions[j] for end in frame_ends) - 1  # the last frame before the word
-                yield positions[j], word, slot, finer_slot(words, j, slot, frame, set(COLORS))
+            if (slot := slot_of(words, j, colours, shapes)) is not None:
+                frame = bisect_left(frame_ends, positions[j]) - 1  # the last frame before the word
+                yield positions[j], word, slot, finer_slot(words, j, slot, frame, colours)
 
 
 def main() -> None:
