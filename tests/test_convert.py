@@ -128,6 +128,30 @@ def test_world_questions_are_answered_from_the_timeline_at_that_time():
         "What just happened?", "A small red circle appears on the left. A large blue square appears on the right.")
 
 
+def test_world_scene_lists_every_object_with_size_colour_and_shape_in_order_of_appearance():
+    events = world.parse_events(WORLD_EVENTS, "x")
+    describe = [world.describe_scene(world.state_at(events, t)) for t in (3.0, 7.0, 9.0)]
+    assert describe == ["A small red circle and a small blue square.", "A small red circle and a small green square.",
+                        "A small green square."]
+    assert world.describe_scene({}) == "Nothing, the screen is empty."
+
+
+def test_world_scene_clips_are_one_frame_each_answered_from_the_timeline_at_that_frame(tmp_path):
+    clips = run(tmp_path, "world-scene", world_file(tmp_path), scene_frames=5)
+    events = world.parse_events(WORLD_EVENTS, "x")
+    assert [c.id for c in clips] == [f"000-scene-{k}" for k in range(5)]
+    starts = [c.start_s for c in clips]
+    assert starts == sorted(set(starts)) and all(c.end_s == c.start_s + 0.5 for c in clips)
+    for clip in clips:
+        assert turns(clip) == [("user", clip.start_s, "What is on the screen?"),
+                               ("assistant", clip.start_s, world.describe_scene(world.state_at(events, clip.start_s)))]
+
+
+def test_world_scene_without_frames_says_which_option_to_raise(tmp_path):
+    with pytest.raises(AnnotationError, match="--scene-frames 0"):
+        run(tmp_path, "world-scene", world_file(tmp_path), scene_frames=0)
+
+
 def test_world_sentences_use_an_before_a_vowel():
     assert (world.with_article("orange star"), world.with_article("red circle")) == ("an orange star", "a red circle")
 
@@ -379,9 +403,9 @@ def test_segments_missing_field_names_the_record(tmp_path):
 
 
 def test_the_registry_lists_every_converter_and_rejects_unknown_names():
-    assert list(CONVERTERS) == ["world", "ego4d-narration", "coin", "segments"]
+    assert list(CONVERTERS) == ["world", "world-scene", "ego4d-narration", "coin", "segments"]
     with pytest.raises(AnnotationError, match="unknown source format 'epic'; choose one with --from: world, "
-                                              "ego4d-narration, coin, segments"):
+                                              "world-scene, ego4d-narration, coin, segments"):
         get_converter("epic")
 
 

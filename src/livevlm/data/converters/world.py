@@ -18,6 +18,12 @@ Per video (all clips are the whole video; every answer is computed from the even
   happened?", "What appeared last?"), present ("How many objects are there?", "What colour is the
   circle?", "How big is the red circle?") and ongoing ("What is the red circle doing?" → "It is moving
   to the right." while it moves).
+
+`--from world-scene` makes single-frame clips instead, for an alignment stage before the streams (LLaVA's
+stage 1 in miniature): `{stem}-scene-{k}` asks "What is on the screen?" at one random frame and answers with
+every object's size, colour and shape ("A small red circle and a large blue square."). Narration names a
+new object's colour and shape once per appearance, far too rarely to learn to read them from the frame
+tokens; `--scene-frames` per video supply those readings cheaply (a frame and a sentence each).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 
 from livevlm.data.converters.common import (
     NUMBER,
+    AnnotationError,
     ConvertArgs,
     StreamBuilder,
     VideoPaths,
@@ -53,6 +60,7 @@ _KIND_ALIASES = {"colour": "color", "change color": "color", "change colour": "c
                  "change size": "size", "grow": "size", "shrink": "size", "collision": "collide",
                  "exit": "leave", "vanish": "leave", "disappear": "leave", "start moving": "move"}
 MOVE_PHRASES = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
+SCENE_QUESTION = "What is on the screen?"
 REMINDER_WINDOW_S = 60.0  # a reminder is asked at most this long before its event (bounds the search, too)
 _NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
@@ -221,6 +229,30 @@ def _count(n: int) -> str:
     return "There is one object." if n == 1 else f"There are {word} objects."
 
 
+def describe_scene(objects: dict[Any, ObjState]) -> str:
+    """The objects on screen, in order of appearance: "A small red circle and a large blue square."."""
+    names = [with_article(" ".join(part for part in (o.size, o.color, o.shape) if part)) for o in objects.values()]
+    if not names:
+        return "Nothing, the screen is empty."
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return sentence(listed) + "."
+
+
+def scene_frames(video: WorldVideo, fps: float, count: int, rng: random.Random) -> list[Dialogue]:
+    """`count` single-frame clips at distinct random frames, each "What is on the screen?" answered from
+    the objects after every event at or before that frame's time."""
+    n_frames = count_frames(0.0, video.duration_s, fps)
+    clips = []
+    for k, frame in enumerate(sorted(rng.sample(range(n_frames), min(count, n_frames)))):
+        time_s = frame / fps
+        builder = StreamBuilder(fps, time_s, time_s + 1 / fps)
+        builder.ask(time_s, SCENE_QUESTION, describe_scene(state_at(video.events, time_s)))
+        clips.append(Dialogue(id=f"{video.stem}-scene-{k}", video=video.video, fps=fps, turns=builder.turns(),
+                              duration_s=video.duration_s, start_s=time_s, end_s=time_s + 1 / fps, task="scene",
+                              meta={"source": "world"}))
+    return clips
+
+
 def question_options(events: list[Event], time_s: float) -> dict[str, list[tuple[str, str]]]:
     """Every (question, answer) computable from the events up to `time_s`, by tense: past, present, ongoing."""
     seen = [e for e in events if e.time_s <= time_s + FRAME_EPS]
@@ -295,4 +327,15 @@ def convert_world(args: ConvertArgs) -> list[Dialogue]:
         asked = questions(video, args.fps, args.questions, rng)
         if asked is not None:
             dialogues.append(asked)
+    return dialogues
+
+
+def convert_world_scene(args: ConvertArgs) -> list[Dialogue]:
+    """annotations.jsonl (`args.input`) → `args.scene_frames` single-frame scene clips per video."""
+    if args.scene_frames <= 0:
+        raise AnnotationError(f"--scene-frames {args.scene_frames}: world-scene needs at least one frame per video")
+    dialogues: list[Dialogue] = []
+    for video in parse_world(args):
+        rng = random.Random(f"{args.seed}:world-scene:{video.stem}")
+        dialogues.extend(scene_frames(video, args.fps, args.scene_frames, rng))
     return dialogues
