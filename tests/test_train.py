@@ -300,6 +300,13 @@ def test_init_from_a_checkpoint_with_other_lora_settings_names_them(workdir, tmp
         train(recipe)
 
 
+def test_init_from_a_folder_that_is_no_checkpoint_names_the_setting_before_any_work(workdir, tmp_path):
+    recipe = load_recipe(write_recipe(workdir, tmp_path / "b", max_steps=1, init_from=str(tmp_path / "stage1")))
+    with pytest.raises(ConfigError, match=r"train.init_from: .*stage1 is not a livevlm checkpoint"):
+        train(recipe)
+    assert not (tmp_path / "b" / "run").exists()
+
+
 def test_connector_lr_gives_the_connector_its_own_peak_lr(workdir, tmp_path):
     from transformers import TrainerCallback
 

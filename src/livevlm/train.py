@@ -39,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from livevlm.checkpoint import CheckpointError, load_trained_weights, save_checkpoint
+from livevlm.checkpoint import CONFIG_NAME, CheckpointError, load_trained_weights, save_checkpoint
 from livevlm.config import ConfigError, ModelConfig, Recipe, TrainConfig, load_recipe, load_yaml, save_recipe, to_dict
 from livevlm.data.dataset import StreamDataset, collate_streams
 from livevlm.data.features import feature_file
@@ -114,6 +114,10 @@ def train(recipe: Recipe, resume: str = "auto", callbacks: list[TrainerCallback]
     _check_train_config(cfg)
     output_dir = Path(cfg.output_dir)
     checkpoint = resolve_resume(resume, output_dir)
+    if cfg.init_from not in ("", "default") and not checkpoint and not (Path(cfg.init_from) / CONFIG_NAME).is_file():
+        raise ConfigError(f"train.init_from: {cfg.init_from} is not a livevlm checkpoint (no {CONFIG_NAME}); train "
+                          "that model first (a recipe that starts from another names it in its header), or set "
+                          "train.init_from='' to start from fresh weights")
     torch.manual_seed(cfg.seed)  # the connector and LoRA initialisation
     tokenizer = _load_tokenizer(recipe.model.llm)
     placeholder_id = register_placeholder(tokenizer, recipe.format.placeholder)
