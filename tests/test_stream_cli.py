@@ -99,10 +99,17 @@ def test_ctrl_c_prints_what_was_said_and_exits_130(tiny_checkpoint, tmp_path):
     video = tmp_path / "long.mp4"  # 30 s in real time: the signal comes long before the end, even on a busy machine
     render_video(WorldSpec(seed=3, index=0, duration=30.0, size=64), video)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "livevlm.app.cli", "stream", str(video), "--model", str(ckpt),
-                             "--realtime", "--threshold", "1.0", "--max-new-tokens", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                            env=env)
+    # A shell that starts the tests in the background (`cmd &`) ignores SIGINT, and children inherit that; a
+    # terminal's Ctrl-C never comes to an ignoring process. A handler (unlike "ignore") resets to the default
+    # in the child, so the child gets SIGINT as a terminal's process does.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "livevlm.app.cli", "stream", str(video), "--model", str(ckpt),
+                                 "--realtime", "--threshold", "1.0", "--max-new-tokens", "2"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                                env=env)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     deadline = time.monotonic() + 60
     line = proc.stdout.readline()  # the first response: the session is running
     assert line.startswith("["), line
