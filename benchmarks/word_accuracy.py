@@ -82,6 +82,10 @@ def main() -> None:
     fmt = StreamFormat(loaded.tokenizer, loaded.format_config, loaded.model_config.tokens_per_frame)
     dataset = StreamDataset(args.data, fmt, cache_dir=args.features or None,
                             frame_delta=loaded.model_config.frame_delta)
+    tasks = Counter(d.task for d in dataset.dialogues)
+    if args.task and args.task not in tasks:
+        parser.error(f"{args.data} holds no dialogue of task {args.task!r} (it holds {dict(tasks)}); "
+                     "choose one with --task, or --task '' for all")
     right, total, confusions = Counter(), Counter(), Counter()
     for index in range(len(dataset)):
         if args.task and dataset.dialogues[index].task != args.task:
