@@ -161,8 +161,11 @@ class WorldVideo:
     events: list[Event]
 
     def dialogue(self, suffix: str, builder: StreamBuilder, task: str) -> Dialogue:
+        """The builder's turns as a clip of this video, spanning the builder's clip (the whole video unless
+        the builder ends sooner)."""
+        end_s = self.duration_s if builder.end_s is None else builder.end_s
         return Dialogue(id=f"{self.stem}-{suffix}", video=self.video, fps=builder.fps, turns=builder.turns(),
-                        duration_s=self.duration_s, start_s=0.0, end_s=self.duration_s, task=task,
+                        duration_s=self.duration_s, start_s=builder.start_s, end_s=end_s, task=task,
                         meta={"source": "world"})
 
 
@@ -247,9 +250,7 @@ def scene_frames(video: WorldVideo, fps: float, count: int, rng: random.Random) 
         time_s = frame / fps
         builder = StreamBuilder(fps, time_s, time_s + 1 / fps)
         builder.ask(time_s, SCENE_QUESTION, describe_scene(state_at(video.events, time_s)))
-        clips.append(Dialogue(id=f"{video.stem}-scene-{k}", video=video.video, fps=fps, turns=builder.turns(),
-                              duration_s=video.duration_s, start_s=time_s, end_s=time_s + 1 / fps, task="scene",
-                              meta={"source": "world"}))
+        clips.append(video.dialogue(f"scene-{k}", builder, "scene"))
     return clips
 
 
