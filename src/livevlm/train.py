@@ -114,10 +114,13 @@ def train(recipe: Recipe, resume: str = "auto", callbacks: list[TrainerCallback]
     _check_train_config(cfg)
     output_dir = Path(cfg.output_dir)
     checkpoint = resolve_resume(resume, output_dir)
-    if cfg.init_from not in ("", "default") and not checkpoint and not (Path(cfg.init_from) / CONFIG_NAME).is_file():
-        raise ConfigError(f"train.init_from: {cfg.init_from} is not a livevlm checkpoint (no {CONFIG_NAME}); train "
-                          "that model first (a recipe that starts from another names it in its header), or set "
-                          "train.init_from='' to start from fresh weights")
+    init_from = None  # a resumed run gets every weight from its checkpoint
+    if cfg.init_from and not checkpoint:
+        init_from = default_model_path() if cfg.init_from == "default" else Path(cfg.init_from)
+        if not (init_from / CONFIG_NAME).is_file():  # before the data and the model are loaded
+            raise ConfigError(f"train.init_from: {cfg.init_from} is not a livevlm checkpoint (no {CONFIG_NAME}); "
+                              "train that model first (a recipe that starts from another names it in its header), "
+                              "or set train.init_from='' to start from fresh weights")
     torch.manual_seed(cfg.seed)  # the connector and LoRA initialisation
     tokenizer = _load_tokenizer(recipe.model.llm)
     placeholder_id = register_placeholder(tokenizer, recipe.format.placeholder)
@@ -128,8 +131,7 @@ def train(recipe: Recipe, resume: str = "auto", callbacks: list[TrainerCallback]
                              frame_delta=frame_delta) if cfg.eval_data else None
     model = build_model(recipe.model, feature_dim(train_set, recipe.model), placeholder_id,
                         cfg.gradient_checkpointing)
-    if cfg.init_from and not checkpoint:  # a resumed run gets every weight from its checkpoint
-        init_from = default_model_path() if cfg.init_from == "default" else Path(cfg.init_from)
+    if init_from is not None:
         load_trained_weights(model, init_from, recipe.model)
         log.info("starting from the weights of %s", init_from)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
