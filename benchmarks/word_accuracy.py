@@ -6,7 +6,9 @@ has three sources: a new object ("A small red circle appears", only the frames t
 model may copy from its own earlier words). Their accuracies, set against `benchmarks/feature_probe.py`
 (what a linear probe reads from the same frozen features), say whether the features or the model fall
 short. Each word is scored under teacher forcing: the reference prefix is given, the argmax must be the
-reference token. Prints a table; asserts nothing.
+reference token. A second table says which kind of token (article, size, colour, shape, event, place,
+end of turn) is each turn's first wrong one: LM-Correctness counts only the tokens before it, so that table
+says which word caps the metric. Prints the tables; asserts nothing.
 
     python benchmarks/word_accuracy.py data/world-heldout/dialogue.jsonl --features data/world-heldout/features
 """
@@ -20,6 +22,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+# What the first wrong token of a turn is, by kind: the turn's LM-Correctness is the share of its tokens
+# before it, so the kind that comes first and is often wrong caps the metric.
+FIRST_ERROR_KINDS = ("none", "turn start", "article", "size", "colour", "shape", "event", "place",
+                     "end of turn", "other")
+EVENT_WORDS = {"appears", "vanishes", "starts", "moving", "stops", "turns", "grows", "shrinks", "bumps", "into",
+               "collides", "with", "leaves", "moves"}
+PLACE_WORDS = {"on", "in", "at", "to", "the", "left", "right", "up", "down", "top", "bottom", "centre"}
 
 SLOTS = ("colour: new object", "colour: new object, first frame", "colour: new object, later",
          "colour: colour change", "colour: object named before", "shape: new object", "shape: any")
@@ -65,6 +75,22 @@ def slotted_words(labels: list[int], frame_ends: list[int], eos_id: int,
                 yield positions[j], word, slot, finer_slot(words, j, slot, frame, colours)
 
 
+def first_error_kind(word: str, is_eos: bool) -> str:
+    """The kind of a turn's first wrong token (`word`: its text, lower-case, stripped)."""
+    from livevlm.world import COLORS, SHAPES, SIZES
+
+    word = word.strip(".,")
+    if is_eos:
+        return "end of turn"
+    if word in ("assistant", ":", ""):
+        return "turn start"
+    for kind, words in (("article", {"a", "an", "the"}), ("size", set(SIZES)), ("colour", set(COLORS)),
+                        ("shape", set(SHAPES)), ("event", EVENT_WORDS), ("place", PLACE_WORDS)):
+        if word in words:
+            return kind
+    return "other"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", type=Path, help="dialogue JSONL (held-out)")
@@ -86,7 +112,10 @@ def main() -> None:
     if args.task and args.task not in tasks:
         parser.error(f"{args.data} holds no dialogue of task {args.task!r} (it holds {dict(tasks)}); "
                      "choose one with --task, or --task '' for all")
+    from livevlm.evaluation.metrics import split_turns
+
     right, total, confusions = Counter(), Counter(), Counter()
+    first_errors, first_words, turns = Counter(), Counter(), 0
     for index in range(len(dataset)):
         if args.task and dataset.dialogues[index].task != args.task:
             continue
@@ -101,12 +130,27 @@ def main() -> None:
                 right[counted] += ok
             if not ok:
                 confusions[(word, loaded.tokenizer.decode([predicted[position]]).strip())] += 1
+        for turn in split_turns(labels, sample.frame_ends, fmt.eos_id):
+            turns += 1
+            wrong = next((i for i in turn.text_positions if predicted[i] != labels[i]), None)
+            if wrong is None:
+                first_errors["none"] += 1
+                continue
+            word = loaded.tokenizer.decode([labels[wrong]]).strip().lower()
+            first_errors[first_error_kind(word, labels[wrong] == fmt.eos_id)] += 1
+            first_words[word] += 1
     print("| word | right | of |\n|---|---|---|")
     for slot in SLOTS:
         if total[slot]:
             print(f"| {slot} | {right[slot] / total[slot]:.0%} | {total[slot]} |")
     print("\nmost common mistakes (reference → predicted):",
           ", ".join(f"{a} → {b} ({n})" for (a, b), n in confusions.most_common(6)))
+    print(f"\n| first wrong token of a turn | share of {turns} turns |\n|---|---|")
+    for kind in FIRST_ERROR_KINDS:
+        if first_errors[kind]:
+            print(f"| {kind} | {first_errors[kind] / turns:.0%} |")
+    print("\nmost common first wrong tokens (reference):",
+          ", ".join(f"{w or repr(w)} ({n})" for w, n in first_words.most_common(8)))
 
 
 if __name__ == "__main__":
