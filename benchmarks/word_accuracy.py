@@ -29,7 +29,7 @@ FIRST_ERROR_KINDS = ("none", "turn start", "article", "size", "colour", "shape",
                      "end of turn", "other")
 EVENT_WORDS = {"appears", "vanishes", "starts", "moving", "stops", "turns", "grows", "shrinks", "bumps", "into",
                "collides", "with", "leaves", "moves"}
-PLACE_WORDS = {"on", "in", "at", "to", "the", "left", "right", "up", "down", "top", "bottom", "centre"}
+PLACE_WORDS = {"on", "in", "at", "to", "left", "right", "up", "down", "top", "bottom", "centre"}
 
 SLOTS = ("colour: new object", "colour: new object, first frame", "colour: new object, later",
          "colour: colour change", "colour: object named before", "shape: new object", "shape: any")
