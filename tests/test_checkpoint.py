@@ -36,6 +36,17 @@ def test_save_then_load_gives_identical_logits(tmp_path, llm_folder, tiny_tokeni
     assert torch.allclose(loaded.model(ids, frames)[0], expected, atol=1e-5)
 
 
+def test_a_trained_connector_norm_scale_survives_save_and_load(tmp_path, llm_folder, tiny_tokenizer, tiny_llm):
+    config = ModelConfig(llm=str(llm_folder), finetune="connector", connector_norm=True)
+    model = build_live_model(config, tiny_llm, 8, register_placeholder(tiny_tokenizer))
+    with torch.no_grad():  # as if trained: no longer the embedding RMS the norm starts at
+        model.connector.norm.weight.copy_(torch.linspace(0.5, 2.0, model.connector.norm.weight.numel()))
+    save_checkpoint(model, tiny_tokenizer, config, FormatConfig(), tmp_path / "ckpt")
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.model_config.connector_norm
+    assert torch.equal(loaded.model.connector.norm.weight, model.connector.norm.weight)
+
+
 def test_failed_save_leaves_previous_checkpoint(tmp_path, llm_folder, tiny_tokenizer, tiny_llm, monkeypatch):
     config = ModelConfig(llm=str(llm_folder), finetune="connector")
     model = build_live_model(config, tiny_llm, 8, register_placeholder(tiny_tokenizer))

@@ -79,6 +79,13 @@ def test_frame_width_is_the_fed_width_half_the_connectors_with_frame_delta(tiny_
     assert LiveModel(tiny_llm, 10, placeholder_id=0, frame_delta=True).frame_width == 5
 
 
+def test_connector_norm_starts_frame_tokens_at_the_text_embeddings_rms(tiny_llm):
+    model = LiveModel(tiny_llm, 8, placeholder_id=0, connector_norm=True)
+    text_rms = tiny_llm.get_input_embeddings().weight.pow(2).mean().sqrt()
+    projected = model.connector(100 * torch.randn(5, 8, generator=torch.Generator().manual_seed(0)))  # [5, H]
+    assert torch.allclose(projected.pow(2).mean(-1).sqrt(), text_rms.expand(5), rtol=1e-4)
+
+
 @pytest.mark.parametrize("finetune,llm_trains", [("lora", "lora_"), ("full", "all"), ("connector", "none")])
 def test_finetune_modes_choose_trainable_weights(tiny_llm, finetune, llm_trains):
     model = build_live_model(ModelConfig(finetune=finetune, lora_r=4, lora_alpha=8), tiny_llm, 8, placeholder_id=7)

@@ -212,7 +212,8 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
             llm = llm.merge_and_unload()
     vision_dim = connector_state["fc1.weight"].shape[1]
     placeholder_id = tokenizer.convert_tokens_to_ids(format_config.placeholder)
-    model = LiveModel(llm, vision_dim, placeholder_id, model_config.connector_hidden, model_config.frame_delta)
+    model = LiveModel(llm, vision_dim, placeholder_id, model_config.connector_hidden, model_config.frame_delta,
+                      model_config.connector_norm)
     model.connector.load_state_dict(connector_state)
     model.to(device=device, dtype=dtype)
     if not trainable:
@@ -222,8 +223,8 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
 
 # The model settings that decide the shapes and meaning of the trained weights: a checkpoint can start a
 # training run only when they agree (dtype and dropout may differ).
-WEIGHT_SETTINGS = ("llm", "vision", "frame_size", "pooled_token", "grid", "connector_hidden", "finetune",
-                   "lora_r", "lora_alpha", "lora_targets")
+WEIGHT_SETTINGS = ("llm", "vision", "frame_size", "pooled_token", "grid", "connector_hidden", "connector_norm",
+                   "finetune", "lora_r", "lora_alpha", "lora_targets")
 
 
 def load_trained_weights(model: LiveModel, folder: str | Path, model_config: ModelConfig) -> None:

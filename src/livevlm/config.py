@@ -73,6 +73,7 @@ class ModelConfig:
     mean_rgb: bool = False  # each frame token also carries its pixels' mean colour (D + 3; see vision.py)
     frame_delta: bool = False  # each frame token also carries its change since the previous frame (2D; vision.py)
     connector_hidden: int = 0  # hidden width of the 2-layer MLP connector; 0 = the LLM's hidden size
+    connector_norm: bool = False  # the connector ends in an RMSNorm: frame tokens enter at the text's scale
     finetune: Literal["lora", "full", "connector"] = "lora"
     lora_r: int = 16
     lora_alpha: int = 32

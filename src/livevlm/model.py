@@ -35,18 +35,26 @@ CACHE_KWARG = _cache_kwarg_name()
 
 
 class Connector(nn.Module):
-    """Linear(vision_dim → hidden) → GELU → Linear(hidden → llm_dim), as the official v1+ connector."""
+    """Linear(vision_dim → hidden) → GELU → Linear(hidden → llm_dim), as the official v1+ connector.
 
-    def __init__(self, vision_dim: int, llm_dim: int, hidden: int = 0) -> None:
+    With `output_norm`, an RMSNorm follows (as Idefics2's connector ends in one). Without it the frame
+    tokens leave the connector at whatever scale the vision features have (~15× SmolLM2's text embeddings
+    for DINOv2), so at frame positions the residual stream is mostly the frame embedding; `LiveModel`
+    starts the norm's scale at the text embeddings' RMS, so frames enter the LLM as text does.
+    """
+
+    def __init__(self, vision_dim: int, llm_dim: int, hidden: int = 0, output_norm: bool = False) -> None:
         super().__init__()
         hidden = hidden or llm_dim
         self.fc1 = nn.Linear(vision_dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, llm_dim)
+        self.norm = nn.RMSNorm(llm_dim) if output_norm else None
 
     def forward(self, frame_tokens: torch.Tensor) -> torch.Tensor:
         """`[..., vision_dim]` → `[..., llm_dim]`."""
-        return self.fc2(self.act(self.fc1(frame_tokens)))
+        projected = self.fc2(self.act(self.fc1(frame_tokens)))
+        return projected if self.norm is None else self.norm(projected)
 
 
 def streaming_loss(logits: torch.Tensor, labels: torch.Tensor, frame_target: torch.Tensor,
@@ -95,16 +103,21 @@ class LiveModel(nn.Module):
         connector_hidden: hidden width of the connector (0 = the LLM's hidden size).
         frame_delta: the frame tokens carry their change since the previous frame (`vision.with_frame_deltas`,
             D = twice the encoder's width); whoever feeds a stream appends it (the dataset, the engine).
+        connector_norm: the connector ends in an RMSNorm whose scale starts at the RMS of the LLM's input
+            embedding table (`Connector`); a checkpoint's trained scale replaces it when one is loaded.
     """
 
     def __init__(self, llm: nn.Module, vision_dim: int, placeholder_id: int, connector_hidden: int = 0,
-                 frame_delta: bool = False) -> None:
+                 frame_delta: bool = False, connector_norm: bool = False) -> None:
         super().__init__()
         self.llm = llm
         self.placeholder_id = placeholder_id
         self.frame_delta = frame_delta
-        llm_dim = llm.get_input_embeddings().embedding_dim
-        self.connector = Connector(vision_dim, llm_dim, connector_hidden)
+        embeddings = llm.get_input_embeddings()
+        self.connector = Connector(vision_dim, embeddings.embedding_dim, connector_hidden, connector_norm)
+        if self.connector.norm is not None:
+            with torch.no_grad():
+                self.connector.norm.weight.fill_(embeddings.weight.float().pow(2).mean().sqrt().item())
         self.connector.to(next(llm.parameters()).dtype)
 
     @property
@@ -210,5 +223,6 @@ def apply_finetuning(model: LiveModel, config: ModelConfig) -> LiveModel:
 
 def build_live_model(config: ModelConfig, llm: nn.Module, vision_dim: int, placeholder_id: int) -> LiveModel:
     """A LiveModel around an already loaded LLM, with a fresh connector and the configured finetuning."""
-    model = LiveModel(llm, vision_dim, placeholder_id, config.connector_hidden, config.frame_delta)
+    model = LiveModel(llm, vision_dim, placeholder_id, config.connector_hidden, config.frame_delta,
+                      config.connector_norm)
     return apply_finetuning(model, config)
