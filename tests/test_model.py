@@ -80,7 +80,7 @@ def test_frame_width_is_the_fed_width_half_the_connectors_with_frame_delta(tiny_
 
 
 def test_connector_norm_starts_frame_tokens_at_the_text_embeddings_rms(tiny_llm):
-    model = LiveModel(tiny_llm, 8, placeholder_id=0, connector_norm=True)
+    model = build_live_model(ModelConfig(finetune="connector", connector_norm=True), tiny_llm, 8, placeholder_id=0)
     text_rms = tiny_llm.get_input_embeddings().weight.pow(2).mean().sqrt()
     projected = model.connector(100 * torch.randn(5, 8, generator=torch.Generator().manual_seed(0)))  # [5, H]
     assert torch.allclose(projected.pow(2).mean(-1).sqrt(), text_rms.expand(5), rtol=1e-4)

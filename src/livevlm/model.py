@@ -39,7 +39,7 @@ class Connector(nn.Module):
 
     With `output_norm`, an RMSNorm follows (as Idefics2's connector ends in one). Without it the frame
     tokens leave the connector at whatever scale the vision features have (~15× SmolLM2's text embeddings
-    for DINOv2), so at frame positions the residual stream is mostly the frame embedding; `LiveModel`
+    for DINOv2), so at frame positions the residual stream is mostly the frame embedding; `build_live_model`
     starts the norm's scale at the text embeddings' RMS, so frames enter the LLM as text does.
     """
 
@@ -103,8 +103,8 @@ class LiveModel(nn.Module):
         connector_hidden: hidden width of the connector (0 = the LLM's hidden size).
         frame_delta: the frame tokens carry their change since the previous frame (`vision.with_frame_deltas`,
             D = twice the encoder's width); whoever feeds a stream appends it (the dataset, the engine).
-        connector_norm: the connector ends in an RMSNorm whose scale starts at the RMS of the LLM's input
-            embedding table (`Connector`); a checkpoint's trained scale replaces it when one is loaded.
+        connector_norm: the connector ends in an RMSNorm (`Connector`). Its scale is a trained weight: a
+            checkpoint's is loaded over it, and `build_live_model` starts a fresh one at the text's scale.
     """
 
     def __init__(self, llm: nn.Module, vision_dim: int, placeholder_id: int, connector_hidden: int = 0,
@@ -113,11 +113,8 @@ class LiveModel(nn.Module):
         self.llm = llm
         self.placeholder_id = placeholder_id
         self.frame_delta = frame_delta
-        embeddings = llm.get_input_embeddings()
-        self.connector = Connector(vision_dim, embeddings.embedding_dim, connector_hidden, connector_norm)
-        if self.connector.norm is not None:
-            with torch.no_grad():
-                self.connector.norm.weight.fill_(embeddings.weight.float().pow(2).mean().sqrt().item())
+        llm_dim = llm.get_input_embeddings().embedding_dim
+        self.connector = Connector(vision_dim, llm_dim, connector_hidden, connector_norm)
         self.connector.to(next(llm.parameters()).dtype)
 
     @property
@@ -222,7 +219,16 @@ def apply_finetuning(model: LiveModel, config: ModelConfig) -> LiveModel:
 
 
 def build_live_model(config: ModelConfig, llm: nn.Module, vision_dim: int, placeholder_id: int) -> LiveModel:
-    """A LiveModel around an already loaded LLM, with a fresh connector and the configured finetuning."""
+    """A LiveModel around an already loaded LLM, with a fresh connector and the configured finetuning.
+
+    A fresh connector's output norm (`config.connector_norm`) starts at the RMS of the LLM's input embedding
+    table, so frame tokens enter at the text's scale; done here, not in `LiveModel`, because a loaded
+    checkpoint overwrites the scale and the table can be large (an 8B LLM's is 0.5 G values).
+    """
     model = LiveModel(llm, vision_dim, placeholder_id, config.connector_hidden, config.frame_delta,
                       config.connector_norm)
+    if model.connector.norm is not None:
+        with torch.no_grad():
+            text_rms = llm.get_input_embeddings().weight.float().pow(2).mean().sqrt()
+            model.connector.norm.weight.fill_(text_rms.item())
     return apply_finetuning(model, config)
