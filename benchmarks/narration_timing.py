@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from livevlm.evaluation.free_running import TimingScores, event_frames, match_timing
+from livevlm.evaluation.stream_eval import json_ready
 
 QUERY = "Please narrate the video in real time."
 
@@ -58,10 +59,10 @@ def main() -> None:
         truth = event_frames(record["events"], record["fps"], record["duration_s"])
         truth = [(t, group) for t, group in truth if t > 0]  # events at 0 s are answered with the query
         scores = match_timing(truth, responses, args.tolerance)
-        print(f"{record['video']}: {json.dumps(scores.as_dict())}", flush=True)
+        print(f"{record['video']}: {json.dumps(json_ready(scores.as_dict()))}", flush=True)
         pooled += scores
-    print(json.dumps({"videos": len(lines), "tolerance_s": args.tolerance, "threshold": threshold}
-                     | pooled.as_dict(), indent=2))
+    print(json.dumps(json_ready({"videos": len(lines), "tolerance_s": args.tolerance, "threshold": threshold}
+                                | pooled.as_dict()), indent=2))
 
 
 if __name__ == "__main__":

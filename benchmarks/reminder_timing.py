@@ -26,6 +26,7 @@ from pathlib import Path
 from narration_timing import stream  # the same `livevlm stream` call, with a query and its time
 
 from livevlm.evaluation.free_running import REMINDER_OUTCOMES, reminder_outcome
+from livevlm.evaluation.stream_eval import json_ready
 from livevlm.world import COLORS, SHAPES
 
 OBJECT_WORDS = set(COLORS) | set(SHAPES)
@@ -102,7 +103,7 @@ def main() -> None:
     summary |= {"mean_abs_offset_s": sum(offsets) / len(offsets) if offsets else math.nan,
                 "named_share": named / len(offsets) if offsets else math.nan,
                 "unprompted_responses": unprompted, "repeated_responses": repeated}
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(json_ready(summary), indent=2))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from livevlm.checkpoint import (
 from livevlm.config import ConfigError, FormatConfig, ModelConfig
 from livevlm.data.features import feature_name, load_features, save_features
 from livevlm.default_model import DEFAULT_MODEL_DIR
-from livevlm.evaluation.stream_eval import choose_threshold, sweep_edge_warning
+from livevlm.evaluation.stream_eval import choose_threshold, json_ready, sweep_edge_warning
 from livevlm.model import build_live_model
 
 FRAMES, VISION_DIM = 8, 16  # 4 s at 2 fps; a pooled token + a 1x1 grid per frame
@@ -52,7 +52,11 @@ def setup(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 def evaluate(capsys, *args: str) -> dict:
     assert run(["evaluate", *args]) == 0
-    return json.loads(capsys.readouterr().out)
+    return json.loads(capsys.readouterr().out, parse_constant=reject_non_json)
+
+
+def reject_non_json(constant: str) -> None:
+    raise AssertionError(f"evaluate printed {constant}, which is not JSON")
 
 
 def test_evaluate_prints_the_four_metrics_at_the_engine_threshold_and_zero(setup, capsys):
@@ -145,3 +149,9 @@ def test_a_bad_stored_threshold_names_the_key(tmp_path):
         read_recommended_threshold(tmp_path)
     with pytest.raises(ConfigError, match="engine.threshold"):
         store_recommended_threshold(tmp_path, -0.1)
+
+
+def test_nan_and_infinite_metrics_print_as_null_at_any_depth():
+    result = {"by_task": {"questions": {"time_diff_s": math.nan, "fluency": 0.5}}, "sweep": [math.inf, 1.0, 2]}
+    assert json_ready(result) == {"by_task": {"questions": {"time_diff_s": None, "fluency": 0.5}},
+                                  "sweep": [None, 1.0, 2]}

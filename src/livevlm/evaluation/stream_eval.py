@@ -114,6 +114,19 @@ def share_within(diffs: list[float], seconds: float) -> float:
     return sum(d <= seconds + 1e-9 for d in diffs) / len(diffs) if diffs else math.nan
 
 
+def json_ready(value: object) -> object:
+    """`value` with every NaN or infinite float, at any depth, made None, for strict JSON: Python writes NaN,
+    which `jq`, JavaScript and most JSON parsers reject. A metric is NaN where nothing was there to measure
+    (a TimeDiff over a slice with no timed turns), so null says it as JSON does."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
+
+
 def evaluate_command(args: EvaluateArgs) -> int:
     from livevlm.checkpoint import load_checkpoint, resolve_threshold, store_recommended_threshold
     from livevlm.config import EngineConfig
@@ -148,5 +161,5 @@ def evaluate_command(args: EvaluateArgs) -> int:
         result["chosen_threshold"] = chosen
         if warning := sweep_edge_warning(chosen, thresholds):
             log.warning(warning)
-    print(json.dumps(result, indent=2, sort_keys=False))
+    print(json.dumps(json_ready(result), indent=2, allow_nan=False))
     return 0
