@@ -27,3 +27,15 @@ def test_console_script_help_runs_in_a_fresh_process():
     assert result.returncode == 0, result.stderr
     for name in COMMANDS:
         assert name.split()[0] in result.stdout
+
+
+def test_a_command_group_lists_its_subcommands_in_the_top_level_help(capsys):
+    with pytest.raises(SystemExit):
+        build_parser({"stream": COMMANDS["stream"], "data convert": COMMANDS["data convert"],
+                      "data encode": COMMANDS["data encode"]}).parse_args(["--help"])
+    assert "data subcommands: convert, encode" in capsys.readouterr().out
+
+
+def test_a_command_group_alone_prints_its_own_help_and_returns_2(capsys):
+    assert run(["data"]) == 2
+    assert "usage: livevlm data" in capsys.readouterr().out

@@ -54,7 +54,8 @@ def _load(ref: str) -> Any:
 def build_parser(commands: dict[str, tuple[str, str, str]] = COMMANDS) -> argparse.ArgumentParser:
     from livevlm.config import add_dataclass_arguments
 
-    parser = argparse.ArgumentParser(prog="livevlm", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(prog="livevlm", description="Online video LLMs: watch a video stream frame "
+                                     "by frame and speak when the model decides to (the LIVE framework).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     groups: dict[str, argparse._SubParsersAction] = {}
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -64,7 +65,11 @@ def build_parser(commands: dict[str, tuple[str, str, str]] = COMMANDS) -> argpar
         for depth, word in enumerate(words[:-1]):
             key = " ".join(words[: depth + 1])
             if key not in groups:
-                group_parser = subparsers.add_parser(word, help=f"{word} commands")
+                children = [other.split()[depth + 1] for other in commands
+                            if other.split()[: depth + 1] == words[: depth + 1] and len(other.split()) > depth + 1]
+                group_help = f"{word} subcommands: {', '.join(dict.fromkeys(children))}"
+                group_parser = subparsers.add_parser(word, help=group_help, description=group_help)
+                group_parser.set_defaults(_help=group_parser.print_help)  # `livevlm data` alone: the group's help
                 groups[key] = group_parser.add_subparsers(dest=f"sub_{depth}", metavar="SUBCOMMAND")
             subparsers = groups[key]
         sub = subparsers.add_parser(words[-1], help=help_text, description=help_text)
@@ -81,7 +86,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if namespace.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if not hasattr(namespace, "_entry"):
-        parser.print_help()
+        getattr(namespace, "_help", parser.print_help)()
         return 2
     args_ref, func_ref = namespace._entry
     func: Callable[[Any], int | None] = _load(func_ref)
