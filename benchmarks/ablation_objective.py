@@ -215,6 +215,7 @@ def main() -> None:
 
     import livevlm  # noqa: F401  (CPU settings)
     from livevlm.checkpoint import load_checkpoint
+    from livevlm.evaluation.stream_eval import json_ready
     from livevlm.stream_format import StreamFormat
 
     if args.threads:
@@ -236,7 +237,7 @@ def main() -> None:
         row |= teacher_forced(variant, loaded, fmt, heldout, heldout_features, args.threshold)
         row |= inference_fps(variant, loaded, fmt, heldout["live"], heldout_features, args.fps_videos,
                              args.threshold)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(json_ready(row)), flush=True)
         rows.append(row)
     print(f"\n{args.videos} training videos x {args.epochs:g} epoch(s), held-out narration streams, θ = "
           f"{args.threshold}\n")
