@@ -58,6 +58,11 @@ def build_parser(commands: dict[str, tuple[str, str, str]] = COMMANDS) -> argpar
                                      "by frame and speak when the model decides to (the LIVE framework).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     groups: dict[str, argparse._SubParsersAction] = {}
+    children: dict[str, list[str]] = {}  # "data" -> ["convert", "validate", ...], for the group's help
+    for name in commands:
+        words = name.split()
+        for depth in range(1, len(words)):
+            children.setdefault(" ".join(words[:depth]), []).append(words[depth])
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (args_ref, func_ref, help_text) in commands.items():
         words = name.split()
@@ -65,9 +70,7 @@ def build_parser(commands: dict[str, tuple[str, str, str]] = COMMANDS) -> argpar
         for depth, word in enumerate(words[:-1]):
             key = " ".join(words[: depth + 1])
             if key not in groups:
-                children = [other.split()[depth + 1] for other in commands
-                            if other.split()[: depth + 1] == words[: depth + 1] and len(other.split()) > depth + 1]
-                group_help = f"{word} subcommands: {', '.join(dict.fromkeys(children))}"
+                group_help = f"{word} subcommands: {', '.join(dict.fromkeys(children[key]))}"
                 group_parser = subparsers.add_parser(word, help=group_help, description=group_help)
                 group_parser.set_defaults(_help=group_parser.print_help)  # `livevlm data` alone: the group's help
                 groups[key] = group_parser.add_subparsers(dest=f"sub_{depth}", metavar="SUBCOMMAND")
