@@ -12,7 +12,12 @@ chat template (the tokenizer's for `transformers`, the server's for `openai`).
   every worker.
 - `openai`: any OpenAI-compatible chat-completions server (vLLM, llama.cpp server, Ollama, SGLang). At
   most `concurrency` HTTP requests are in flight; timeouts, 5xx / 429 answers and connection errors are
-  retried with exponential backoff; nothing outlives the item's deadline.
+  retried with exponential backoff; nothing outlives the item's deadline. The HTTP goes through the
+  `openai` package (the `synth` extra, imported only when this backend starts) rather than hand-written
+  urllib: it builds the URLs from any base URL, sends the key, applies per-request timeouts, pools
+  connections and turns every failure into a typed error (status, connection, timeout), which is all
+  `_attempt` has to sort. Its own retry loop stays off (`max_retries=0`): it would sleep between attempts
+  without knowing the item's deadline and with its own delays, so `_call` retries, with `--backoff`.
 
 Prefill. Transformers appends the prefill after the chat template's generation prompt, so the model
 continues it. A server gets it as a final assistant message with vLLM's `continue_final_message`; servers
@@ -29,13 +34,10 @@ import queue
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from http.client import HTTPException
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -153,6 +155,7 @@ class RulesBackend:
 
 
 _RETRYABLE_HTTP = {408, 409, 425, 429, 500, 502, 503, 504}
+_PLACEHOLDER_KEY = "not-needed"  # the package wants a key; local servers (llama.cpp, vLLM, Ollama) ignore it
 
 
 class _Retryable(Exception):
@@ -165,25 +168,37 @@ class OpenAIBackend:
     Args:
         options: base_url, model, temperature, seed, concurrency, retries, backoff_s, request_timeout_s.
     Raises:
-        BackendError: the server cannot be reached or lists no model (when no model is named).
+        BackendError: the `openai` package is missing, or the server cannot be reached or lists no model (when
+            no model is named).
     """
 
     name = "openai"
 
     def __init__(self, options: BackendOptions) -> None:
+        try:
+            import openai
+        except ImportError:
+            raise BackendError("the openai backend needs the openai package: pip install 'livevlm[synth]'") from None
+        self._openai = openai
         self.base_url = (options.base_url or os.environ.get("OPENAI_BASE_URL") or "http://127.0.0.1:8000/v1")
         self.base_url = self.base_url.rstrip("/")
-        self.api_key = os.environ.get("OPENAI_API_KEY", "")
         self.options = options
         self.concurrency = max(1, options.concurrency)
+        # max_retries=0: the package would sleep between attempts without knowing the item's deadline, and
+        # with its own delays rather than --backoff; `_call` retries instead, the package does the HTTP.
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=os.environ.get("OPENAI_API_KEY") or
+                                     _PLACEHOLDER_KEY, timeout=options.request_timeout_s, max_retries=0)
+        for name in ("httpx", "httpx2"):  # one INFO line per request would drown the progress log
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.WARNING)
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="openai")
         self.model = options.model or os.environ.get("OPENAI_MODEL") or self._first_model()
         self.tokenizer = _load_tokenizer(options.tokenizer) if options.tokenizer else None
 
     def _first_model(self) -> str:
         deadline = time.monotonic() + self.options.request_timeout_s * (self.options.retries + 1)
-        listing = self._call("GET", "/models", None, deadline)
-        models = [m.get("id") for m in listing.get("data", []) if isinstance(m, dict)]
+        listing = self._call("/models", lambda timeout: self._client.models.list(timeout=timeout), deadline)
+        models = [getattr(m, "id", None) for m in getattr(listing, "data", None) or []]
         if not models or not isinstance(models[0], str):
             raise BackendError(f"{self.base_url}/models lists no model; name one with --model")
         return models[0]
@@ -196,47 +211,47 @@ class OpenAIBackend:
             for f in futures:
                 f.cancel()
 
+    def _sampling(self, request: Request) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"model": self.model, "max_tokens": request.max_tokens,
+                                  "temperature": self.options.temperature, "seed": self.options.seed}
+        if request.stop:
+            kwargs["stop"] = request.stop
+        return kwargs
+
     def _one(self, request: Request, deadline: float) -> Completion:
         if self.tokenizer is not None:
             return self._one_raw(request, deadline)
+        kwargs = self._sampling(request)
         messages = list(request.messages)
-        payload: dict[str, Any] = {"model": self.model, "max_tokens": request.max_tokens,
-                                   "temperature": self.options.temperature, "seed": self.options.seed}
         if request.prefill:
             # vLLM / SGLang continue the final assistant message; other servers ignore these two flags.
             messages.append({"role": "assistant", "content": request.prefill})
-            payload.update(continue_final_message=True, add_generation_prompt=False)
-        payload["messages"] = messages
-        if request.stop:
-            payload["stop"] = request.stop
-        answer = self._call("POST", "/chat/completions", payload, deadline)
-        try:
-            text = answer["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError):
-            raise BackendError(f"{self.base_url}/chat/completions: unexpected answer "
-                               f"{json.dumps(answer)[:200]}; is this an OpenAI-compatible server?") from None
-        usage = answer.get("usage") or {}
-        return Completion(text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+            kwargs["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
+        answer = self._call("/chat/completions", lambda timeout: self._client.chat.completions.create(
+            messages=messages, timeout=timeout, **kwargs), deadline)
+        return self._completion("/chat/completions", answer, lambda choice: choice.message.content)
 
     def _one_raw(self, request: Request, deadline: float) -> Completion:
         """/completions with the prompt rendered by the local chat template and the prefill appended: a real
         continuation on servers that cannot continue a chat message (llama.cpp's, Ollama's)."""
         prompt = self.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
-        payload = {"model": self.model, "prompt": prompt + request.prefill, "max_tokens": request.max_tokens,
-                   "temperature": self.options.temperature, "seed": self.options.seed}
-        if request.stop:
-            payload["stop"] = request.stop
-        answer = self._call("POST", "/completions", payload, deadline)
-        try:
-            text = answer["choices"][0]["text"] or ""
-        except (KeyError, IndexError, TypeError):
-            raise BackendError(f"{self.base_url}/completions: unexpected answer {json.dumps(answer)[:200]}; is "
-                               "this an OpenAI-compatible server?") from None
-        usage = answer.get("usage") or {}
-        return Completion(text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        kwargs = self._sampling(request)
+        answer = self._call("/completions", lambda timeout: self._client.completions.create(
+            prompt=prompt + request.prefill, timeout=timeout, **kwargs), deadline)
+        return self._completion("/completions", answer, lambda choice: choice.text)
 
-    def _call(self, method: str, path: str, payload: dict[str, Any] | None, deadline: float) -> dict[str, Any]:
-        """One API call with retries; exponential backoff (with jitter) between attempts, all before `deadline`."""
+    def _completion(self, path: str, answer: Any, text_of: Callable[[Any], str | None]) -> Completion:
+        try:
+            text = text_of(answer.choices[0]) or ""
+        except (AttributeError, IndexError, TypeError):
+            raise BackendError(f"{self.base_url}{path}: unexpected answer {str(answer)[:200]}; is this an "
+                               "OpenAI-compatible server?") from None
+        usage = getattr(answer, "usage", None)
+        return Completion(text, int(getattr(usage, "prompt_tokens", 0) or 0),
+                          int(getattr(usage, "completion_tokens", 0) or 0))
+
+    def _call(self, path: str, send: Callable[[float], Any], deadline: float) -> Any:
+        """`send(timeout)` with retries; exponential backoff (with jitter) between attempts, all before `deadline`."""
         url = self.base_url + path
         attempts = self.options.retries + 1
         for attempt in range(attempts):
@@ -244,7 +259,7 @@ class OpenAIBackend:
             if remaining <= 0:
                 raise DeadlineExceeded(f"{url}: the item's time limit passed (after {attempt} attempt(s))")
             try:
-                return self._attempt(method, url, payload, min(self.options.request_timeout_s, remaining))
+                return self._attempt(url, send, min(self.options.request_timeout_s, remaining))
             except _Retryable as exc:
                 if attempt + 1 == attempts:
                     raise BackendError(f"{url}: {exc} (gave up after {attempts} attempts); check that the "
@@ -257,33 +272,31 @@ class OpenAIBackend:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _attempt(self, method: str, url: str, payload: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = None if payload is None else json.dumps(payload).encode()
-        request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    def _attempt(self, url: str, send: Callable[[float], Any], timeout: float) -> Any:
+        """One request; the package's errors sorted into retryable ones and `BackendError`s."""
+        openai = self._openai
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                body = response.read()
-        except urllib.error.HTTPError as exc:
-            detail = exc.read()[:300].decode(errors="replace")
-            if exc.code in _RETRYABLE_HTTP:
-                raise _Retryable(f"HTTP {exc.code}: {detail}") from None
-            raise BackendError(f"{url}: HTTP {exc.code}: {detail}") from None
-        except urllib.error.URLError as exc:
-            raise _Retryable(f"cannot connect ({exc.reason})") from None
-        except TimeoutError:
+            answer = send(timeout)
+        except openai.APITimeoutError:
             raise _Retryable(f"no answer within {timeout:.0f} s") from None
-        except (ConnectionError, HTTPException, OSError) as exc:
-            raise _Retryable(f"connection failed ({type(exc).__name__}: {exc})") from None
-        try:
-            return json.loads(body)
-        except json.JSONDecodeError:
-            raise _Retryable(f"answer is not JSON: {body[:100]!r}") from None
+        except openai.APIConnectionError as exc:
+            raise _Retryable(f"cannot connect ({exc.__cause__ or exc})") from None
+        except openai.APIStatusError as exc:
+            detail = exc.response.text[:300]
+            if exc.status_code in _RETRYABLE_HTTP:
+                raise _Retryable(f"HTTP {exc.status_code}: {detail}") from None
+            raise BackendError(f"{url}: HTTP {exc.status_code}: {detail}") from None
+        except json.JSONDecodeError as exc:  # a JSON content type with a body that is not JSON
+            raise _Retryable(f"answer is not JSON ({exc})") from None
+        except openai.OpenAIError as exc:
+            raise BackendError(f"{url}: {type(exc).__name__}: {exc}") from None
+        if isinstance(answer, str):  # the package hands back the text of an answer that is not JSON
+            raise _Retryable(f"answer is not JSON: {answer[:100]!r}")
+        return answer
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
 
 
 # ---------------------------------------------------------------------------------------------------
