@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from livevlm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from conftest import build_tiny_llm
+from livevlm.checkpoint import CheckpointError, load_checkpoint, load_trained_weights, save_checkpoint
 from livevlm.config import FormatConfig, ModelConfig
 from livevlm.model import build_live_model
 from livevlm.stream_format import register_placeholder
@@ -100,3 +101,37 @@ def test_merging_a_lora_on_a_tied_lm_head_keeps_the_input_embeddings(tmp_path, t
     save_checkpoint(model, tiny_tokenizer, config, FormatConfig(), tmp_path / "ckpt")
     merged = load_checkpoint(tmp_path / "ckpt", merge_lora=True)
     assert torch.allclose(merged.model(ids, frames)[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("finetune", ["connector", "lora"])
+def test_init_from_a_checkpoint_without_colour_or_changes_starts_as_it(tmp_path, llm_folder, tiny_tokenizer, finetune):
+    """`train.init_from` into a model with mean_rgb and frame_delta: the new inputs' connector columns start at
+    zero (`LiveModel.load_connector`), so the model gives the checkpoint's outputs on zero colours."""
+    config = ModelConfig(llm=str(llm_folder), finetune=finetune, lora_r=4, lora_alpha=8)
+    placeholder = register_placeholder(tiny_tokenizer)
+    saved = build_live_model(config, build_tiny_llm(len(tiny_tokenizer) - 1), 8, placeholder)
+    with torch.no_grad():
+        for name, param in saved.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    save_checkpoint(saved, tiny_tokenizer, config, FormatConfig(), tmp_path / "ckpt")
+    wider = ModelConfig(llm=str(llm_folder), finetune=finetune, lora_r=4, lora_alpha=8, mean_rgb=True,
+                        frame_delta=True)
+    model = build_live_model(wider, build_tiny_llm(len(tiny_tokenizer) - 1), 2 * (8 + 3), placeholder)
+    load_trained_weights(model, tmp_path / "ckpt", wider)
+    tokens = torch.randn(3, 2, 8, generator=torch.Generator().manual_seed(0))  # [T, N, D]
+    coloured = torch.cat([tokens, torch.zeros(3, 2, 3)], dim=-1)  # zero colours; the model derives the changes
+    ids = torch.tensor([[1, placeholder, placeholder, 5, placeholder, placeholder, 9, placeholder, placeholder]])
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(ids, coloured)[0], saved.eval()(ids, tokens)[0], atol=1e-5, rtol=0)
+
+
+def test_init_from_a_connector_of_another_width_names_both_and_the_fix(tmp_path, llm_folder, tiny_tokenizer):
+    config = ModelConfig(llm=str(llm_folder), finetune="connector")
+    placeholder = register_placeholder(tiny_tokenizer)
+    save_checkpoint(build_live_model(config, build_tiny_llm(len(tiny_tokenizer) - 1), 8, placeholder), tiny_tokenizer,
+                    config, FormatConfig(), tmp_path / "ckpt")
+    model = build_live_model(config, build_tiny_llm(len(tiny_tokenizer) - 1), 10, placeholder)
+    with pytest.raises(CheckpointError, match=r"train.init_from=.*ckpt: its connector takes 8-wide frame tokens, "
+                                              r"this model's takes 10 \(from the feature cache\); encode the features"):
+        load_trained_weights(model, tmp_path / "ckpt", config)

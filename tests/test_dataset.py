@@ -47,13 +47,11 @@ def test_sample_has_one_frame_token_set_per_frame_and_speaks_at_the_turn(cached,
     assert frame_labels == [fmt.separator_id] * 3 + [fmt.speak_id] + [fmt.separator_id] * 5
 
 
-def test_frame_delta_appends_each_tokens_change_from_a_zero_start(cached, fmt):
-    plain = StreamDataset(cached / "d.jsonl", fmt, cache_dir=cached / "cache")[1].frame_tokens  # [6, 2, 4]
-    tokens = StreamDataset(cached / "d.jsonl", fmt, cache_dir=cached / "cache", frame_delta=True)[1].frame_tokens
-    assert tokens.shape == (6, 2, 8)
-    assert torch.equal(tokens[..., :4], plain)
-    assert torch.equal(tokens[0, :, 4:], torch.zeros(2, 4))  # the stream's first frame: nothing before it
-    assert torch.equal(tokens[1:, :, 4:], torch.full((5, 2, 4), 8.0))  # the cache counts up by 2·4 a frame
+def test_samples_hold_the_raw_cached_tokens_of_their_stream(cached, fmt):
+    """Derived inputs (frame_delta's changes) are the model's job (`LiveModel.frame_inputs`), not the data's."""
+    dataset = StreamDataset(cached / "d.jsonl", fmt, cache_dir=cached / "cache")
+    stored, _ = load_features(cached / "cache" / feature_name("videos/001.mp4"))
+    assert torch.equal(dataset[1].frame_tokens, stored)  # [6, 2, 4], as cached
 
 
 def test_max_frames_truncates_stream_and_drops_later_turns(cached, fmt):
@@ -69,9 +67,10 @@ def test_collate_pads_right_and_concatenates_frames_in_placeholder_order(cached,
     assert batch["input_ids"].shape == (2, max(lengths))
     assert batch["attention_mask"].sum(1).tolist() == lengths
     assert (batch["labels"][1, lengths[1]:] == IGNORE).all()
-    assert batch["frame_tokens"].shape == ((10 + 6) * 2, 4)
-    assert batch["frame_tokens"][20, 0].item() == 1000.0  # the second stream's first token follows the first's
-    assert int((batch["input_ids"] == fmt.placeholder_id).sum()) == batch["frame_tokens"].shape[0]
+    assert batch["frame_tokens"].shape == (10 + 6, 2, 4)  # [ΣT, N, D], the streams' frames one after the other
+    assert batch["frame_counts"].tolist() == [10, 6]  # where each stream starts, for the model's frame inputs
+    assert batch["frame_tokens"][10, 0, 0].item() == 1000.0  # the second stream's first token follows the first's
+    assert int((batch["input_ids"] == fmt.placeholder_id).sum()) == batch["frame_tokens"][..., 0].numel()
 
 
 def test_collate_without_frame_targets_keeps_only_the_text_labels(cached, fmt):

@@ -11,7 +11,6 @@ from livevlm.config import EngineConfig, FormatConfig
 from livevlm.engine import FrameEvent, QueryEvent, ResponseEvent, StreamSession
 from livevlm.model import LiveModel
 from livevlm.stream_format import Frames, Message, StreamFormat, register_placeholder
-from livevlm.vision import with_frame_deltas
 
 N, D = 2, 8  # tokens per frame, frame-token width
 SCRIPT = "A red circle"  # what the scripted LLM says after every "Assistant:"
@@ -189,19 +188,66 @@ def test_a_frame_delta_model_names_the_width_before_the_doubling(fmt, tiny_llm):
         StreamSession(model, fmt, EngineConfig()).step(torch.zeros(1, N, 2 * D), [0.0])
 
 
-def test_frame_delta_model_sees_each_frames_change_across_steps(fmt, tiny_llm):
+@pytest.fixture
+def delta_model(fmt, tiny_llm):
+    """A random frame_delta model (raw frame tokens D wide, the connector 2D), silent at most frames."""
     torch.manual_seed(1)
-    model = bias_separator(LiveModel(tiny_llm, 2 * D, fmt.placeholder_id, frame_delta=True).eval(),
-                           fmt.separator_id, 3.0)
-    tokens, times = frames(6)
-    session = StreamSession(model, fmt, EngineConfig(threshold=0.0, max_frames_per_forward=5))
-    got = p_speak(session.step(tokens[:2], times[:2]) + session.step(tokens[2:], times[2:]))
-    rendered = fmt.render([Frames(6)])
-    with torch.no_grad():  # one forward over the whole stream, its changes computed at once
-        logits, _, _ = model(torch.tensor([rendered.input_ids]), with_frame_deltas(tokens, None))
+    return bias_separator(LiveModel(tiny_llm, 2 * D, fmt.placeholder_id, frame_delta=True).eval(),
+                          fmt.separator_id, 3.0)
+
+
+def teacher_forced_p_speak(model, fmt, items, tokens=None, inputs=None) -> torch.Tensor:
+    """p_speak at every frame end of one forward over the render of `items`, fed the raw `tokens` `[T, N, D]`
+    as training feeds them (the model derives its inputs), or the connector's own `inputs` `[T·N, 2D]`."""
+    rendered = fmt.render(items)
+    ids = torch.tensor([rendered.input_ids])
+    with torch.no_grad():
+        if inputs is None:
+            logits, _, _ = model(ids, tokens)
+        else:
+            logits = model.llm(inputs_embeds=model.embed_inputs(ids, inputs)).logits
     frame_ends = [i for i, is_frame in enumerate(rendered.frame_target) if is_frame]
-    expected = 1.0 - torch.softmax(logits[0, frame_ends].float(), dim=-1)[:, fmt.separator_id]
-    assert torch.allclose(torch.tensor(got, dtype=torch.float64), expected.double(), atol=1e-5, rtol=0)
+    return (1.0 - torch.softmax(logits[0, frame_ends].float(), dim=-1)[:, fmt.separator_id]).double()
+
+
+@pytest.mark.parametrize("per_forward", [1, 5])
+def test_frame_delta_decisions_equal_one_teacher_forced_forward(fmt, delta_model, per_forward):
+    """The engine (pieces of a stream, its own previous frame) and training (the whole stream) give the
+    model the same inputs: the per-frame decisions equal one forward over the raw tokens."""
+    tokens, times = frames(9)
+    session = StreamSession(delta_model, fmt, EngineConfig(threshold=0.0, max_frames_per_forward=per_forward),
+                            record_fed_ids=True)
+    got = []
+    for start, end in ((0, 2), (2, 3), (3, 9)):
+        got += p_speak(session.step(tokens[start:end], times[start:end]))
+    assert session.fed_ids == fmt.render([Frames(9)]).input_ids
+    expected = teacher_forced_p_speak(delta_model, fmt, [Frames(9)], tokens)
+    assert torch.allclose(torch.tensor(got, dtype=torch.float64), expected, atol=1e-5, rtol=0)
+    # and the changes matter: fed as nine one-frame streams (every change zero), the decisions differ
+    zeroed = torch.cat([delta_model.frame_inputs(tokens[t:t + 1]) for t in range(9)]).flatten(0, 1)
+    assert (teacher_forced_p_speak(delta_model, fmt, [Frames(9)], inputs=zeroed) - expected).abs().max() > 1e-3
+
+
+def test_a_rebuilt_frame_delta_cache_replays_the_kept_frames_inputs_exactly(fmt, delta_model):
+    """The record keeps raw frames; a rebuild derives their inputs as when they were first fed, so the first
+    kept frame keeps its change since the dropped frame before it (exactly: the connector sees the same)."""
+    session = StreamSession(delta_model, fmt, EngineConfig(threshold=0.0, window_frames=6, max_frames_per_forward=1))
+    tokens, times = frames(20)
+    fed = []  # the connector's inputs of every forward, [P, 2D]
+    delta_model.connector.register_forward_hook(lambda module, args, out: fed.append(args[0].clone()))
+    session.step(tokens[:19], times[:19])
+    kept = session.cache_ids.count(fmt.placeholder_id) // N
+    assert session.windowed and kept == 4  # rebuilt before frame 18 to frames 15-17, then frame 18 fed
+    assert session.cache_ids == fmt.render([Frames(kept)]).input_ids
+    replayed, frame_18 = fed[-2:]
+    assert torch.equal(replayed, delta_model.frame_inputs(tokens[15:18], previous=tokens[14]).flatten(0, 1))
+    assert torch.equal(frame_18, delta_model.frame_inputs(tokens[18:19], previous=tokens[17]).flatten(0, 1))
+    first_time = [inputs for inputs in fed if len(inputs) == N]  # frames 0-18, one a forward
+    assert torch.equal(torch.cat(first_time[15:18]), replayed)  # what frames 15-17 were fed with the first time
+    got = p_speak(session.step(tokens[19:], times[19:]))
+    inputs = delta_model.frame_inputs(tokens[15:], previous=tokens[14]).flatten(0, 1)
+    expected = teacher_forced_p_speak(delta_model, fmt, [Frames(kept + 1)], inputs=inputs)
+    assert got == pytest.approx(expected[-1:].tolist(), abs=1e-5)
 
 
 def test_sampling_is_reproducible_from_the_seed(fmt, random_model):

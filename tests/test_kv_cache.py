@@ -1,13 +1,11 @@
 """The engine's growing KV cache: same attention results as transformers' DynamicCache, no reallocation."""
 
-import sys
 
-import pytest
 import torch
 from transformers import DynamicCache
 
 from conftest import build_tiny_llm
-from livevlm.engine.kv_cache import MIN_CAPACITY, GrowingLayer, clear_cache, growing_cache, pin_mmap_threshold
+from livevlm.engine.kv_cache import MIN_CAPACITY, GrowingLayer, clear_cache, growing_cache
 from livevlm.model import CACHE_KWARG
 
 
@@ -59,13 +57,3 @@ def test_first_allocation_is_the_minimum_capacity():
     cache = growing_cache(llm.config)
     _feed(llm, cache, [torch.arange(5)])
     assert cache.layers[0].capacity == MIN_CAPACITY and cache.get_seq_length() == 5
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_pinning_the_mmap_threshold_is_accepted_by_glibc():
-    assert pin_mmap_threshold() is True
-
-
-def test_the_environment_can_leave_the_allocator_alone(monkeypatch):
-    monkeypatch.setenv("LIVEVLM_MMAP_THRESHOLD", "0")
-    assert pin_mmap_threshold() is False

@@ -136,3 +136,104 @@ def test_labelled_logits_only_gives_the_same_loss(tiny_tokenizer, tiny_llm):
     assert kept_logits.shape == (1, len(keep), full_logits.shape[-1])
     assert torch.allclose(kept_logits, full_logits[:, keep], atol=1e-6)
     assert kept_loss.item() == pytest.approx(full_loss.item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the model's own frame inputs (frame_delta): one function for training and the engine
+
+
+def test_frame_inputs_append_each_tokens_change_since_the_frame_before(tiny_llm):
+    model = LiveModel(tiny_llm, 4, placeholder_id=0, frame_delta=True)
+    tokens = torch.tensor([[[1.0, 2.0]], [[4.0, 2.0]], [[4.0, 7.0]]])  # [T=3, N=1, D=2]
+    assert torch.equal(model.frame_inputs(tokens),
+                       torch.tensor([[[1.0, 2.0, 0.0, 0.0]], [[4.0, 2.0, 3.0, 0.0]], [[4.0, 7.0, 0.0, 5.0]]]))
+    assert torch.equal(model.frame_inputs(tokens[2:], previous=tokens[1]), torch.tensor([[[4.0, 7.0, 0.0, 5.0]]]))
+    plain = LiveModel(tiny_llm, 2, placeholder_id=0)
+    assert plain.frame_inputs(tokens, previous=tokens[0]) is tokens  # nothing derived without frame_delta
+
+
+def test_frame_inputs_of_a_stream_at_once_equal_those_fed_frame_by_frame(tiny_llm):
+    """Training derives a whole stream's inputs at once, the engine one piece at a time: exactly the same."""
+    model = LiveModel(tiny_llm, 2 * 8, placeholder_id=0, frame_delta=True)
+    tokens = torch.randn(7, 3, 8, generator=torch.Generator().manual_seed(0))  # [T, N, D]
+    at_once = model.frame_inputs(tokens)  # [T, N, 2D]
+    one_by_one = torch.cat([model.frame_inputs(tokens[t:t + 1], tokens[t - 1] if t else None) for t in range(7)])
+    pieces = torch.cat([model.frame_inputs(tokens[:3]), model.frame_inputs(tokens[3:], previous=tokens[2])])
+    assert torch.equal(one_by_one, at_once) and torch.equal(pieces, at_once)
+    assert torch.equal(at_once[0, :, 8:], torch.zeros(3, 8))  # a stream's first frame has no change
+
+
+def _two_streams(tokenizer, tokens_per_frame=2, width=8):
+    from livevlm.data.dataset import StreamSample
+
+    register_placeholder(tokenizer)
+    fmt = StreamFormat(tokenizer, FormatConfig(), tokens_per_frame)
+    generator = torch.Generator().manual_seed(3)
+    samples = []
+    for index, items in enumerate([
+            [Frames(3), Message("user", "What just happened?"), Message("assistant", "It stopped."), Frames(2)],
+            [Frames(1), Message("assistant", "A red circle."), Frames(4), Message("assistant", "It stopped.")]]):
+        rendered = fmt.render(items)
+        samples.append(StreamSample(torch.tensor(rendered.input_ids), torch.tensor(rendered.labels),
+                                    torch.tensor(rendered.frame_target),
+                                    torch.randn(rendered.num_frames, tokens_per_frame, width, generator=generator),
+                                    f"s{index}", rendered.frame_ends))
+    return fmt, samples
+
+
+def test_a_collated_batch_gives_each_stream_its_own_logits_with_frame_delta(tiny_tokenizer, tiny_llm):
+    from livevlm.data.dataset import collate_streams
+
+    fmt, samples = _two_streams(tiny_tokenizer)
+    torch.manual_seed(0)
+    model = LiveModel(tiny_llm, 2 * 8, fmt.placeholder_id, frame_delta=True).eval()
+    batch = collate_streams(samples, pad_id=fmt.eos_id)
+    assert batch["frame_tokens"].shape == (5 + 5, 2, 8) and batch["frame_counts"].tolist() == [5, 5]
+    assert len(samples[0].input_ids) != len(samples[1].input_ids)  # one row is padded
+    with torch.no_grad():
+        logits, loss, _ = model(**batch)
+        for row, sample in enumerate(samples):
+            alone, _, _ = model(sample.input_ids[None], sample.frame_tokens)
+            assert torch.allclose(logits[row, :len(sample.input_ids)], alone[0], atol=1e-5, rtol=0)
+        # what the batch would give if the second stream's first change were taken from the first stream
+        crossed = model.embed_inputs(batch["input_ids"], model.frame_inputs(batch["frame_tokens"]).flatten(0, 1))
+    assert not torch.allclose(crossed, model.embed(batch["input_ids"], batch["frame_tokens"], batch["frame_counts"]))
+    assert loss is not None
+
+
+def test_frame_inputs_need_the_streams_boundaries(tiny_llm):
+    model = LiveModel(tiny_llm, 2 * 8, placeholder_id=7, frame_delta=True)
+    with pytest.raises(ValueError, match=r"frames \[T, N, D\], got shape \(4, 8\) \(flat tokens have no frame"):
+        model.embed(torch.tensor([[7, 7, 7, 7]]), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="a batch of 2 streams needs frame_counts"):
+        model.embed(torch.tensor([[7, 7], [7, 7]]), torch.randn(2, 2, 8))
+    with pytest.raises(ValueError, match=r"frame_counts \[1, 2\] must give the frames of each of the 2 rows, 2 in all"):
+        model.embed(torch.tensor([[7, 7], [7, 7]]), torch.randn(2, 2, 8), torch.tensor([1, 2]))
+    plain = LiveModel(tiny_llm, 8, placeholder_id=7)  # nothing to derive: flat tokens are the connector's inputs
+    assert plain.embed(torch.tensor([[7, 1, 7]]), torch.randn(2, 8)).shape == (1, 3, 32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a saved connector widened for inputs it was trained without
+
+
+@pytest.mark.parametrize("saved_frame_delta", [False, True])
+def test_a_widened_connector_gives_the_saved_outputs_whatever_the_new_inputs(tiny_llm, saved_frame_delta):
+    torch.manual_seed(0)
+    saved = LiveModel(tiny_llm, 8 * (2 if saved_frame_delta else 1), placeholder_id=7, frame_delta=saved_frame_delta)
+    widened = LiveModel(tiny_llm, 2 * (8 + 3), placeholder_id=7, frame_delta=True)  # + mean_rgb's colours
+    widened.load_connector(saved.connector.state_dict(), saved_frame_delta, new_channels=3)
+    tokens = torch.randn(4, 2, 8)  # [T, N, D]
+    coloured = torch.cat([tokens, torch.randn(4, 2, 3)], dim=-1)  # any colours: their columns are zero
+    ids = torch.tensor([[1, 7, 7, 2, 7, 7, 7, 7, 3, 7, 7]])
+    with torch.no_grad():
+        expected = saved.embed(ids, tokens)
+        assert torch.allclose(widened.embed(ids, coloured), expected, atol=1e-6, rtol=0)
+
+
+def test_a_connector_cannot_lose_an_input_or_change_its_width(tiny_llm):
+    saved = LiveModel(tiny_llm, 2 * 8, placeholder_id=7, frame_delta=True).connector.state_dict()
+    with pytest.raises(ValueError, match="model.frame_delta: True in the checkpoint, False here"):
+        LiveModel(tiny_llm, 8, placeholder_id=7).load_connector(saved, saved_frame_delta=True)
+    with pytest.raises(ValueError, match="its connector takes 16-wide frame tokens, this model's takes 22"):
+        LiveModel(tiny_llm, 22, placeholder_id=7, frame_delta=True).load_connector(saved)

@@ -15,7 +15,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from livevlm.vision import RGB_GAIN, VisionError, build_frame_encoder, load_frame_encoder, with_frame_deltas
+from livevlm.vision import RGB_GAIN, VisionError, build_frame_encoder, load_frame_encoder
 
 SMALL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=4)
 
@@ -58,14 +58,6 @@ def test_mean_rgb_appends_each_tokens_pixel_colour(kind):
     assert torch.allclose(colours[0], torch.tensor([1.0, 2.0, 3.0]) / 9)  # the frame: 1 cell of 9
     assert torch.allclose(colours[1], torch.tensor([1.0, 2.0, 3.0]))
     assert torch.equal(colours[2:], torch.zeros(8, 3))
-
-
-def test_frame_deltas_append_each_tokens_change_since_the_frame_before():
-    tokens = torch.tensor([[[1.0, 2.0]], [[4.0, 2.0]], [[4.0, 7.0]]])  # [T=3, N=1, D=2]
-    assert torch.equal(with_frame_deltas(tokens, None),
-                       torch.tensor([[[1.0, 2.0, 0.0, 0.0]], [[4.0, 2.0, 3.0, 0.0]], [[4.0, 7.0, 0.0, 5.0]]]))
-    # a chunk continues the stream: its first change is against the previous chunk's last frame
-    assert torch.equal(with_frame_deltas(tokens[2:], tokens[1]), torch.tensor([[[4.0, 7.0, 0.0, 5.0]]]))
 
 
 def test_grid_only_and_pooled_only_counts():

@@ -28,7 +28,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from livevlm.config import ConfigError, EngineConfig, FormatConfig, ModelConfig, from_dict, load_yaml, to_dict
-from livevlm.files import write_text_atomically
+from livevlm.files import fsync_dir, fsync_tree, write_text_atomically
 from livevlm.model import LiveModel
 from livevlm.stream_format import register_placeholder
 from livevlm.vision import RGB_CHANNELS
@@ -77,12 +77,19 @@ def save_checkpoint(model: LiveModel, tokenizer, model_config: ModelConfig, form
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`, replacing it; the old one is removed only after the new one is in place."""
+    """Move `src` to `dst`, replacing it; the old one is removed only after the new one is in place.
+
+    A folder swap, so it cannot go through `files.atomic_path` (a file's `os.replace`): POSIX cannot
+    rename a folder over a non-empty one, so the old folder is moved aside first. Between the two renames
+    `dst` is briefly missing (never half-written); a crash there leaves the old checkpoint at `.<name>.old-*`.
+    """
+    fsync_tree(src)  # the files must be on disk before the folder's new name points at them
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
         dst.rename(old)
     src.rename(dst)
+    fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -179,7 +186,7 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from livevlm.backbones import resolve_llm
+    from livevlm.default_model import resolve_llm
 
     folder = Path(folder)
     config = _read_config(folder)
@@ -245,21 +252,13 @@ def load_trained_weights(model: LiveModel, folder: str | Path, model_config: Mod
     if differ:
         raise CheckpointError(f"train.init_from={folder} was trained with other model settings; set them as "
                               "it has them, or start from scratch: " + "; ".join(differ))
-    connector = _load_connector(folder)
-    # Inputs added to a model trained without them (colour, frame changes) get zero input columns, so the
-    # model starts as the checkpoint and training learns what they are worth.
-    weight = connector["fc1.weight"]  # [H, D] or, with frame_delta, [H, 2D]: the tokens' columns, then their changes'
-    parts = list(weight.chunk(2, dim=1)) if saved.frame_delta else [weight]
-    if model_config.mean_rgb and not saved.mean_rgb:
-        parts = [torch.cat([part, part.new_zeros(part.shape[0], RGB_CHANNELS)], dim=1) for part in parts]
-    if model_config.frame_delta and not saved.frame_delta:
-        parts.append(torch.zeros_like(parts[0]))
-    connector["fc1.weight"] = torch.cat(parts, dim=1)
-    expected = model.connector.fc1.in_features
-    if connector["fc1.weight"].shape[1] != expected:
-        raise CheckpointError(f"train.init_from={folder}: its connector takes {connector['fc1.weight'].shape[1]}-wide "
-                              f"frame tokens, the feature cache has {expected}; encode the features as it was trained")
-    model.connector.load_state_dict({k: v.to(model.connector.fc1.weight.dtype) for k, v in connector.items()})
+    # Inputs added to a model trained without them (colour, frame changes) start unused: `load_connector`.
+    new_channels = RGB_CHANNELS if model_config.mean_rgb and not saved.mean_rgb else 0
+    try:
+        model.load_connector(_load_connector(folder), saved.frame_delta, new_channels)
+    except ValueError as exc:  # the model's width is the feature cache's
+        raise CheckpointError(f"train.init_from={folder}: {exc} (from the feature cache); encode the features as "
+                              "it was trained") from None
     if model_config.finetune == "lora":
         from peft import set_peft_model_state_dict
 

@@ -4,15 +4,14 @@ A recipe is a YAML file whose top-level keys are the sections of `Recipe` (`mode
 `engine`). Command-line overrides use dotted keys: `train.lr=1e-4 model.grid=2`. Unknown keys and values
 of the wrong type raise `ConfigError` naming the key, so a typo never silently falls back to a default.
 
-The same machinery builds argparse parsers from small argument dataclasses (`add_dataclass_arguments`):
-fields without a default become positional arguments, the rest `--options`, with help from the field's
-`metadata["help"]`.
+The `livevlm` command builds its options from dataclasses too (`livevlm.cli.arguments`); that layer is
+the CLI's, not the library's.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,7 +70,7 @@ class ModelConfig:
     pooled_token: bool = True  # one pooled/CLS token per frame, before the grid
     grid: int = 3  # k: the patch grid is average-pooled to k x k tokens (0 = no grid tokens)
     mean_rgb: bool = False  # each frame token also carries its pixels' mean colour (D + 3; see vision.py)
-    frame_delta: bool = False  # each frame token also carries its change since the previous frame (2D; vision.py)
+    frame_delta: bool = False  # each frame token also carries its change since the frame before (2D; model.py)
     connector_hidden: int = 0  # hidden width of the 2-layer MLP connector; 0 = the LLM's hidden size
     connector_norm: bool = False  # the connector ends in an RMSNorm: frame tokens enter at the text's scale
     finetune: Literal["lora", "full", "connector"] = "lora"
@@ -248,7 +247,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]!s}; valid keys here: {sorted(names)}")
+        key = str(unknown[0])
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f"did you mean {prefix}{close[0]}? " if close else ""
+        raise ConfigError(f"unknown key {prefix}{key}; {hint}valid keys here: {sorted(names)}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -276,79 +278,49 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` over `base`, section by section (a nested mapping merges, anything else replaces)."""
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def read_recipe_data(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file as a dict, with its `base: OTHER.yaml` (a path relative to it) merged underneath.
+
+    Shipped recipes share their common settings this way (`recipes/base.yaml`); a key the recipe sets wins.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist; the shipped ones are under recipes/")
+    if path.resolve() in _seen:
+        raise ConfigError(f"recipe {path}: its `base:` chain comes back to itself")
+    loaded = load_yaml(path.read_text(), f"recipe {path}") or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections (model, format, train, engine)")
+    base = loaded.pop("base", None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"recipe {path}: `base` must name another recipe file, e.g. base: base.yaml")
+    return _merge(read_recipe_data(path.parent / base, (*_seen, path.resolve())), loaded)
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
-    """Load a YAML recipe (or the defaults when `path` is None) and apply CLI overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe {path} does not exist; the shipped ones are under recipes/")
-        loaded = load_yaml(path.read_text(), f"recipe {path}") or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"recipe {path} must be a mapping of sections (model, format, train, engine)")
-        data = loaded
-    data = apply_overrides(data, overrides or [])
+    """Load a YAML recipe (or the defaults when `path` is None), its `base:` first, and apply CLI overrides."""
+    data = apply_overrides(read_recipe_data(path) if path is not None else {}, overrides or [])
     try:
         return from_dict(Recipe, data)
     except ConfigError as exc:
+        try:  # the overrides alone: when they are at fault, say so rather than blame the file
+            from_dict(Recipe, apply_overrides({}, overrides or []))
+        except ConfigError as own:
+            raise ConfigError(f"override: {own}") from None
         where = f"recipe {path}: " if path is not None else ""
         raise ConfigError(f"{where}{exc}") from None
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False, allow_unicode=True))
-
-
-# ---------------------------------------------------------------------------------------------------
-# argparse from dataclasses
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one argument per field of `cls`: positional without a default, `--name` otherwise.
-
-    Field metadata: "help"; "aliases" (extra flags, e.g. ["--from"]); "nargs" on a list field makes it a
-    trailing positional list (e.g. `key=value` overrides); "positional" makes a field with a default an
-    optional positional argument.
-    """
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        annotation = hints[f.name]
-        help_text = f.metadata.get("help", "")
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        origin = typing.get_origin(annotation)
-        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", [])]
-        if origin is list and "nargs" in f.metadata:  # trailing positional list: `train RECIPE a=1 b=2`
-            (item_type,) = typing.get_args(annotation)
-            parser.add_argument(f.name, type=item_type, nargs=f.metadata["nargs"], help=help_text)
-            continue
-        if origin is list:
-            (item_type,) = typing.get_args(annotation)
-            default = [] if required else (f.default_factory() if f.default is dataclasses.MISSING else f.default)
-            parser.add_argument(*flags, dest=f.name, type=item_type, action="append", default=None,
-                                help=f"{help_text} (repeatable)")
-            parser.set_defaults(**{f.name: default})
-            continue
-        kwargs: dict[str, Any] = {"help": help_text}
-        if origin is Literal:
-            kwargs["choices"] = list(typing.get_args(annotation))
-        elif annotation is bool:
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=f.default, help=help_text)
-            continue
-        elif origin in (typing.Union, types.UnionType):
-            inner = [a for a in typing.get_args(annotation) if a is not type(None)][0]
-            kwargs["type"] = inner
-        else:
-            kwargs["type"] = annotation
-        if required:
-            parser.add_argument(f.name, **kwargs)
-        elif f.metadata.get("positional"):  # an optional positional: `stream [SOURCE]`
-            parser.add_argument(f.name, nargs="?", default=f.default, **kwargs)
-        else:
-            kwargs["help"] = f"{help_text} (default: {f.default})".strip()
-            parser.add_argument(*flags, dest=f.name, default=f.default, **kwargs)
-
-
-def dataclass_from_namespace(cls: type[T], namespace: argparse.Namespace) -> T:
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    return cls(**{n: getattr(namespace, n) for n in names})

@@ -1,11 +1,13 @@
 """LiveModel: an MLP connector + any HF causal LM, the joint frame/text embedding and the streaming loss.
 
-Read top to bottom: `Connector` maps frame tokens into the LLM's embedding space; `LiveModel` puts them
-at the placeholder positions of the token stream and runs the LLM; `streaming_loss` is the paper's
-objective; `apply_finetuning` decides what trains (LoRA / full / connector only); `build_live_model`
-puts a model together from a config. The vision encoder is not held here: frames are encoded by
-`vision.FrameEncoder` (or read from a feature cache) before they reach the model, which is what lets
-training use cached features and the engine run encoding in its own pipeline stage.
+Read top to bottom: `Connector` maps frame tokens into the LLM's embedding space; `LiveModel` derives its
+inputs from a stream's raw frame tokens (`frame_inputs`: the frame changes of `frame_delta`, for training
+and the engine alike), puts them at the placeholder positions of the token stream and runs the LLM, and
+widens a saved connector for inputs it was trained without (`load_connector`); `streaming_loss` is the
+paper's objective; `apply_finetuning` decides what trains (LoRA / full / connector only);
+`build_live_model` puts a model together from a config. The vision encoder is not held here: frames are
+encoded by `vision.FrameEncoder` (or read from a feature cache) before they reach the model, which is what
+lets training use cached features and the engine run encoding in its own pipeline stage.
 """
 
 from __future__ import annotations
@@ -97,12 +99,14 @@ class LiveModel(nn.Module):
 
     Args:
         llm: any HF causal LM (or a peft wrapper of one).
-        vision_dim: width D of the frame tokens.
+        vision_dim: the connector's input width D': the width D of the frame tokens a stream is fed with,
+            twice that with `frame_delta` (`frame_width` gives D back).
         placeholder_id: the token id of `<v>`; it may lie outside the LLM's embedding table (the official
             checkpoint's 128256 does): those positions are never looked up.
         connector_hidden: hidden width of the connector (0 = the LLM's hidden size).
-        frame_delta: the frame tokens carry their change since the previous frame (`vision.with_frame_deltas`,
-            D = twice the encoder's width); whoever feeds a stream appends it (the dataset, the engine).
+        frame_delta: each frame token also carries its change since the same token of the previous frame
+            (D' = 2D). The model derives it itself from the raw frame tokens of a stream (`frame_inputs`),
+            so training and the engine cannot compute it differently.
         connector_norm: the connector ends in an RMSNorm (`Connector`). Its scale is a trained weight: a
             checkpoint's is loaded over it, and `build_live_model` starts a fresh one at the text's scale.
     """
@@ -123,17 +127,81 @@ class LiveModel(nn.Module):
 
     @property
     def frame_width(self) -> int:
-        """D of the frame tokens a stream is fed with: the encoder's width (+ 3 with mean_rgb). With
-        frame_delta the connector takes twice that, the changes appended where the stream is fed."""
+        """D of the raw frame tokens a stream is fed with: the encoder's width (+ 3 with mean_rgb). With
+        frame_delta the connector takes twice that, the changes the model appends (`frame_inputs`)."""
         return self.connector.fc1.in_features // (2 if self.frame_delta else 1)
 
-    def embed(self, input_ids: torch.Tensor, frame_tokens: torch.Tensor | None) -> torch.Tensor:
-        """Joint embedding.
+    def frame_inputs(self, frame_tokens: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """The connector's inputs for consecutive frames of one stream: raw `[T, N, D]` → `[T, N, D']`.
+
+        With `frame_delta`, each token is followed by its change since the same token of the frame before
+        (D' = 2D); without, the tokens are returned as they are (D' = D). The one place the changes are
+        computed: training (`embed`) and the engine (which feeds a stream piece by piece) both call it.
+        Why the changes: without them the LLM has to find what changed in a frame by comparing it with
+        earlier frames through attention, which averages and cannot subtract; and the difference is what a
+        probe reads a new object's colour from best.
+
+        Args:
+            frame_tokens: `[T, N, D]`, T >= 0 consecutive frames.
+            previous: `[N, D]` the raw frame just before `frame_tokens[0]`; None at a stream's first frame,
+                whose change is zero (nothing was seen before it).
+        """
+        if not self.frame_delta:
+            return frame_tokens
+        before = frame_tokens[:1] if previous is None else previous[None].to(frame_tokens)  # [1, N, D]
+        return torch.cat([frame_tokens, frame_tokens - torch.cat([before, frame_tokens[:-1]])], dim=-1)
+
+    def embed(self, input_ids: torch.Tensor, frame_tokens: torch.Tensor | None,
+              frame_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Joint embedding of token ids and the raw frame tokens of each row's stream.
 
         Args:
             input_ids: `[B, L]`.
-            frame_tokens: `[P, D]` or `[T, N, D]` with T·N = P = the number of placeholder ids in
-                input_ids, in row-major order (batch row, then position); None when there are none.
+            frame_tokens: `[ΣT, N, D]` the raw frame tokens of the rows' streams, row after row, with ΣT·N =
+                the number of placeholder ids in input_ids (row-major order: batch row, then position); None
+                when there are none. A model without frame_delta also takes them flat, `[P, D]`.
+            frame_counts: `[B]` frames of each row's stream (summing to ΣT); None = one stream (B = 1).
+
+        Returns:
+            inputs_embeds `[B, L, H]`.
+
+        Raises:
+            ValueError: the tokens do not match the placeholders, or the streams' boundaries are unknown where
+                frame_delta needs them (flat tokens, or several rows without frame_counts).
+        """
+        if frame_tokens is None or (frame_tokens.dim() == 2 and not self.frame_delta):
+            return self.embed_inputs(input_ids, frame_tokens)  # nothing to derive: they are the connector's inputs
+        return self.embed_inputs(input_ids, self._stream_inputs(input_ids, frame_tokens, frame_counts))
+
+    def _stream_inputs(self, input_ids: torch.Tensor, frame_tokens: torch.Tensor,
+                       frame_counts: torch.Tensor | None) -> torch.Tensor:
+        """`frame_inputs` of each row's stream `[ΣT, N, D]`, flattened to `[ΣT·N, D']` in placeholder order."""
+        if frame_tokens.dim() != 3:
+            why = (" (flat tokens have no frame boundaries, and frame_delta derives each frame's change from the "
+                   "frame before it; the connector's own inputs go to embed_inputs)") if self.frame_delta else ""
+            raise ValueError(f"frame_tokens must be frames [T, N, D], got shape {tuple(frame_tokens.shape)}{why}")
+        if frame_counts is None:
+            if self.frame_delta and input_ids.shape[0] > 1:
+                raise ValueError(f"a batch of {input_ids.shape[0]} streams needs frame_counts [B] (frames per row): "
+                                 "with frame_delta each stream's first frame has no change")
+            counts = [frame_tokens.shape[0]]
+        else:
+            counts = [int(c) for c in frame_counts]
+            if len(counts) != input_ids.shape[0] or sum(counts) != frame_tokens.shape[0]:
+                raise ValueError(f"frame_counts {counts} must give the frames of each of the {input_ids.shape[0]} "
+                                 f"rows, {frame_tokens.shape[0]} in all")
+        streams = [self.frame_inputs(stream) for stream in frame_tokens.split(counts)]  # [T_b, N, D'] each
+        return torch.cat(streams).flatten(0, 1)  # [ΣT·N, D']
+
+    def embed_inputs(self, input_ids: torch.Tensor, inputs: torch.Tensor | None) -> torch.Tensor:
+        """Joint embedding from the connector's own inputs (`frame_inputs` already applied).
+
+        What the engine uses to feed a stream in pieces that may split a frame (a cache rebuild's chunks).
+
+        Args:
+            input_ids: `[B, L]`.
+            inputs: `[P, D']`, P = the number of placeholder ids in input_ids, in row-major order; None
+                when there are none.
 
         Returns:
             inputs_embeds `[B, L, H]`.
@@ -143,24 +211,25 @@ class LiveModel(nn.Module):
         count = int(is_frame.sum())
         if count == 0:
             return token_embeds
-        if frame_tokens is None:
+        if inputs is None:
             raise ValueError(f"input_ids hold {count} frame placeholders but no frame_tokens were given")
-        frame_tokens = frame_tokens.reshape(-1, frame_tokens.shape[-1])  # [P, D]
-        if frame_tokens.shape[0] != count:
-            raise ValueError(f"input_ids hold {count} frame placeholders but frame_tokens has "
-                             f"{frame_tokens.shape[0]} tokens")
+        if inputs.shape[0] != count:
+            raise ValueError(f"input_ids hold {count} frame placeholders but frame_tokens has {inputs.shape[0]} tokens")
         # .to(): under autocast the connector may return another dtype than the embedding table's.
-        projected = self.connector(frame_tokens.to(token_embeds.dtype)).to(token_embeds.dtype)  # [P, H]
+        projected = self.connector(inputs.to(token_embeds.dtype)).to(token_embeds.dtype)  # [P, H]
         return token_embeds.masked_scatter(is_frame[..., None], projected)
 
     def forward(self, input_ids: torch.Tensor, frame_tokens: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 frame_target: torch.Tensor | None = None, stream_loss_weight: float = 1.0,
                 past_key_values=None, use_cache: bool = False, position_ids: torch.Tensor | None = None,
-                labelled_logits_only: bool = False):
+                labelled_logits_only: bool = False, frame_counts: torch.Tensor | None = None):
         """Run the LLM on the joint embedding; with `labels`, also return the streaming loss.
 
         Args:
+            input_ids: `[B, L]`.
+            frame_tokens, frame_counts: the raw frame tokens `[ΣT, N, D]` of the rows' streams and the frames
+                of each row `[B]` (None = one stream), as `embed` takes them (a collated batch holds both).
             labelled_logits_only: with `labels`, compute logits only at the positions some row labels
                 (`[B, K, V]` instead of `[B, L, V]`). Training needs nothing else, and the vocabulary
                 projection of every position is a large share of a small LLM's step (49k × 576 for SmolLM2).
@@ -168,7 +237,7 @@ class LiveModel(nn.Module):
         Returns:
             (logits `[B, L, V]` (or `[B, K, V]`), loss or None, past_key_values or None).
         """
-        inputs_embeds = self.embed(input_ids, frame_tokens)
+        inputs_embeds = self.embed(input_ids, frame_tokens, frame_counts)
         kwargs = {}
         if past_key_values is not None:  # transformers >= 5.2x calls it `cache`, older ones `past_key_values`
             kwargs[CACHE_KWARG] = past_key_values
@@ -184,6 +253,41 @@ class LiveModel(nn.Module):
         if labels is not None:
             loss = streaming_loss(out.logits, labels, frame_target, stream_loss_weight)
         return out.logits, loss, (output_cache(out) if use_cache else None)
+
+    def load_connector(self, state: dict[str, torch.Tensor], saved_frame_delta: bool | None = None,
+                       new_channels: int = 0) -> None:
+        """Load a saved connector, widened with zero input columns for the inputs it was trained without.
+
+        A checkpoint trained without colour (`mean_rgb`) or without frame changes (`frame_delta`) can start a
+        model that has them: their `fc1` columns start at zero, so the model starts as the checkpoint (the
+        same outputs whatever the new inputs hold) and training learns what they are worth.
+
+        Args:
+            state: the connector's state dict; its `fc1.weight` is `[H, D_saved]`, or `[H, 2·D_saved]` when
+                saved with frame_delta (the tokens' columns, then their changes').
+            saved_frame_delta: whether the checkpoint was trained with frame_delta; None = as this model.
+            new_channels: channels each raw frame token has here and not in the checkpoint (mean_rgb's
+                colours, `vision.RGB_CHANNELS`), appended after the saved ones (and after each change's).
+
+        Raises:
+            ValueError: the checkpoint has frame_delta and this model not (inputs can be added, not taken
+                away), or the widened connector still takes another width than this one (naming both).
+        """
+        saved_frame_delta = self.frame_delta if saved_frame_delta is None else saved_frame_delta
+        if saved_frame_delta and not self.frame_delta:
+            raise ValueError("model.frame_delta: True in the checkpoint, False here (inputs can be added to a "
+                             "checkpoint, not taken away)")
+        weight = state["fc1.weight"]  # [H, D_saved] or [H, 2·D_saved]
+        parts = list(weight.chunk(2, dim=1)) if saved_frame_delta else [weight]
+        if new_channels:
+            parts = [torch.cat([part, part.new_zeros(part.shape[0], new_channels)], dim=1) for part in parts]
+        if self.frame_delta and not saved_frame_delta:
+            parts.append(torch.zeros_like(parts[0]))
+        state = {**state, "fc1.weight": torch.cat(parts, dim=1)}
+        width, expected = state["fc1.weight"].shape[1], self.connector.fc1.in_features
+        if width != expected:
+            raise ValueError(f"its connector takes {width}-wide frame tokens, this model's takes {expected}")
+        self.connector.load_state_dict({k: v.to(self.connector.fc1.weight.dtype) for k, v in state.items()})
 
 
 def output_cache(out):

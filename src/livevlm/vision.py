@@ -7,10 +7,8 @@ With `mean_rgb`, each token also carries the mean normalised colour of the pixel
 channels: D + 3): towers trained with colour-jitter augmentation, DINOv2 above all, keep colour only
 weakly, and a linear probe reads an object's colour from its grid cell's mean RGB far better (97–99 %
 against 87 %) than from DINOv2's tokens.
-With a model's `frame_delta` (`with_frame_deltas`, applied to cached or fresh tokens where a stream is fed
-to the model), each token also carries its change since the previous frame (2D): a model has to find what
-changed in a frame by comparing it with earlier frames through attention, which averages and cannot
-subtract, and the difference is what a probe reads a new object's colour from best.
+The encoders' tokens are raw: a model's `frame_delta` (each token's change since the previous frame) is
+derived by the model itself (`LiveModel.frame_inputs`), in training and in the engine alike.
 Preprocessing is deterministic: letterbox to a square of `image_size` with black padding, scale to [0, 1],
 normalise with the mean/std of the tower's own `preprocessor_config.json`.
 """
@@ -43,14 +41,6 @@ RGB_CHANNELS = 3  # what `mean_rgb` adds to each frame token
 # normalised range, 5-10x less than it changes a DINOv2 feature, and AdamW moves every weight by about lr a
 # step whatever its input's scale, so unscaled colours would be learnt 5-10x slower than the features.
 RGB_GAIN = 10.0
-
-
-def with_frame_deltas(tokens: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-    """Frame tokens `[T, N, D]` → `[T, N, 2D]`: each token, then its change since the same token of the frame
-    before. `previous` is the `[N, D]` frame before `tokens[0]`; None at a stream's first frame, whose change
-    is zero (nothing was seen before it)."""
-    before = tokens[:1] if previous is None else previous[None].to(tokens)  # [1, N, D]
-    return torch.cat([tokens, tokens - torch.cat([before, tokens[:-1]])], dim=-1)
 
 
 _KINDS = {
@@ -247,7 +237,7 @@ def model_frame_encoder(config: ModelConfig, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32) -> FrameEncoder:
     """The frame encoder a model was trained with, as its `model` settings describe it (tower, frame size,
     pooled token, grid, mean colour): what `stream` and `evaluate` feed a checkpoint."""
-    from livevlm.backbones import resolve_vision
+    from livevlm.default_model import resolve_vision
 
     return load_frame_encoder(resolve_vision(config.vision), config.frame_size, config.pooled_token, config.grid,
                               device=device, dtype=dtype, mean_rgb=config.mean_rgb)

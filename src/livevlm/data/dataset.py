@@ -16,7 +16,6 @@ from torch.utils.data import Dataset
 from livevlm.data.features import feature_file, load_features
 from livevlm.data.schema import Dialogue, read_dialogues
 from livevlm.stream_format import IGNORE, StreamFormat, timeline_to_items
-from livevlm.vision import with_frame_deltas
 
 
 class MissingFeaturesError(FileNotFoundError):
@@ -28,7 +27,7 @@ class StreamSample:
     input_ids: torch.Tensor  # [L]
     labels: torch.Tensor  # [L]
     frame_target: torch.Tensor  # [L] bool
-    frame_tokens: torch.Tensor  # [T, N, D] ([T, N, 2D] with frame_delta)
+    frame_tokens: torch.Tensor  # [T, N, D] raw: the model derives its other inputs (LiveModel.frame_inputs)
     id: str
     frame_ends: list[int]  # position of every frame's last token (labelled or not)
 
@@ -42,15 +41,13 @@ class StreamDataset(Dataset):
         cache_dir: feature cache folder (from `livevlm data encode`); None = encode on the fly.
         encoder: a `FrameEncoder`, needed when there is no cache.
         max_frames: truncate streams to this many frames.
-        frame_delta: append each token's change since the previous frame (a model with `model.frame_delta`);
-            the stream starts at the dialogue's first frame, whose change is zero, as the engine sees it.
 
     Raises:
         MissingFeaturesError: listing the videos missing from the cache.
     """
 
     def __init__(self, dialogues_path: str | Path, fmt: StreamFormat, cache_dir: str | Path | None = None,
-                 encoder=None, max_frames: int = 256, frame_delta: bool = False) -> None:
+                 encoder=None, max_frames: int = 256) -> None:
         self.path = Path(dialogues_path)
         self.root = self.path.parent
         self.dialogues: list[Dialogue] = read_dialogues(self.path)
@@ -58,7 +55,6 @@ class StreamDataset(Dataset):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.encoder = encoder
         self.max_frames = max_frames
-        self.frame_delta = frame_delta
         if encoder is None:
             self._check_cache()
 
@@ -75,12 +71,8 @@ class StreamDataset(Dataset):
         return len(self.dialogues)
 
     def frame_tokens(self, dialogue: Dialogue) -> torch.Tensor:
-        """The stream's frame tokens `[T, N, D]` (`[T, N, 2D]` with `frame_delta`), clipped to [start_s, end_s)
-        and `max_frames`."""
-        tokens = self._stored_tokens(dialogue)
-        return with_frame_deltas(tokens, None) if self.frame_delta else tokens
-
-    def _stored_tokens(self, dialogue: Dialogue) -> torch.Tensor:
+        """The stream's raw frame tokens `[T, N, D]`, clipped to [start_s, end_s) and `max_frames`; the stream
+        starts at the dialogue's first frame (for `model.frame_delta`, its change is zero, as the engine sees it)."""
         file = feature_file(dialogue, self.root, self.cache_dir)
         if file is not None and file.is_file():
             tokens, meta = load_features(file)
@@ -121,7 +113,8 @@ class StreamDataset(Dataset):
 
 
 def collate_streams(samples: list[StreamSample], pad_id: int, frame_targets: bool = True) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest stream. Frame tokens are concatenated `[ΣT·N, D]` in placeholder order.
+    """Right-pad to the longest stream. Frame tokens are concatenated `[ΣT, N, D]` in placeholder order, with
+    `frame_counts` `[B]` (each row's T), the streams' boundaries the model needs (`LiveModel.embed`).
 
     frame_targets=False unlabels the frames' silence/speak targets (training on responses only, the
     "interleaved dialogue" baseline), so that every count of labelled tokens leaves them out.
@@ -138,6 +131,7 @@ def collate_streams(samples: list[StreamSample], pad_id: int, frame_targets: boo
         labels[row, :n] = s.labels if frame_targets else s.labels.masked_fill(s.frame_target, IGNORE)
         frame_target[row, :n] = s.frame_target
         attention_mask[row, :n] = 1
-    frame_tokens = torch.cat([s.frame_tokens.reshape(-1, s.frame_tokens.shape[-1]) for s in samples])
+    frame_tokens = torch.cat([s.frame_tokens for s in samples])  # [ΣT, N, D]
+    frame_counts = torch.tensor([len(s.frame_tokens) for s in samples], dtype=torch.long)  # [B]
     return {"input_ids": input_ids, "labels": labels, "frame_target": frame_target,
-            "attention_mask": attention_mask, "frame_tokens": frame_tokens}
+            "attention_mask": attention_mask, "frame_tokens": frame_tokens, "frame_counts": frame_counts}

@@ -8,47 +8,17 @@ Cropping (the multi-frame rollback) and clearing (the bounded-memory rebuild) on
 after warm-up the cache allocates nothing.
 
 That alone did not keep a stream's process flat: the forwards' temporaries also grow with the cache
-(attention scores and masks), and glibc serves them from a heap that fragments. `pin_mmap_threshold` fixes
-that part (an hour-long stream had peaked 72 % above a 5-minute one).
+(attention scores and masks), and glibc serves them from a heap that fragments.
+`livevlm.runtime.pin_mmap_threshold` fixes that part for the whole process (an hour-long stream had peaked
+72 % above a 5-minute one); the `livevlm` command applies it, the library never does.
 """
 
 from __future__ import annotations
-
-import ctypes
-import ctypes.util
-import os
-import sys
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 MIN_CAPACITY = 256  # tokens: the first allocation
-MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own default, kept from rising (see `pin_mmap_threshold`)
-_M_MMAP_THRESHOLD = -3  # mallopt parameter number (glibc malloc.h)
-
-
-def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
-    """Keep blocks of `threshold` bytes and more in their own mmap for the whole process (glibc only).
-
-    glibc raises its mmap threshold to the size of each large block freed, so afterwards blocks of up to
-    tens of MB come from the heap. A stream's forwards allocate temporaries whose sizes grow with the cache
-    (attention scores, masks: `[heads, new tokens, cached tokens]`); in the heap these leave holes that the
-    next, slightly larger ones cannot use, and resident memory climbs for as long as the stream runs even
-    though nothing is kept. Pinning the threshold gives such blocks back to the system when freed. Called
-    by every `StreamSession`; returns False where there is no glibc (nothing to do) or when the environment
-    variable LIVEVLM_MMAP_THRESHOLD is 0. The price is speed: every large temporary (the frame encoder's
-    activations too) is then mapped and faulted in afresh, which cost ~20 % of a 1-minute stream's FPS on
-    the 2-core development machine; LIVEVLM_MMAP_THRESHOLD=0 trades the flat memory back for it, and
-    LIVEVLM_MMAP_THRESHOLD=BYTES sets another threshold.
-    """
-    threshold = int(os.environ.get("LIVEVLM_MMAP_THRESHOLD", threshold))
-    if threshold <= 0 or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):  # musl and others have no mallopt
-        return False
 
 
 class GrowingLayer(DynamicLayer):

@@ -35,10 +35,9 @@ from transformers.generation.logits_process import (
 )
 
 from livevlm.config import EngineConfig
-from livevlm.engine.kv_cache import clear_cache, growing_cache, pin_mmap_threshold
+from livevlm.engine.kv_cache import clear_cache, growing_cache
 from livevlm.model import CACHE_KWARG, LiveModel, silent_decisions
 from livevlm.stream_format import Frames, Message, StreamFormat
-from livevlm.vision import with_frame_deltas
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ Event = FrameEvent | QueryEvent | ResponseEvent
 class _Entry:
     kind: Literal["frame", "user", "response", "answer"]
     time_s: float
-    tokens: torch.Tensor | None = None  # [N, D] for a frame
+    tokens: torch.Tensor | None = None  # [N, D] a frame's raw tokens (the model derives the rest when replayed)
     text: str = ""  # the query of a "user" entry, the decoded text of a response/answer
     token_ids: tuple[int, ...] = ()  # generated ids of a response/answer, without eos
 
@@ -161,7 +160,9 @@ class StreamSession:
         max_cache_tokens: the KV budget in tokens; None = the LLM's `max_position_embeddings`.
 
     Bounded memory (endless streams). The session keeps a record of what the cache holds after the
-    prompt: each frame (with its frame tokens), each query, each response/answer (its token ids).
+    prompt: each frame (with its raw frame tokens: a replay derives the model's inputs from them as they
+    were derived when first fed, so with frame_delta the first kept frame keeps its change since the dropped
+    frame before it), each query, each response/answer (its token ids).
     Before a forward that would leave less than a response's room under the token budget (or, with
     `window_frames` > 0, push the cache past that many frames), it drops the oldest part of the record in
     one generous chunk, down to half the budget (half the frame window), so that this happens rarely,
@@ -175,9 +176,9 @@ class StreamSession:
     of stream. Within the budget nothing is dropped, so the events equal those of an unbounded session.
     The cache itself is `engine.kv_cache.growing_cache`: buffers written in place and reused by the
     rebuilds, so an endless stream's memory stays flat (transformers' DynamicCache reallocates every layer
-    at every forward), and the session pins glibc's mmap threshold (`kv_cache.pin_mmap_threshold`): the
-    forwards' temporaries grow with the cache, and in the heap they fragmented it (an hour-long stream's
-    process grew by ~70 % while the cache itself was bounded).
+    at every forward). The forwards' temporaries still grow with the cache and fragment glibc's heap; that is
+    a process-wide allocator setting (`livevlm.runtime.pin_mmap_threshold`), which the `livevlm` command
+    applies and a session never does on its own.
     """
 
     def __init__(self, model: LiveModel, fmt: StreamFormat, config: EngineConfig, system_prompt: str | None = None,
@@ -189,7 +190,6 @@ class StreamSession:
         llm_config = getattr(model.llm, "config", None)
         self.max_cache_tokens = max_cache_tokens or int(getattr(llm_config, "max_position_embeddings", 4096))
         self._cache = growing_cache(llm_config, self.max_cache_tokens)
-        pin_mmap_threshold()  # flat process memory over endless streams (see its docstring)
         self._generator = torch.Generator().manual_seed(seed)
         self._cursor = _Cursor(fmt)
         self._head_ids = fmt.prompt_ids(self.system_prompt)  # what precedes the record in the cache
@@ -203,7 +203,10 @@ class StreamSession:
         self._pinned: list[tuple[str, str]] = []  # (query, answer text) kept from dropped parts
         self._queries: list[tuple[str, float | None]] = []
         self.frames_seen = 0
-        self._last_frame: torch.Tensor | None = None  # [N, D] the last frame's tokens, for model.frame_delta
+        # The stream state the model's frame inputs need (`LiveModel.frame_inputs`, e.g. frame_delta's changes):
+        self._last_frame: torch.Tensor | None = None  # [N, D] the last frame fed (raw); None before the first
+        self._before_record: torch.Tensor | None = None  # [N, D] the frame before the record's first (raw), which
+        # a rebuild dropped; None while the stream's first frame is in the record
         self.last_time_s = 0.0
         self.windowed = False  # True once the bounded-memory policy first dropped something
         self._check_budget()
@@ -239,8 +242,6 @@ class StreamSession:
             ValueError: shapes that do not match `times` or the format's N.
         """
         self._check_frames(frame_tokens, times)
-        if self.model.frame_delta:  # the model also takes each token's change since the frame before
-            frame_tokens, self._last_frame = with_frame_deltas(frame_tokens, self._last_frame), frame_tokens[-1]
         events: list[Event] = []
         i = 0
         while i < len(times):
@@ -283,7 +284,8 @@ class StreamSession:
         for _ in times:
             ids += self._cursor.frame()
             ends.append(len(ids))
-        logits = self._forward(ids, frame_tokens, keep=[e - 1 for e in ends])  # [T, V]
+        inputs = self.model.frame_inputs(frame_tokens, self._last_frame)  # [T, N, D'], after the frames fed
+        logits = self._forward(ids, inputs, keep=[e - 1 for e in ends])  # [T, V]
         p_sep = torch.softmax(logits.float(), dim=-1)[:, self.fmt.separator_id].tolist()
         silent = silent_decisions(logits, self.fmt.separator_id, self.config.threshold).tolist()
         speak_at = None
@@ -310,6 +312,7 @@ class StreamSession:
         self._pending = []
         for tokens, time_s in zip(frame_tokens, times, strict=True):
             self._entries.append(_Entry("frame", time_s, tokens=tokens.detach().clone()))
+        self._last_frame = self._entries[-1].tokens
         self.frames_seen += len(times)
         self.last_time_s = times[-1]
 
@@ -383,16 +386,17 @@ class StreamSession:
     # -- the LLM -------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _forward(self, ids: list[int], frame_tokens: torch.Tensor | None, keep: list[int]) -> torch.Tensor:
+    def _forward(self, ids: list[int], inputs: torch.Tensor | None, keep: list[int]) -> torch.Tensor:
         """Forward `ids` on the cache (which grows in place); logits `[len(keep), V]` at positions `keep`.
 
+        `inputs` are the connector's inputs of the placeholders in `ids` (`model.frame_inputs`, `[..., D']`).
         Only the kept positions go through the LM head: a rebuild or a multi-frame forward needs a few.
         """
         device = self.model.device
         input_ids = torch.tensor([ids], device=device)
-        if frame_tokens is not None:
-            frame_tokens = frame_tokens.to(device)
-        embeds = self.model.embed(input_ids, frame_tokens)
+        if inputs is not None:
+            inputs = inputs.reshape(-1, inputs.shape[-1]).to(device)  # [P, D']
+        embeds = self.model.embed_inputs(input_ids, inputs)
         out = self.model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=torch.tensor(keep, device=device),
                              **{CACHE_KWARG: self._cache})
         return out.logits[0]
@@ -441,7 +445,10 @@ class StreamSession:
         ids = list(self._head_ids)
         for entry in kept:
             ids += cursor.replay(entry)
-        frames = [entry.tokens for entry in kept if entry.kind == "frame"]
+        frames = [entry.tokens for entry in kept if entry.kind == "frame"]  # raw [N, D] each
+        dropped_frames = [entry.tokens for entry in dropped if entry.kind == "frame"]
+        if dropped_frames:  # the kept frames' inputs are derived as when they were first fed: exact replay
+            self._before_record = dropped_frames[-1]
         if not self.windowed:
             log.info("stream reached %d cached tokens / %d frames: switching to a sliding window (system prompt, "
                      "%d pinned queries, the last %d frames; budget %d tokens%s)", self.cache_length,
@@ -449,7 +456,8 @@ class StreamSession:
                      f", {self.config.window_frames} frames" if self.config.window_frames else "")
             self.windowed = True
         clear_cache(self._cache)  # the buffers stay: a rebuild allocates nothing
-        self._forward_chunked(ids, torch.stack(frames) if frames else None)
+        inputs = self.model.frame_inputs(torch.stack(frames), self._before_record) if frames else None
+        self._forward_chunked(ids, inputs)
         self._entries, self._cursor, self.cache_ids, self._pending = kept, cursor, ids, []
 
     def _cut_index(self) -> int:
@@ -504,15 +512,16 @@ class StreamSession:
         items.append(Frames(1))
         return self.fmt.render(items).input_ids[:-self.fmt.tokens_per_frame]
 
-    def _forward_chunked(self, ids: list[int], frame_tokens: torch.Tensor | None) -> None:
-        """Fill the (fresh) cache with `ids`, REBUILD_CHUNK_TOKENS at a time."""
+    def _forward_chunked(self, ids: list[int], inputs: torch.Tensor | None) -> None:
+        """Fill the (fresh) cache with `ids`, REBUILD_CHUNK_TOKENS at a time; `inputs` `[T, N, D']` are the
+        connector's inputs of their frames (a chunk may end inside a frame)."""
         used = 0
         for start in range(0, len(ids), REBUILD_CHUNK_TOKENS):
             chunk = ids[start:start + REBUILD_CHUNK_TOKENS]
             count = sum(t == self.fmt.placeholder_id for t in chunk)
             tokens = None
             if count:
-                assert frame_tokens is not None
-                tokens = frame_tokens.reshape(-1, frame_tokens.shape[-1])[used:used + count]
+                assert inputs is not None
+                tokens = inputs.reshape(-1, inputs.shape[-1])[used:used + count]
             used += count
             self._forward(chunk, tokens, keep=[len(chunk) - 1])

@@ -1,4 +1,4 @@
-"""`livevlm evaluate`: teacher-forced stream metrics of a model on a dialogue file.
+"""Teacher-forced stream metrics of a model on a dialogue file (what `livevlm evaluate` prints).
 
 One forward per dialogue over its ground-truth stream; the metrics of `evaluation.metrics` at each
 threshold asked for, pooled over all turns, overall and per task (narration, reminder, …). Prints one
@@ -12,39 +12,14 @@ whenever no θ is named.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from livevlm.devices import DtypeName
 from livevlm.evaluation.metrics import StreamScores, stream_scores
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvaluateArgs:
-    data: str = field(default="", metadata={"help": "dialogue JSONL (held-out); required"})
-    model: str = field(default="", metadata={"help": "checkpoint folder; empty = the shipped default model"})
-    features: str = field(default="", metadata={"help": "feature cache folder; empty = encode videos on the fly"})
-    threshold: list[float] = field(default_factory=list, metadata={
-        "help": "speak thresholds θ to report, the first at top level (default: the model's recommended θ if "
-                "it has one, the engine's 0.725 and 0, as the paper)"})
-    choose_threshold: bool = field(default=False, metadata={
-        "help": "store in the --model folder the θ (among --threshold) that times most turns of --data within "
-                "1 s (then the lowest TimeDiff) as the model's recommended θ; use a validation split"})
-    max_frames: int = field(default=1200, metadata={"help": "truncate streams to this many frames"})
-    limit: int = field(default=0, metadata={"help": "evaluate only the first N dialogues (0 = all)"})
-    device: str = field(default="auto", metadata={"help": "where the model runs: auto (a GPU when there is one), "
-                                                           "cpu, cuda, cuda:1, …"})
-    dtype: DtypeName = field(default="float32", metadata={
-        "help": "weight precision: float32 by default, so that figures compare across machines (the README's "
-                "are float32); auto = bfloat16 on a GPU, faster, with figures moved by rounding"})
 
 
 def evaluate_stream_model(loaded, dataset, thresholds: list[float], limit: int = 0) -> dict[str, object]:
@@ -54,7 +29,7 @@ def evaluate_stream_model(loaded, dataset, thresholds: list[float], limit: int =
     per_task: dict[str, dict[float, StreamScores]] = {}
     count = len(dataset) if not limit else min(limit, len(dataset))
     device = loaded.model.device
-    width = loaded.model.connector.fc1.in_features  # D of the frame tokens the model takes
+    width = loaded.model.frame_width  # D of the raw frame tokens the model takes (it derives frame_delta's)
     for index in range(count):
         sample = dataset[index]
         task = dataset.dialogues[index].task or "all"
@@ -125,41 +100,3 @@ def json_ready(value: object) -> object:
     if isinstance(value, (list, tuple)):
         return [json_ready(item) for item in value]
     return value
-
-
-def evaluate_command(args: EvaluateArgs) -> int:
-    from livevlm.checkpoint import load_checkpoint, resolve_threshold, store_recommended_threshold
-    from livevlm.config import EngineConfig
-    from livevlm.data.dataset import StreamDataset
-    from livevlm.default_model import DEFAULT_MODEL_DIR, default_model_path
-    from livevlm.devices import resolve_device, resolve_dtype
-    from livevlm.stream_format import StreamFormat
-
-    if not args.data:
-        raise ValueError("give the dialogue file to evaluate on: livevlm evaluate --data FILE.jsonl")
-    if args.choose_threshold and (not args.model or Path(args.model).resolve() == DEFAULT_MODEL_DIR.resolve()):
-        raise ValueError("--choose-threshold writes into the model folder: name a trained checkpoint with "
-                         "--model (the shipped default model is read-only; copy its folder first)")
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    loaded = load_checkpoint(args.model or default_model_path(), device=device, dtype=dtype)
-    fmt = StreamFormat(loaded.tokenizer, loaded.format_config, loaded.model_config.tokens_per_frame)
-    encoder = None
-    if not args.features:
-        from livevlm.vision import model_frame_encoder
-
-        encoder = model_frame_encoder(loaded.model_config, device=device, dtype=dtype)
-    dataset = StreamDataset(args.data, fmt, cache_dir=args.features or None, encoder=encoder,
-                            max_frames=args.max_frames, frame_delta=loaded.model_config.frame_delta)
-    # default: the θ stream would run with (the model's, else the engine's), the engine's and 0 (the paper's)
-    thresholds = list(dict.fromkeys(args.threshold or [resolve_threshold(None, loaded), EngineConfig().threshold, 0.0]))
-    result = evaluate_stream_model(loaded, dataset, thresholds, args.limit)
-    if args.choose_threshold:
-        chosen = choose_threshold(result["by_threshold"])  # type: ignore[arg-type]
-        store_recommended_threshold(args.model, chosen)
-        result["chosen_threshold"] = chosen
-        if warning := sweep_edge_warning(chosen, thresholds):
-            log.warning(warning)
-    print(json.dumps(json_ready(result), indent=2, allow_nan=False))
-    return 0
