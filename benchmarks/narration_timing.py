@@ -27,7 +27,7 @@ QUERY = "Please narrate the video in real time."
 def stream(video: Path, model: str, threshold: float | None, query: str = QUERY, at: float = 0.0) -> list[dict]:
     """The JSON events of `livevlm stream VIDEO --query QUERY --at AT --jsonl --fast` (no frame events)."""
     # float32 on any device, as `livevlm evaluate`: these figures score timing and words, not speed
-    cmd = [sys.executable, "-m", "livevlm.app.cli", "stream", str(video), "--query", query, "--at", str(at),
+    cmd = [sys.executable, "-m", "livevlm.cli", "stream", str(video), "--query", query, "--at", str(at),
            "--jsonl", "--fast", "--no-frames", "--dtype", "float32"]
     if threshold is not None:
         cmd += ["--threshold", str(threshold)]

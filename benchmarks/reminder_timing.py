@@ -20,14 +20,17 @@ import argparse
 import json
 import math
 import re
+import sys
 from collections import Counter
 from pathlib import Path
-
-from narration_timing import stream  # the same `livevlm stream` call, with a query and its time
 
 from livevlm.evaluation.free_running import REMINDER_OUTCOMES, reminder_outcome
 from livevlm.evaluation.stream_eval import json_ready
 from livevlm.world import COLORS, SHAPES
+
+# Scripts, not a package: narration_timing.py sits beside this file, whatever the working directory.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from narration_timing import stream  # noqa: E402  (the same `livevlm stream` call, with a query and its time)
 
 OBJECT_WORDS = set(COLORS) | set(SHAPES)
 

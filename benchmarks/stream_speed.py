@@ -92,14 +92,19 @@ def run_mode(mode: str, model, fmt, encoder, video: str, fps: float, threads: in
 
 
 def worker(mode: str, video: str, model: str, threads: int, encoder_threads: int) -> dict:
+    from livevlm import runtime
+
+    # What the `livevlm` command applies to its process (the library never does): the oneDNN cap before torch
+    # loads, and the pinned mmap threshold that keeps long streams flat (the published figures include it).
+    runtime.cap_onednn_isa()
+    runtime.pin_mmap_threshold()
     import torch
 
-    import livevlm  # noqa: F401
-    from livevlm.app.stream import StreamArgs, _load
+    import livevlm
 
-    loaded, fmt, encoder = _load(StreamArgs(model=model))
+    loaded = livevlm.load(model or "default")
     torch.set_num_threads(threads)
-    return run_mode(mode, loaded.model, fmt, encoder, video, loaded.format_config.fps, threads, encoder_threads)
+    return run_mode(mode, loaded.model, loaded.fmt, loaded.encoder, video, loaded.fps, threads, encoder_threads)
 
 
 def main() -> None:

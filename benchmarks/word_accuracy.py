@@ -3,7 +3,7 @@
 Why: LM-Correctness says a sentence went wrong, not where. On the synthetic world a narration's colour word
 has three sources: a new object ("A small red circle appears", only the frames tell it), a colour change
 ("… turns red", the frames again) and an object named before ("The red circle starts moving", which the
-model may copy from its own earlier words). Their accuracies, set against `benchmarks/feature_probe.py`
+model may copy from its own earlier words). Their accuracies, set against `experiments/probes/feature_probe.py`
 (what a linear probe reads from the same frozen features), say whether the features or the model fall
 short. Each word is scored under teacher forcing: the reference prefix is given, the argmax must be the
 reference token. A second table says which kind of token (article, size, colour, shape, event, place,
@@ -106,8 +106,7 @@ def main() -> None:
 
     loaded = load_checkpoint(args.model or default_model_path())
     fmt = StreamFormat(loaded.tokenizer, loaded.format_config, loaded.model_config.tokens_per_frame)
-    dataset = StreamDataset(args.data, fmt, cache_dir=args.features or None,
-                            frame_delta=loaded.model_config.frame_delta)
+    dataset = StreamDataset(args.data, fmt, cache_dir=args.features or None)
     tasks = Counter(d.task for d in dataset.dialogues)
     if args.task and args.task not in tasks:
         parser.error(f"{args.data} holds no dialogue of task {args.task!r} (it holds {dict(tasks)}); "

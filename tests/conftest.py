@@ -6,9 +6,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental hub download fails loudly in
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
-import livevlm  # noqa: E402,F401  (sets the oneDNN ISA cap before torch loads)
+from livevlm import runtime  # noqa: E402
+
+runtime.cap_onednn_isa()  # what the `livevlm` command does; bf16 tests need it on CPUs that report AMX
+
+import torch  # noqa: E402
 
 TINY_CORPUS = [
     "A multimodal AI assistant is helping users with some activities.",
@@ -111,3 +114,29 @@ def bias_separator(model, separator_id: int, bias: float):
         biased.bias[separator_id] = bias
     model.llm.lm_head = biased
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A saved checkpoint of a tiny random model (LLM + DINOv2 tower + connector) and a 6-s synthetic-world
+    video: (checkpoint folder, video path). What the command line and the API load in tests."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from livevlm.checkpoint import save_checkpoint
+    from livevlm.config import FormatConfig, ModelConfig
+    from livevlm.model import build_live_model
+    from livevlm.world import WorldSpec, render_video
+
+    root = tmp_path_factory.mktemp("stream")
+    tokenizer, placeholder, llm = save_tiny_llm(root / "llm")
+    torch.manual_seed(0)
+    tower = Dinov2Model(Dinov2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     patch_size=8, image_size=32))
+    tower.save_pretrained(root / "vision")
+    config = ModelConfig(llm=str(root / "llm"), vision=str(root / "vision"), frame_size=32, grid=2,
+                         finetune="connector")
+    model = build_live_model(config, llm, vision_dim=16, placeholder_id=placeholder)
+    save_checkpoint(model, tokenizer, config, FormatConfig(), root / "ckpt")
+    video = root / "world.mp4"
+    render_video(WorldSpec(seed=3, index=0, duration=6.0, size=64), video)
+    return root / "ckpt", video

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from livevlm import backbones
-from livevlm.app import cli
+from livevlm import backbones, cli, default_model
 
 # The output of DINOv2's final LayerNorm inside the ONNX graph (= HF `last_hidden_state`).
 ONNX_BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"
@@ -41,11 +40,11 @@ def llama3(asset_cache: Path):
 
 @pytest.fixture
 def run_cli(monkeypatch: pytest.MonkeyPatch):
-    """`livevlm.app.cli.run` with a parser holding only "assets prepare" (the real table entry), so these
+    """`livevlm.cli.run` with a parser holding only "assets prepare" (the real table entry), so these
     tests do not depend on the other subcommands' modules."""
     build_parser = cli.build_parser
     entry = {"assets prepare": cli.COMMANDS["assets prepare"]}
-    monkeypatch.setattr(cli, "build_parser", lambda: build_parser(entry))
+    monkeypatch.setattr(cli, "build_parser", lambda argv=None: build_parser(entry, argv))
     return cli.run
 
 
@@ -231,14 +230,14 @@ def test_default_cache_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path
 def test_resolve_default_names_to_cached_folders(smollm2_dir: Path, dinov2_dir: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIVEVLM_CACHE", str(smollm2_dir.parent))
-    assert backbones.resolve_llm("default") == str(smollm2_dir)
-    assert backbones.resolve_vision("default") == str(dinov2_dir)
+    assert default_model.resolve_llm("default") == str(smollm2_dir)
+    assert default_model.resolve_vision("default") == str(dinov2_dir)
 
 
 def test_resolve_passes_other_names_through() -> None:
     hub_name = "meta-llama/Meta-Llama-3-8B-Instruct"
-    assert backbones.resolve_llm(hub_name) == hub_name
-    assert backbones.resolve_vision("/models/siglip") == "/models/siglip"
+    assert default_model.resolve_llm(hub_name) == hub_name
+    assert default_model.resolve_vision("/models/siglip") == "/models/siglip"
 
 
 def test_cli_prepare_prints_both_folders(run_cli, smollm2_dir: Path, dinov2_dir: Path,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from livevlm.data.convert import CONVERTERS, AnnotationError, ConvertArgs, convert, get_converter
+from livevlm.data.convert import CONVERTERS, AnnotationError, ConvertOptions, convert, get_converter
 from livevlm.data.converters import coin, ego4d, segments, world
 from livevlm.data.schema import Turn, read_dialogues
 
@@ -29,7 +29,7 @@ def write_json(path: Path, value) -> Path:
 
 def run(tmp_path: Path, kind: str, source: Path, **options) -> list:
     out = tmp_path / "out" / "dialogue.jsonl"
-    convert(ConvertArgs(input=str(source), output=str(out), kind=kind, **options))
+    convert(ConvertOptions(input=str(source), output=str(out), kind=kind, **options))
     return read_dialogues(out)
 
 
@@ -168,7 +168,7 @@ def test_world_conversion_is_deterministic_and_seeded(tmp_path):
     source = world_file(tmp_path)
     out = [tmp_path / f"{name}.jsonl" for name in ("a", "b", "c")]
     for path, seed in zip(out, (0, 0, 1), strict=True):
-        convert(ConvertArgs(input=str(source), output=str(path), kind="world", seed=seed, questions=8))
+        convert(ConvertOptions(input=str(source), output=str(path), kind="world", seed=seed, questions=8))
     assert out[0].read_bytes() == out[1].read_bytes() != out[2].read_bytes()
 
 
@@ -446,7 +446,7 @@ def test_a_failed_conversion_keeps_the_previous_output(tmp_path):
 def test_the_output_may_not_overwrite_the_input(tmp_path):
     source = world_file(tmp_path)
     with pytest.raises(AnnotationError, match="would overwrite the annotations"):
-        convert(ConvertArgs(input=str(source), output=str(source), kind="world"))
+        convert(ConvertOptions(input=str(source), output=str(source), kind="world"))
 
 
 def test_stream_builder_orders_events_before_a_query_on_the_same_frame():

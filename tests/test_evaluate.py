@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from conftest import save_tiny_llm
-from livevlm.app.cli import run
 from livevlm.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -18,6 +17,7 @@ from livevlm.checkpoint import (
     save_checkpoint,
     store_recommended_threshold,
 )
+from livevlm.cli import run
 from livevlm.config import ConfigError, FormatConfig, ModelConfig
 from livevlm.data.features import feature_name, load_features, save_features
 from livevlm.default_model import DEFAULT_MODEL_DIR

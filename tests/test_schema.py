@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from livevlm.cli.data import ValidateArgs
+from livevlm.cli.data import validate as validate_command
 from livevlm.data.schema import (
     Dialogue,
     DialogueError,
     Turn,
-    ValidateArgs,
     check_file,
     read_dialogues,
-    validate_command,
     write_dialogues,
 )
 

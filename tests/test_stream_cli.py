@@ -10,32 +10,10 @@ import time
 
 import pytest
 import torch
-from transformers import Dinov2Config, Dinov2Model
 
-from livevlm.app.cli import run
-from livevlm.checkpoint import save_checkpoint, store_recommended_threshold
-from livevlm.config import FormatConfig, ModelConfig
-from livevlm.model import build_live_model
+from livevlm.checkpoint import store_recommended_threshold
+from livevlm.cli import run
 from livevlm.world import WorldSpec, render_video
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    from conftest import save_tiny_llm
-
-    root = tmp_path_factory.mktemp("stream")
-    tokenizer, placeholder, llm = save_tiny_llm(root / "llm")
-    torch.manual_seed(0)
-    tower = Dinov2Model(Dinov2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     patch_size=8, image_size=32))
-    tower.save_pretrained(root / "vision")
-    config = ModelConfig(llm=str(root / "llm"), vision=str(root / "vision"), frame_size=32, grid=2,
-                         finetune="connector")
-    model = build_live_model(config, llm, vision_dim=16, placeholder_id=placeholder)
-    save_checkpoint(model, tokenizer, config, FormatConfig(), root / "ckpt")
-    video = root / "world.mp4"
-    render_video(WorldSpec(seed=3, index=0, duration=6.0, size=64), video)
-    return root / "ckpt", video
 
 
 def test_jsonl_events_and_summary(tiny_checkpoint, capsys, tmp_path):
@@ -104,7 +82,7 @@ def test_ctrl_c_prints_what_was_said_and_exits_130(tiny_checkpoint, tmp_path):
     # in the child, so the child gets SIGINT as a terminal's process does.
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "livevlm.app.cli", "stream", str(video), "--model", str(ckpt),
+        proc = subprocess.Popen([sys.executable, "-m", "livevlm.cli", "stream", str(video), "--model", str(ckpt),
                                  "--realtime", "--threshold", "1.0", "--max-new-tokens", "2"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
                                 env=env)
@@ -123,13 +101,46 @@ def test_ctrl_c_prints_what_was_said_and_exits_130(tiny_checkpoint, tmp_path):
 def test_the_timeline_plot_takes_any_response_text(tmp_path):
     """Dollar signs are not TeX (matplotlib failed to parse "$x^^2$") and control characters are dropped."""
     import warnings
-    from types import SimpleNamespace
 
-    from livevlm.app.stream import plot_timeline
+    from livevlm.cli.plot import plot_timeline
 
-    view = SimpleNamespace(timeline=[(0.0, 0.1), (0.5, 0.9)],
-                           said=[(0.0, "user", "Tell me when $x^^2$ shows"), (0.5, "assistant", "Now\x1a")])
+    said = [(0.0, "user", "Tell me when $x^^2$ shows"), (0.5, "assistant", "Now\x1a")]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        plot_timeline(view, str(tmp_path / "t.png"), 0.725)
+        plot_timeline([(0.0, 0.1), (0.5, 0.9)], said, str(tmp_path / "t.png"), 0.725)
     assert (tmp_path / "t.png").stat().st_size > 0
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if `livevlm stream` gets as far as loading a model."""
+    from livevlm.cli import stream as stream_cli
+
+    def fail(args):
+        pytest.fail("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(stream_cli, "_load", fail)
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["missing.mp4"], "missing.mp4 does not exist"),
+    (["VIDEO", "--query", "Narrate.", "--at", "-5"], "--at -5: a query's stream time must be ≥ 0"),
+    (["VIDEO", "--threshold", "1.5"], "--threshold 1.5 is not in [0, 1]"),
+    (["/dev/video97"], "docker run --device=/dev/video0"),
+    (["foo://host/stream"], "unknown URL scheme 'foo'"),
+    (["VIDEO", "--demo"], "--demo streams a generated video"),
+])
+def test_bad_input_is_one_line_before_any_model_loads(argv, said, tiny_checkpoint, no_model_load, capsys, tmp_path,
+                                                      monkeypatch):
+    _, video = tiny_checkpoint
+    monkeypatch.chdir(tmp_path)
+    assert run(["stream", *[str(video) if a == "VIDEO" else a for a in argv]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("livevlm: error: ") and said in err[0], err
+
+
+def test_an_unknown_override_suggests_the_key_and_blames_the_override(capsys):
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "default.yaml")
+    assert run(["train", recipe, "train.max_step=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("livevlm: error: override: unknown key train.max_step; did you mean train.max_steps?")

@@ -24,7 +24,7 @@ import pytest
 from livevlm.config import FormatConfig
 from livevlm.data.dataset import StreamDataset
 from livevlm.data.schema import read_dialogues
-from livevlm.data.synthesize import SynthesizeArgs, run_synthesis
+from livevlm.data.synthesize import SynthesisOptions, run_synthesis
 from livevlm.stream_format import StreamFormat, register_placeholder
 from test_synthesize import features_for, write_world
 
@@ -85,7 +85,7 @@ def server(tmp_path_factory):
 
 
 def job_command(annotations: Path, out: Path, url: str, tokenizer: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "livevlm.data.synthesize", str(annotations), str(out), "--task", "dialogue",
+    return [sys.executable, "-m", "livevlm.cli", "data", "synthesize", str(annotations), str(out), "--task", "dialogue",
             "--backend", "openai", "--base-url", url, "--fill", "guided", "--tokenizer", str(tokenizer),
             "--queries", "1", "--max-tokens", "32", "--concurrency", "1", "--no-progress", *extra]
 
@@ -112,7 +112,7 @@ def test_openai_dialogue_on_world_steps_loads_in_the_training_dataset(server, tm
     """--fill guided with the model's chat template (SmolLM2-135M cannot fill a whole skeleton in one go)."""
     annotations = write_world(tmp_path / "world", videos=3, duration=10.0)
     out = tmp_path / "data" / "dialogue.jsonl"
-    args = SynthesizeArgs(input=str(annotations), output=str(out), backend="openai", base_url=server, queries=1,
+    args = SynthesisOptions(input=str(annotations), output=str(out), backend="openai", base_url=server, queries=1,
                           fill="guided", tokenizer=str(smollm2_dir), max_tokens=32, concurrency=2, progress=False)
     start = time.perf_counter()
     report = run_synthesis(args)
@@ -136,7 +136,7 @@ def test_whole_skeleton_answers_of_a_real_llm_are_parsed_and_filtered(server, tm
     """--fill whole: whatever the 135M model writes is either a valid conversation or a counted drop."""
     annotations = write_world(tmp_path, videos=2, duration=10.0)
     out = tmp_path / "d.jsonl"
-    report = run_synthesis(SynthesizeArgs(input=str(annotations), output=str(out), backend="openai",
+    report = run_synthesis(SynthesisOptions(input=str(annotations), output=str(out), backend="openai",
                                           base_url=server, queries=1, max_tokens=96, progress=False))
     print(f"whole fill: {report.conversations} written, dropped {dict(report.dropped)}; e.g. {report.examples}")
     assert report.ok and report.conversations + sum(report.dropped.values()) == 2

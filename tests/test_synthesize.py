@@ -6,6 +6,7 @@ The real llama.cpp server tests are in test_synthesis_server.py.
 
 import http.server
 import json
+import sys
 import threading
 import time
 from collections import Counter
@@ -13,6 +14,7 @@ from collections import Counter
 import pytest
 import torch
 
+from livevlm.cli import run
 from livevlm.config import FormatConfig
 from livevlm.data.backends import (
     BackendError,
@@ -44,7 +46,7 @@ from livevlm.data.synthesis_text import (
     skeleton_prefill,
     timestamp_leak,
 )
-from livevlm.data.synthesize import SynthesizeArgs, main, run_synthesis
+from livevlm.data.synthesize import SynthesisOptions, run_synthesis
 from livevlm.stream_format import StreamFormat, register_placeholder
 from livevlm.world import WorldSpec, plan_video
 
@@ -93,7 +95,7 @@ class Scripted:
 
 
 def args_for(annotations, out, **kw):
-    return SynthesizeArgs(input=str(annotations), output=str(out), progress=False, **kw)
+    return SynthesisOptions(input=str(annotations), output=str(out), progress=False, **kw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -429,6 +431,11 @@ def test_two_jobs_on_one_output_are_refused(tmp_path):
         first.close()
 
 
+def main(argv: list[str]) -> int:
+    """`livevlm data synthesize ARGV`."""
+    return run(["data", "synthesize", *argv])
+
+
 def test_command_prints_the_report_and_returns_0(tmp_path, capsys):
     annotations = write_world(tmp_path, videos=2)
     code = main([str(annotations), str(tmp_path / "d.jsonl"), "--task", "dialogue", "--backend", "rules",
@@ -455,19 +462,26 @@ def test_unknown_backend_lists_the_valid_ones():
 
 
 class _Flaky(http.server.BaseHTTPRequestHandler):
-    script: list = []  # status codes to answer with, then 200
-    seen: list = []
+    script: list = []  # status codes to answer with (or "html", "cut" for answers that are not JSON), then 200
+    seen: list = []  # request bodies
+    heard: list = []  # (path, Authorization header) of each request
 
     def do_POST(self):  # noqa: N802 - http.server's naming
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).seen.append(body)
+        type(self).heard.append((self.path, self.headers.get("Authorization")))
         status = type(self).script.pop(0) if type(self).script else 200
-        payload = ({"choices": [{"message": {"content": " Hello."}}], "usage": {"prompt_tokens": 7,
-                                                                              "completion_tokens": 2}}
+        choice = {"text": " ok"} if self.path.endswith("/v1/completions") else {"message": {"content": " Hello."}}
+        payload = ({"choices": [choice], "usage": {"prompt_tokens": 7, "completion_tokens": 2}}
                    if status == 200 else {"error": "busy"})
         data = json.dumps(payload).encode()
+        content_type = "application/json"
+        if status == "html":  # a proxy's error page
+            status, content_type, data = 200, "text/html", b"<html>502 Bad Gateway</html>"
+        elif status == "cut":  # JSON cut short
+            status, data = 200, data[:10]
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -478,7 +492,7 @@ class _Flaky(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def flaky_server():
-    _Flaky.script, _Flaky.seen = [], []
+    _Flaky.script, _Flaky.seen, _Flaky.heard = [], [], []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -534,6 +548,47 @@ def test_openai_stops_at_the_item_deadline(flaky_server):
     with pytest.raises(DeadlineExceeded):
         backend.complete([Request([{"role": "user", "content": "Hi"}])], time.monotonic() + 1.0)
     assert time.monotonic() - start < 1.5
+
+
+def test_openai_retries_an_answer_that_is_not_json(flaky_server):
+    _Flaky.script = ["html", "cut"]
+    (completion,) = openai_backend(flaky_server).complete([Request([{"role": "user", "content": "Hi"}])],
+                                                          time.monotonic() + 30)
+    assert completion.text == " Hello." and len(_Flaky.seen) == 3
+
+
+def test_openai_sends_the_key_from_the_environment_or_a_placeholder(flaky_server, monkeypatch):
+    request = Request([{"role": "user", "content": "Hi"}])
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    openai_backend(flaky_server).complete([request], time.monotonic() + 30)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-local")
+    openai_backend(flaky_server).complete([request], time.monotonic() + 30)
+    assert _Flaky.heard == [("/v1/chat/completions", "Bearer not-needed"), ("/v1/chat/completions", "Bearer sk-local")]
+
+
+def test_openai_takes_the_url_and_model_from_the_environment(flaky_server, monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", flaky_server)
+    monkeypatch.setenv("OPENAI_MODEL", "from-env")
+    backend = OpenAIBackend(BackendOptions())
+    backend.complete([Request([{"role": "user", "content": "Hi"}])], time.monotonic() + 30)
+    assert backend.base_url == flaky_server and _Flaky.seen[0]["model"] == "from-env"
+
+
+def test_openai_with_a_tokenizer_continues_the_prefill_through_completions(flaky_server, smollm2_dir):
+    backend = openai_backend(flaky_server, tokenizer=str(smollm2_dir))
+    (completion,) = backend.complete([Request([{"role": "user", "content": "Hi"}], "0s Assistant:", 5,
+                                              stop=["\n\n"])], time.monotonic() + 30)
+    assert (completion.text, completion.prompt_tokens, completion.completion_tokens) == (" ok", 7, 2)
+    assert _Flaky.heard[0][0] == "/v1/completions"
+    body = _Flaky.seen[0]
+    assert body["prompt"].endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n0s Assistant:")
+    assert (body["model"], body["max_tokens"], body["stop"]) == ("m", 5, ["\n\n"])
+
+
+def test_openai_without_the_package_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openai", None)  # what `import openai` meets when it is not installed
+    with pytest.raises(BackendError, match=r"pip install 'livevlm\[synth\]'"):
+        OpenAIBackend(BackendOptions(model="m"))
 
 
 def test_openai_without_a_model_takes_the_servers_first(flaky_server):

@@ -15,10 +15,14 @@ from safetensors.torch import load_file
 
 from conftest import build_tiny_llm, build_tiny_tokenizer
 from livevlm.checkpoint import CheckpointError, load_checkpoint
-from livevlm.config import ConfigError, add_dataclass_arguments, dataclass_from_namespace, load_recipe
+from livevlm.cli import CommandError
+from livevlm.cli.arguments import add_dataclass_arguments, dataclass_from_namespace
+from livevlm.cli.train import TrainArgs
+from livevlm.cli.train import train as train_command
+from livevlm.config import ConfigError, load_recipe
 from livevlm.data.dataset import MissingFeaturesError
 from livevlm.data.features import feature_name, save_features
-from livevlm.train import TrainArgs, bf16_supported, latest_checkpoint, read_metrics, train, train_command
+from livevlm.train import bf16_supported, latest_checkpoint, read_metrics, train
 
 TEXTS = ["A red circle appears on the left.", "A blue square leaves.", "A green triangle moves to the right.",
          "It stopped."]
@@ -394,7 +398,7 @@ def test_more_processes_than_gpus_is_named_before_training(workdir, tmp_path, mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match=r"2 training processes .* 1 visible GPU\(s\): launch at most 1"):
+    with pytest.raises(CommandError, match=r"2 training processes .* 1 visible GPU\(s\): launch at most 1"):
         train_command(TrainArgs(recipe=str(write_recipe(workdir, tmp_path))))
     assert not (tmp_path / "run").exists()
 
@@ -415,7 +419,7 @@ def test_two_processes_over_gloo_train_one_step_on_cpu(workdir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": ""}  # CPU processes even on a GPU machine (two ranks on one GPU fail in NCCL)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "livevlm.train", str(recipe_path)],
+                           "-m", "livevlm.cli", "train", str(recipe_path)],
                           env=env, capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     run = tmp_path / "run"

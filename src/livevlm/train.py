@@ -18,8 +18,13 @@ livevlm adds only what is its own:
 * resume: `--resume auto` (default) continues from the newest *complete* checkpoint in output_dir (one
   whose trainer_state.json, written last, parses), so rerunning the killed command just continues.
 
+How Trainer is extended: through its public hooks (`compute_loss`, `create_optimizer`, and the callbacks
+`LiveCheckpointExport` and `JsonlMetrics`) wherever one exists; two private methods are overridden, `_save`
+and `_load_from_checkpoint`, because no public hook chooses which weights a Trainer checkpoint holds (see
+`StreamTrainer._save`). A transformers upgrade that renames them fails the resume tests, not a user's run.
+
 Several GPUs: `accelerate launch --config_file recipes/accelerate/{fsdp,deepspeed_zero2,deepspeed_zero3}.yaml
--m livevlm.app.cli train RECIPE.yaml` (see those files). Under FSDP / ZeRO-3 the weights are sharded, so
+-m livevlm.cli train RECIPE.yaml` (see those files). Under FSDP / ZeRO-3 the weights are sharded, so
 the livevlm checkpoint is written only at the end, from the gathered trainable weights.
 """
 
@@ -29,7 +34,6 @@ import errno
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,10 +44,10 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from livevlm.checkpoint import CONFIG_NAME, CheckpointError, load_trained_weights, save_checkpoint
-from livevlm.config import ConfigError, ModelConfig, Recipe, TrainConfig, load_recipe, load_yaml, save_recipe, to_dict
+from livevlm.config import ConfigError, ModelConfig, Recipe, TrainConfig, load_yaml, save_recipe, to_dict
 from livevlm.data.dataset import StreamDataset, collate_streams
 from livevlm.data.features import feature_file
-from livevlm.default_model import default_model_path
+from livevlm.default_model import resolve_model
 from livevlm.files import write_text_atomically
 from livevlm.model import LiveModel, build_live_model
 from livevlm.stream_format import IGNORE, StreamFormat, register_placeholder
@@ -55,38 +59,6 @@ METRICS_FILE = "metrics.jsonl"
 RECIPE_FILE = "recipe.yaml"
 TRAINABLE_FILE = "model.safetensors"  # Trainer's own weights file name; here: trainable weights only
 TRAINER_STATE_FILE = "trainer_state.json"  # written last into a Trainer checkpoint: marks it complete
-
-
-@dataclass
-class TrainArgs:
-    """Arguments of `livevlm train RECIPE.yaml [section.key=value …]`."""
-
-    recipe: str = field(metadata={"help": "YAML recipe (see recipes/)"})
-    overrides: list[str] = field(default_factory=list, metadata={
-        "nargs": "*", "help": "recipe overrides, e.g. train.lr=1e-4 train.max_steps=100"})
-    resume: str = field(default="auto", metadata={
-        "help": "'auto': continue from the newest complete checkpoint in train.output_dir; 'never': start "
-                "over; or a checkpoint-N folder"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "Trainer checkpoints kept (oldest deleted)"})
-
-
-def train_command(args: TrainArgs) -> int:
-    """Entry point of `livevlm train`: load the recipe, size the CPU thread pool, train, print the result."""
-    recipe = load_recipe(args.recipe, args.overrides)
-    if args.keep_checkpoints < 1:
-        raise ConfigError(f"--keep-checkpoints must be at least 1 (resuming needs one), got {args.keep_checkpoints}")
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes on this machine (torchrun/accelerate)
-    if torch.cuda.is_available():
-        gpus = torch.cuda.device_count()
-        if local_world > gpus:  # NCCL would fail later with "Duplicate GPU detected"
-            raise ConfigError(f"{local_world} training processes were launched on this machine but it has {gpus} "
-                              f"visible GPU(s): launch at most {gpus} per machine (--nproc_per_node / "
-                              "--num_processes), or set CUDA_VISIBLE_DEVICES= to train on the CPU")
-    else:  # one process per core group under a CPU launcher
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
-    folder = train(recipe, resume=args.resume, keep_checkpoints=args.keep_checkpoints)
-    print(f"livevlm checkpoint: {folder}")
-    return 0
 
 
 def train(recipe: Recipe, resume: str = "auto", callbacks: list[TrainerCallback] | None = None,
@@ -116,7 +88,7 @@ def train(recipe: Recipe, resume: str = "auto", callbacks: list[TrainerCallback]
     checkpoint = resolve_resume(resume, output_dir)
     init_from = None  # a resumed run gets every weight from its checkpoint
     if cfg.init_from and not checkpoint:
-        init_from = default_model_path() if cfg.init_from == "default" else Path(cfg.init_from)
+        init_from = resolve_model(cfg.init_from)
         if not (init_from / CONFIG_NAME).is_file():  # before the data and the model are loaded
             raise ConfigError(f"train.init_from: {cfg.init_from} is not a livevlm checkpoint (no {CONFIG_NAME}); "
                               "train that model first (a recipe that starts from another names it in its header), "
@@ -125,10 +97,9 @@ def train(recipe: Recipe, resume: str = "auto", callbacks: list[TrainerCallback]
     tokenizer = _load_tokenizer(recipe.model.llm)
     placeholder_id = register_placeholder(tokenizer, recipe.format.placeholder)
     fmt = StreamFormat(tokenizer, recipe.format, recipe.model.tokens_per_frame)
-    frame_delta = recipe.model.frame_delta
-    train_set = StreamDataset(cfg.data, fmt, cfg.features or None, max_frames=cfg.max_frames, frame_delta=frame_delta)
-    eval_set = StreamDataset(cfg.eval_data, fmt, cfg.features or None, max_frames=cfg.max_frames,
-                             frame_delta=frame_delta) if cfg.eval_data else None
+    train_set = StreamDataset(cfg.data, fmt, cfg.features or None, max_frames=cfg.max_frames)
+    eval_set = StreamDataset(cfg.eval_data, fmt, cfg.features or None,
+                             max_frames=cfg.max_frames) if cfg.eval_data else None
     model = build_model(recipe.model, feature_dim(train_set, recipe.model), placeholder_id,
                         cfg.gradient_checkpointing)
     if init_from is not None:
@@ -175,7 +146,7 @@ def _check_train_config(cfg: TrainConfig) -> None:
 def _load_tokenizer(llm: str):
     from transformers import AutoTokenizer
 
-    from livevlm.backbones import resolve_llm
+    from livevlm.default_model import resolve_llm
 
     return AutoTokenizer.from_pretrained(resolve_llm(llm))
 
@@ -206,7 +177,7 @@ def build_model(config: ModelConfig, vision_dim: int, placeholder_id: int,
     """Load the base LLM (`config.llm`, in `config.dtype`) and wrap it as a trainable LiveModel."""
     from transformers import AutoModelForCausalLM
 
-    from livevlm.backbones import resolve_llm
+    from livevlm.default_model import resolve_llm
 
     llm = AutoModelForCausalLM.from_pretrained(resolve_llm(config.llm), dtype=getattr(torch, config.dtype))
     llm.config.use_cache = False  # no KV cache while training
@@ -271,6 +242,7 @@ class StreamTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.trainable_names = {n for n, p in self.model.named_parameters() if p.requires_grad}
         self._live_saved_step = -1  # the step of the last livevlm checkpoint written
+        self.add_callback(LiveCheckpointExport(self))
 
     @property
     def sharded(self) -> bool:
@@ -323,7 +295,12 @@ class StreamTrainer(Trainer):
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Write only the trainable weights (the base LLM is named in the recipe and never changes)."""
+        """Write only the trainable weights (the base LLM is named in the recipe and never changes).
+
+        One of the two private Trainer methods overridden here (with `_load_from_checkpoint`), because Trainer
+        has no public hook that chooses *which* weights a checkpoint holds: `save_model` is public but is only
+        the non-sharded entry, while `_save` is where every path (plain, DDP, gathered FSDP/ZeRO state) writes
+        the weights. Both are pinned by tests (`test_train.py`: exact resume, trainable-only files)."""
         output_dir = output_dir or self.args.output_dir
         if state_dict is None:
             state_dict = self.accelerator.unwrap_model(self.model).state_dict()
@@ -346,11 +323,6 @@ class StreamTrainer(Trainer):
                 f"{file} does not fit this recipe's model: missing {sorted(missing)[:3]}, unexpected "
                 f"{sorted(unexpected)[:3]}; resume with the recipe it was trained with, or --resume never")
         (model or self.model).load_state_dict(state, strict=False)
-
-    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        if not self.sharded:  # sharded weights: the livevlm checkpoint is gathered at the end only
-            self.save_live_checkpoint()
 
     def save_live_checkpoint(self, final: bool = False) -> Path:
         """Write `output_dir/model` (atomic: a failed write leaves the previous one intact).
@@ -387,6 +359,19 @@ class StreamTrainer(Trainer):
         copy = build_model(self.recipe.model, self.model.connector.fc1.in_features, self.model.placeholder_id)
         copy.load_state_dict({k: v for k, v in state.items() if k in self.trainable_names}, strict=False)
         return copy
+
+
+class LiveCheckpointExport(TrainerCallback):
+    """After every Trainer checkpoint, the livevlm checkpoint `output_dir/model` too (through the public
+    `on_save` hook, which Trainer calls once the checkpoint folder is complete). Sharded weights (FSDP,
+    ZeRO-3) are gathered only once, at the end (`save_live_checkpoint(final=True)`)."""
+
+    def __init__(self, trainer: StreamTrainer) -> None:
+        self.trainer = trainer
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self.trainer.sharded:
+            self.trainer.save_live_checkpoint()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -486,19 +471,3 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
         raise FileNotFoundError(f"--resume {resume}: not a complete training checkpoint (a checkpoint-N folder "
                                 f"with a readable {TRAINER_STATE_FILE}); use auto or never")
     return folder
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m livevlm.train RECIPE.yaml [key=value …]`: the same as `livevlm train`, for launchers."""
-    import argparse
-
-    from livevlm.config import add_dataclass_arguments, dataclass_from_namespace
-
-    parser = argparse.ArgumentParser(prog="python -m livevlm.train", description=__doc__.splitlines()[0])
-    add_dataclass_arguments(parser, TrainArgs)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return train_command(dataclass_from_namespace(TrainArgs, parser.parse_args(argv)))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

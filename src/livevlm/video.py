@@ -119,8 +119,7 @@ def _open_container(source: str | int, timeout_s: float) -> tuple[Any, str]:
 def _open_camera(source: str | int, timeout_s: float) -> tuple[Any, str]:
     device = f"/dev/video{source}" if isinstance(source, int) or str(source).isdigit() else str(source)
     if not Path(device).exists():
-        raise VideoError(f"camera {device} does not exist; list the cameras with `ls /dev/video*` "
-                         "(in a container, pass the device through, e.g. `--device /dev/video0`)")
+        raise VideoError(_missing_camera(device))
     try:
         return av.open(device, format="v4l2", timeout=timeout_s), device
     except (av.error.FFmpegError, OSError) as exc:
@@ -136,8 +135,9 @@ def _open_url(url: str, timeout_s: float) -> Any:
     try:
         return av.open(url, timeout=timeout_s, options=options)
     except (av.error.FFmpegError, OSError) as exc:
-        raise VideoError(f"stream {url} did not open within {timeout_s:g} s ({exc}); check the URL, that "
-                         "the server is running and reachable, or raise timeout_s") from None
+        raise VideoError(f"stream {url} could not be opened ({exc}); check the URL and that the server is running "
+                         f"and reachable; a slow server may need longer than {timeout_s:g} s "
+                         "(`livevlm stream --open-timeout SEC`, `timeout_s` in Python)") from None
 
 
 def _video_stream(container: Any, name: str) -> Any:
@@ -156,6 +156,38 @@ def _stream_duration(container: Any, stream: Any) -> Fraction | None:
     if container.duration is not None:
         return Fraction(container.duration, av.time_base)
     return None
+
+
+def check_source(source: str | int) -> str | int:
+    """Check a source before anything slow happens (a model load): a file must exist and hold a video
+    stream, a camera device must exist, a URL must name a known scheme. Nothing is decoded and no network
+    connection is made. Returns the source as `read_frames` takes it (a digit string becomes an int).
+
+    Raises:
+        VideoError: what is wrong, and what to do.
+    """
+    if _is_camera(source):
+        device = f"/dev/video{source}" if isinstance(source, int) or str(source).isdigit() else str(source)
+        if not Path(device).exists():
+            raise VideoError(_missing_camera(device))
+        return int(source) if str(source).isdigit() else source
+    text = str(source)
+    if _is_url(text):
+        return text
+    if "://" in text:
+        raise VideoError(f"{text}: unknown URL scheme {text.split('://', 1)[0]!r}; livevlm reads "
+                         f"{', '.join(sorted(URL_SCHEMES))}")
+    container, name = _open_container(text, timeout_s=10.0)
+    try:
+        _video_stream(container, name)
+    finally:
+        container.close()
+    return text
+
+
+def _missing_camera(device: str) -> str:
+    return (f"camera {device} does not exist; list the cameras with `ls /dev/video*` (inside a container, the "
+            "camera must be passed through to it, e.g. `docker run --device=/dev/video0 …`)")
 
 
 def probe(source: str | int, timeout_s: float = 10.0) -> VideoInfo:

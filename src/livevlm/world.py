@@ -27,10 +27,9 @@ import json
 import logging
 import math
 import multiprocessing
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-from livevlm.files import write_text_atomically
+from livevlm.files import atomic_path, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -583,24 +582,23 @@ def render_video(spec: WorldSpec, path: str | Path, *, preset: str = "veryfast",
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
     world = _World(spec)
     painter = _Painter(spec)
-    container = av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"})
-    try:
-        stream = container.add_stream("libx264", rate=spec.video_fps, options={
-            "preset": preset, "crf": str(crf), "g": str(5 * spec.video_fps), "threads": "2"})
-        stream.width = stream.height = spec.size
-        stream.pix_fmt = "yuv420p"
-        for k in range(spec.frames):
-            world.step(k)
-            frame = av.VideoFrame.from_ndarray(painter.frame(world.objects), format="rgb24")
-            frame.pts = k
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    finally:
-        container.close()
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        container = av.open(str(tmp), "w", format="mp4", options={"movflags": "+faststart"})
+        try:
+            stream = container.add_stream("libx264", rate=spec.video_fps, options={
+                "preset": preset, "crf": str(crf), "g": str(5 * spec.video_fps), "threads": "2"})
+            stream.width = stream.height = spec.size
+            stream.pix_fmt = "yuv420p"
+            for k in range(spec.frames):
+                world.step(k)
+                frame = av.VideoFrame.from_ndarray(painter.frame(world.objects), format="rgb24")
+                frame.pts = k
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+        finally:
+            container.close()
     world.finish()
     return _annotation(spec, world)
 
@@ -658,34 +656,22 @@ def generate_world(out_dir: str | Path, videos: int = 10, seed: int = 0, duratio
     return annotations
 
 
-@dataclass
-class GenerateArgs:
-    """Arguments of `livevlm world generate`."""
+def demo_video(seed: int = 7, duration: float = 30.0, cache_dir: str | Path | None = None
+               ) -> tuple[Path, dict[str, Any]]:
+    """A synthetic-world video for demos and examples, rendered once into the cache, and its annotation.
 
-    out: str = field(metadata={"help": "output folder: videos/*.mp4 and annotations.jsonl are written there"})
-    videos: int = field(default=10, metadata={"help": "number of videos"})
-    seed: int = field(default=0, metadata={"help": "random seed (same seed = same annotations and videos)"})
-    duration: float = field(default=30.0, metadata={"help": "seconds per video"})
-    size: int = field(default=256, metadata={"help": "frame side in pixels (even)"})
-    video_fps: int = field(default=10, metadata={"help": "native frame rate of the rendered videos"})
-    density: float = field(default=12.0, metadata={"help": "scheduled events per minute (collisions and "
-                                                           "exits come on top)"})
-    max_objects: int = field(default=4, metadata={"help": "most objects on screen at once"})
-    noise: float = field(default=0.0, metadata={"help": "camera noise std in grey levels (e.g. 6)"})
-    flicker: float = field(default=0.0, metadata={"help": "per-frame brightness jitter (e.g. 0.1 = ±10%%)"})
-    texture: bool = field(default=False, metadata={"help": "textured background as a distractor"})
-    workers: int = field(default=1, metadata={"help": "processes rendering at once (same files for any number)"})
+    Returns:
+        (the MP4's path, its annotation: `events` with `time_s` and `text`, the truth to compare with).
+    """
+    from livevlm.backbones import default_cache_dir
+    from livevlm.files import write_text_atomically
 
-
-def generate_command(args: GenerateArgs) -> int:
-    """`livevlm world generate`: render the set and print where it is and how fast it went."""
-    fixed = ("out", "videos", "seed", "duration", "workers")
-    options = {k: v for k, v in asdict(args).items() if k not in fixed}
-    start = time.perf_counter()
-    path = generate_world(args.out, videos=args.videos, seed=args.seed, duration=args.duration,
-                          workers=args.workers, **options)
-    seconds = time.perf_counter() - start
-    minutes = args.videos * args.duration / 60
-    print(f"wrote {args.videos} videos and {path} in {seconds:.1f} s "
-          f"({minutes * 60 / max(seconds, 1e-9):.0f}x real time)")
-    return 0
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "demo"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"world-seed{seed}-{duration:g}s.mp4"
+    annotation_file = path.with_suffix(".json")
+    if path.is_file() and annotation_file.is_file():
+        return path, json.loads(annotation_file.read_text())
+    annotation = render_video(WorldSpec(seed=seed, index=0, duration=duration), path)  # written atomically
+    write_text_atomically(annotation_file, json.dumps(annotation))
+    return path, annotation

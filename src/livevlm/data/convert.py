@@ -1,7 +1,7 @@
-"""`livevlm data convert --from KIND IN OUT.jsonl`: the registry of annotation converters and the command.
+"""The registry of annotation converters and `convert`, what `livevlm data convert --from KIND IN OUT` runs.
 
-Each converter reads one source format and returns schema dialogues (`livevlm.data.schema`); the
-command writes them atomically, so an existing OUT is replaced only by a complete file. The formats and
+Each converter reads one source format and returns schema dialogues (`livevlm.data.schema`); `convert`
+writes them atomically, so an existing OUT is replaced only by a complete file. The formats and
 what each converter produces are documented in its module under `livevlm.data.converters`.
 """
 
@@ -11,15 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from livevlm.data.converters.coin import coin_benchmarks, convert_coin
-from livevlm.data.converters.common import AnnotationError, ConvertArgs
+from livevlm.data.converters.common import AnnotationError, ConvertOptions
 from livevlm.data.converters.ego4d import convert_ego4d_narration
 from livevlm.data.converters.segments import convert_segments
 from livevlm.data.converters.world import convert_world, convert_world_scene
 from livevlm.data.schema import Dialogue, write_dialogues, write_jsonl
 
-__all__ = ["CONVERTERS", "AnnotationError", "ConvertArgs", "convert", "convert_command", "get_converter"]
+__all__ = ["CONVERTERS", "AnnotationError", "ConvertOptions", "convert", "get_converter"]
 
-Converter = Callable[[ConvertArgs], list[Dialogue]]
+Converter = Callable[[ConvertOptions], list[Dialogue]]
 
 CONVERTERS: dict[str, Converter] = {
     "world": convert_world,  # synthetic-world annotations.jsonl: narration, reminders, questions
@@ -42,7 +42,7 @@ def get_converter(kind: str) -> Converter:
     return CONVERTERS[kind]
 
 
-def convert(args: ConvertArgs) -> tuple[int, int]:
+def convert(args: ConvertOptions) -> tuple[int, int]:
     """Convert `args.input` into dialogues at `args.output` (and COIN benchmarks at `args.benchmarks`).
 
     Returns:
@@ -63,12 +63,3 @@ def convert(args: ConvertArgs) -> tuple[int, int]:
     if args.benchmarks:
         write_jsonl(args.benchmarks, coin_benchmarks(args))
     return count, sum(len(d.turns) for d in dialogues)
-
-
-def convert_command(args: ConvertArgs) -> int:
-    """The `livevlm data convert` command: convert, then print what was written."""
-    count, turns = convert(args)
-    print(f"{args.output}: {count} dialogues, {turns} turns")
-    if args.benchmarks:
-        print(f"{args.benchmarks}: COIN benchmark samples")
-    return 0

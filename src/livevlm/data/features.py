@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from livevlm.data.schema import Dialogue, read_dialogues
+from livevlm.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -50,30 +49,8 @@ def load_features(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
 def save_features(path: Path, tokens: torch.Tensor, metadata: dict[str, str]) -> None:
     """Atomic write: a temporary file renamed into place only once complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         save_file({"tokens": tokens.contiguous()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@dataclass
-class EncodeArgs:
-    dialogues: str = field(metadata={"help": "dialogue JSONL whose videos to encode"})
-    out: str = field(default="", metadata={"help": "cache folder (default: features/ beside the JSONL)"})
-    encoder: str = field(default="default", metadata={"help": "vision tower folder, or 'default' (DINOv2-small)"})
-    frame_size: int = field(default=224, metadata={"help": "square side frames are letterboxed to"})
-    grid: int = field(default=3, metadata={"help": "k of the k x k pooled patch grid"})
-    pooled_token: bool = field(default=True, metadata={"help": "prepend the pooled/CLS token"})
-    mean_rgb: bool = field(default=False, metadata={"help": "append each token's mean pixel colour (for a "
-                                                            "model with model.mean_rgb: true)"})
-    batch_size: int = field(default=16, metadata={"help": "frames per encoder forward"})
-    fps: float = field(default=0.0, metadata={"help": "sampling rate; 0 = each dialogue's own fps"})
-    device: str = field(default="auto", metadata={"help": "where the encoder runs: auto (cuda if available), "
-                                                           "cpu, cuda, cuda:1, …"})
-    workers: int = field(default=1, metadata={"help": "processes decoding videos while the encoder runs "
-                                                      "(worth it on a GPU, where decoding is the bottleneck)"})
 
 
 def _stream_video(path: Path, fps: float, size: int) -> Iterator[np.ndarray]:
@@ -137,19 +114,3 @@ def encode_dialogue_videos(dialogues_path: str | Path, encoder, out_dir: str | P
             pool.shutdown(cancel_futures=True)
         progress.close()
     return files
-
-
-def encode_command(args: EncodeArgs) -> int:
-    from livevlm.backbones import resolve_vision
-    from livevlm.devices import resolve_device
-    from livevlm.vision import load_frame_encoder
-
-    device = resolve_device(args.device)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    encoder = load_frame_encoder(resolve_vision(args.encoder), args.frame_size, args.pooled_token, args.grid,
-                                 device=device, mean_rgb=args.mean_rgb)
-    out = Path(args.out) if args.out else Path(args.dialogues).parent / "features"
-    files = encode_dialogue_videos(args.dialogues, encoder, out, args.fps or None, args.batch_size, args.encoder,
-                                   workers=args.workers)
-    print(f"{len(files)} videos encoded into {out} (encoder on {device})")
-    return 0

@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from livevlm.files import atomic_path
 from livevlm.stream_format import FRAME_EPS, count_frames, frame_index
 
 ROLES = ("system", "user", "assistant")
@@ -391,19 +390,11 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "x", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 
@@ -428,15 +419,7 @@ def write_dialogues(path: str | Path, dialogues: Iterable[Dialogue]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# `livevlm data validate`
-
-
-@dataclass
-class ValidateArgs:
-    path: str = field(metadata={"help": "dialogue JSONL file to check"})
-    check_videos: bool = field(default=False, metadata={"help": "also check that every referenced video "
-                                                                "file exists"})
-    max_errors: int = field(default=10, metadata={"help": "stop after this many errors"})
+# checking a whole file (`livevlm data validate`)
 
 
 def check_file(path: str | Path, check_videos: bool = False, max_errors: int = 10) -> tuple[int, int, list[str]]:
@@ -464,16 +447,3 @@ def check_file(path: str | Path, check_videos: bool = False, max_errors: int = 1
         if len(errors) >= max_errors:
             break
     return n_dialogues, n_turns, errors
-
-
-def validate_command(args: ValidateArgs) -> int:
-    """`livevlm data validate FILE`: print "N dialogues, M turns: ok" or the first errors (exit 1)."""
-    n_dialogues, n_turns, errors = check_file(args.path, args.check_videos, args.max_errors)
-    if errors:
-        for message in errors:
-            print(message)
-        more = " (stopped there)" if len(errors) >= args.max_errors else ""
-        print(f"{args.path}: {len(errors)} error(s){more}")
-        return 1
-    print(f"{n_dialogues} dialogues, {n_turns} turns: ok")
-    return 0

@@ -39,12 +39,10 @@ to `OUT.report.json`; the exit code is 1 when an item failed or was not attempte
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import random
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -93,6 +91,7 @@ from livevlm.data.synthesis_text import (
     rule_rewrite,
     skeleton_prefill,
 )
+from livevlm.files import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +99,13 @@ NARRATIONS_PER_REQUEST = 20  # a long narration list is rewritten in chunks (sma
 
 
 # ---------------------------------------------------------------------------------------------------
-# the arguments
+# the options
 
 
 @dataclass
-class SynthesizeArgs:
-    """Arguments of `livevlm data synthesize --task TASK IN OUT.jsonl --backend BACKEND`."""
+class SynthesisOptions:
+    """What a synthesis job reads, writes and asks of its backend: `run_synthesis`'s typed config. The
+    `livevlm data synthesize` command builds its options from these fields (errors name them as its flags)."""
 
     input: str = field(metadata={"help": "annotations: the world's annotations.jsonl, or timed segments "
                                          "({video, start, end, text} JSON/JSONL, ActivityNet, YouCook2)"})
@@ -203,7 +203,7 @@ def detect_source(path: str | Path) -> str:
     return "world" if isinstance(first, dict) and {"events", "steps"} & set(first) else "segments"
 
 
-def read_items(args: SynthesizeArgs) -> list[Item]:
+def read_items(args: SynthesisOptions) -> list[Item]:
     """The items of `args.input` in file order (only the first `args.limit` when set).
 
     Raises:
@@ -216,7 +216,7 @@ def read_items(args: SynthesizeArgs) -> list[Item]:
     return items[: args.limit] if args.limit else items
 
 
-def _world_items(args: SynthesizeArgs) -> list[Item]:
+def _world_items(args: SynthesisOptions) -> list[Item]:
     source, out_dir = Path(args.input), Path(args.output).parent
     items, keys = [], set()
     for number, record in read_jsonl(source):
@@ -242,7 +242,7 @@ def _world_items(args: SynthesizeArgs) -> list[Item]:
     return items
 
 
-def _segment_items(args: SynthesizeArgs) -> list[Item]:
+def _segment_items(args: SynthesisOptions) -> list[Item]:
     paths = VideoPaths(Path(args.output).parent, Path(args.input), args.video_root, args.video_ext,
                        check=bool(args.video_root))
     items = []
@@ -270,14 +270,14 @@ class Conversation:
     skeleton: list[SkeletonLine] = field(default_factory=list)  # dialogue: for --fill guided
 
 
-def _dialogue(item: Item, args: SynthesizeArgs, suffix: str, turns: list[Turn], task: str,
+def _dialogue(item: Item, args: SynthesisOptions, suffix: str, turns: list[Turn], task: str,
               meta: dict[str, Any]) -> Dialogue:
     return Dialogue(id=f"{item.key}-{suffix}", video=item.video, fps=args.fps, turns=turns,
                     duration_s=item.duration_s, start_s=0.0, end_s=item.duration_s, task=task,
                     meta={"source": "synthesize", "backend": args.backend, "item": item.key, **meta})
 
 
-def plan_dialogue(item: Item, args: SynthesizeArgs, templates: dict[str, list[str]]) -> list[Conversation]:
+def plan_dialogue(item: Item, args: SynthesisOptions, templates: dict[str, list[str]]) -> list[Conversation]:
     """The N conversations of one item (deterministic in seed and item key)."""
     conversations = []
     for j in range(args.conversations):
@@ -298,7 +298,7 @@ def plan_dialogue(item: Item, args: SynthesizeArgs, templates: dict[str, list[st
     return conversations
 
 
-def plan_refine(item: Item, args: SynthesizeArgs) -> list[Conversation]:
+def plan_refine(item: Item, args: SynthesisOptions) -> list[Conversation]:
     """One narration dialogue per item; narrations rewritten in chunks of NARRATIONS_PER_REQUEST."""
     if not item.narrations:
         return []
@@ -343,11 +343,11 @@ class ItemOutcome:
     completion_tokens: int = 0
 
 
-def _in_range(item: Item, args: SynthesizeArgs) -> bool:
+def _in_range(item: Item, args: SynthesisOptions) -> bool:
     return item.duration_s >= args.min_duration and (not args.max_duration or item.duration_s <= args.max_duration)
 
 
-def process_item(item: Item, args: SynthesizeArgs, backend: Backend, templates: dict[str, list[str]]) -> ItemOutcome:
+def process_item(item: Item, args: SynthesisOptions, backend: Backend, templates: dict[str, list[str]]) -> ItemOutcome:
     """Plan, generate, parse, validate and filter one item.
 
     Raises:
@@ -619,7 +619,7 @@ def _bounded(pool: ThreadPoolExecutor, todo: list[Item], window: int, work: Call
             yield pending.pop(future), future
 
 
-def run_synthesis(args: SynthesizeArgs, backend: Backend | None = None) -> Report:
+def run_synthesis(args: SynthesisOptions, backend: Backend | None = None) -> Report:
     """Synthesize `args.input` into `args.output` (resuming it); the backend is built unless given.
 
     Returns:
@@ -643,7 +643,7 @@ def run_synthesis(args: SynthesizeArgs, backend: Backend | None = None) -> Repor
         output.close()
 
 
-def _run(items: list[Item], args: SynthesizeArgs, backend: Backend, templates: dict[str, list[str]],
+def _run(items: list[Item], args: SynthesisOptions, backend: Backend, templates: dict[str, list[str]],
          output: SynthesisOutput) -> Report:
     from tqdm import tqdm
 
@@ -678,38 +678,5 @@ def _run(items: list[Item], args: SynthesizeArgs, backend: Backend, templates: d
     report.not_attempted = [item.key for item in todo if item.key not in started]
     report.seconds = time.perf_counter() - start
     report_path = Path(args.output).with_name(Path(args.output).name + ".report.json")
-    report_path.write_text(json.dumps(report.to_json(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text_atomically(report_path, json.dumps(report.to_json(), indent=1, ensure_ascii=False) + "\n")
     return report
-
-
-def synthesize_command(args: SynthesizeArgs) -> int:
-    """`livevlm data synthesize`: run, print the report; exit 1 when items failed or were not attempted."""
-    try:
-        report = run_synthesis(args)
-    except BackendError as exc:
-        from livevlm.app.cli import CommandError
-
-        raise CommandError(f"backend {args.backend}: {exc}") from None
-    for line in report.lines():
-        print(line)
-    print(f"{args.output}: {report.conversations} new conversations; report in {args.output}.report.json")
-    return 0 if report.ok else 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m livevlm.data.synthesize ...`: the same command without the `livevlm` entry point."""
-    from livevlm.app.cli import CommandError
-    from livevlm.config import add_dataclass_arguments, dataclass_from_namespace
-
-    parser = argparse.ArgumentParser(prog="python -m livevlm.data.synthesize", description=__doc__.splitlines()[0])
-    add_dataclass_arguments(parser, SynthesizeArgs)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return synthesize_command(dataclass_from_namespace(SynthesizeArgs, parser.parse_args(argv)))
-    except (CommandError, OSError, ValueError) as exc:
-        print(f"livevlm: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

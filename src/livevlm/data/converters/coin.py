@@ -37,7 +37,7 @@ from typing import Any
 from livevlm.data.converters.common import (
     NUMBER,
     AnnotationError,
-    ConvertArgs,
+    ConvertOptions,
     StreamBuilder,
     VideoPaths,
     ceil_frame,
@@ -108,7 +108,7 @@ def parse_coin(data: Any, source: Path, subset: str = "") -> list[CoinVideo]:
     return videos
 
 
-def step_stream(video: CoinVideo, args: ConvertArgs, video_ref: str) -> Dialogue:
+def step_stream(video: CoinVideo, args: ConvertOptions, video_ref: str) -> Dialogue:
     """The step-stream dialogue of one video (see the module docstring)."""
     rng = random.Random(f"{args.seed}:coin:{video.youtube_id}")
     builder = StreamBuilder(args.fps, start_s=0.0, end_s=video.duration)
@@ -169,7 +169,7 @@ def coin_benchmark_samples(video: CoinVideo, fps: float, video_ref: str) -> list
     return samples
 
 
-def _videos(args: ConvertArgs) -> list[tuple[CoinVideo, str]]:
+def _videos(args: ConvertOptions) -> list[tuple[CoinVideo, str]]:
     source = Path(args.input)
     paths = VideoPaths.from_args(args)
     out = []
@@ -180,11 +180,11 @@ def _videos(args: ConvertArgs) -> list[tuple[CoinVideo, str]]:
     return out
 
 
-def convert_coin(args: ConvertArgs) -> list[Dialogue]:
+def convert_coin(args: ConvertOptions) -> list[Dialogue]:
     """COIN.json (`args.input`) → one step-stream dialogue per video."""
     return [step_stream(video, args, ref) for video, ref in _videos(args)]
 
 
-def coin_benchmarks(args: ConvertArgs) -> list[dict[str, Any]]:
+def coin_benchmarks(args: ConvertOptions) -> list[dict[str, Any]]:
     """COIN.json (`args.input`) → the offline benchmark samples of every video (paths as in OUTPUT)."""
     return [s for video, ref in _videos(args) for s in coin_benchmark_samples(video, args.fps, ref)]

@@ -22,8 +22,9 @@ class AnnotationError(ValueError):
 
 
 @dataclass
-class ConvertArgs:
-    """Arguments of `livevlm data convert --from KIND IN OUT.jsonl`."""
+class ConvertOptions:
+    """What a conversion reads, writes and makes: the converters' typed config. The `livevlm data convert`
+    command builds its options from these fields (their "help" metadata is their documentation)."""
 
     input: str = field(metadata={"help": "annotation file to convert (its format depends on --from)"})
     output: str = field(metadata={"help": "dialogue JSONL to write (paths in it are relative to its folder)"})
@@ -172,7 +173,7 @@ class VideoPaths:
     skip_missing: bool = False
 
     @classmethod
-    def from_args(cls, args: ConvertArgs, check_with_root: bool = True) -> VideoPaths:
+    def from_args(cls, args: ConvertOptions, check_with_root: bool = True) -> VideoPaths:
         check = args.check_videos or (check_with_root and bool(args.video_root))
         return cls(Path(args.output).parent, Path(args.input), args.video_root, args.video_ext, check,
                    args.skip_missing)

@@ -25,7 +25,7 @@ from typing import Any
 from livevlm.data.converters.common import (
     NUMBER,
     AnnotationError,
-    ConvertArgs,
+    ConvertOptions,
     StreamBuilder,
     VideoPaths,
     ceil_frame,
@@ -79,7 +79,7 @@ def narration_groups(uid: str, record: Any, source: Path) -> dict[str, list[tupl
     return groups
 
 
-def narration_stream(uid: str, group: str, items: list[tuple[float, str]], args: ConvertArgs,
+def narration_stream(uid: str, group: str, items: list[tuple[float, str]], args: ConvertOptions,
                      video: str) -> Dialogue | None:
     """One narration-stream dialogue, or None when no narration survives cleaning."""
     cleaned = [(max(0.0, t), clean_narration(text)) for t, text in items]
@@ -101,7 +101,7 @@ def narration_stream(uid: str, group: str, items: list[tuple[float, str]], args:
                     meta={"source": "ego4d-narration", "video_uid": uid, "group": group})
 
 
-def convert_ego4d_narration(args: ConvertArgs) -> list[Dialogue]:
+def convert_ego4d_narration(args: ConvertOptions) -> list[Dialogue]:
     """Ego4D narration JSON (`args.input`) → narration-stream dialogues (see the module docstring)."""
     source = Path(args.input)
     data = read_json(source)

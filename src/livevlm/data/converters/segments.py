@@ -24,7 +24,7 @@ from typing import Any
 from livevlm.data.converters.common import (
     NUMBER,
     AnnotationError,
-    ConvertArgs,
+    ConvertOptions,
     StreamBuilder,
     VideoPaths,
     read_json_or_jsonl,
@@ -114,7 +114,7 @@ def parse_segments(path: str | Path) -> list[_Video]:
     return list(videos.values())
 
 
-def segment_stream(video: _Video, args: ConvertArgs, video_ref: str) -> Dialogue:
+def segment_stream(video: _Video, args: ConvertOptions, video_ref: str) -> Dialogue:
     """The narration dialogue of one video's segments."""
     rng = random.Random(f"{args.seed}:segments:{video.name}")
     end_s = video.duration if video.duration else max(s[1] for s in video.segments)
@@ -127,7 +127,7 @@ def segment_stream(video: _Video, args: ConvertArgs, video_ref: str) -> Dialogue
                     meta={"source": "segments"})
 
 
-def convert_segments(args: ConvertArgs) -> list[Dialogue]:
+def convert_segments(args: ConvertOptions) -> list[Dialogue]:
     """A segments file (`args.input`) → one narration dialogue per video."""
     paths = VideoPaths.from_args(args)
     dialogues = []

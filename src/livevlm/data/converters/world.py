@@ -36,7 +36,7 @@ from typing import Any
 from livevlm.data.converters.common import (
     NUMBER,
     AnnotationError,
-    ConvertArgs,
+    ConvertOptions,
     StreamBuilder,
     VideoPaths,
     ceil_frame,
@@ -299,7 +299,7 @@ def questions(video: WorldVideo, fps: float, count: int, rng: random.Random) -> 
 # ---------------------------------------------------------------------------------------------------
 
 
-def parse_world(args: ConvertArgs) -> list[WorldVideo]:
+def parse_world(args: ConvertOptions) -> list[WorldVideo]:
     """The videos of an annotations.jsonl, video paths rebased onto the output folder."""
     source = Path(args.input)
     paths = VideoPaths.from_args(args, check_with_root=False)
@@ -318,7 +318,7 @@ def parse_world(args: ConvertArgs) -> list[WorldVideo]:
     return videos
 
 
-def convert_world(args: ConvertArgs) -> list[Dialogue]:
+def convert_world(args: ConvertOptions) -> list[Dialogue]:
     """annotations.jsonl (`args.input`) → narration, reminder and question dialogues per video."""
     dialogues: list[Dialogue] = []
     for video in parse_world(args):
@@ -331,7 +331,7 @@ def convert_world(args: ConvertArgs) -> list[Dialogue]:
     return dialogues
 
 
-def convert_world_scene(args: ConvertArgs) -> list[Dialogue]:
+def convert_world_scene(args: ConvertOptions) -> list[Dialogue]:
     """annotations.jsonl (`args.input`) → `args.scene_frames` single-frame scene clips per video."""
     if args.scene_frames <= 0:
         raise AnnotationError(f"--scene-frames {args.scene_frames}: world-scene needs at least one frame per video")

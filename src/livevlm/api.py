@@ -1,0 +1,213 @@
+"""The Python API: load a model once, then stream sources through it or evaluate it.
+
+    import livevlm
+
+    model = livevlm.load("default")                    # or a checkpoint folder
+    stream = model.stream("video.mp4", queries=[(0.0, "Please narrate the video in real time.")])
+    for event in stream:                               # FrameEvent, QueryEvent, ResponseEvent, in stream order
+        if isinstance(event, livevlm.ResponseEvent):
+            show(event.time_s, event.text)        # your own display
+    summary = stream.summary                          # frames, fps, lag, responses
+
+The `livevlm` command is built on these calls. They print nothing, change no process-wide setting
+(`livevlm.runtime` has those, for programs that want them) and raise typed errors that name the bad input:
+`VideoError` (a source), `CheckpointError` / `DefaultModelError` (a model), `ConfigError` (an option),
+`DialogueError` (a data file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from livevlm.checkpoint import LoadedModel, load_checkpoint, resolve_threshold
+from livevlm.config import ConfigError, EngineConfig
+from livevlm.default_model import resolve_model
+from livevlm.devices import resolve_device, resolve_dtype
+from livevlm.engine.pipeline import StreamPipeline, StreamSummary
+from livevlm.engine.session import Event, StreamSession
+from livevlm.stream_format import StreamFormat
+
+if TYPE_CHECKING:
+    from livevlm.vision import FrameEncoder
+
+Query = tuple[float, str]  # (stream time in seconds, text)
+
+
+def check_threshold(threshold: float | None) -> float | None:
+    """θ must be a probability; None (use the model's) passes. Raises ConfigError naming the value."""
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"threshold {threshold:g} is not in [0, 1]: the model stays silent while P(separator) "
+                          "≥ θ, so θ is a probability (the paper's is 0.725)")
+    return threshold
+
+
+def check_queries(queries: Iterable[Query]) -> list[Query]:
+    """Queries as `(time_s, text)` pairs with time_s ≥ 0 and a non-empty text. Raises ConfigError."""
+    checked = []
+    for time_s, text in queries:
+        if time_s < 0:
+            raise ConfigError(f"query {text!r} is at {time_s:g} s: a query's time must be ≥ 0 (0 = the first frame)")
+        if not str(text).strip():
+            raise ConfigError(f"the query at {time_s:g} s is empty; give it a text")
+        checked.append((float(time_s), str(text)))
+    return checked
+
+
+class Stream:
+    """One run of a source through a model. Iterate it for the events, once; `ask` adds a query from any
+    thread while it runs; `summary` is set when the iteration ends.
+
+    The pipeline behind it overlaps decoding, frame encoding and the LLM on threads with bounded queues
+    that block (a file is never dropped from); breaking out of the loop or `close()` stops every thread.
+    """
+
+    def __init__(self, pipeline: StreamPipeline, threshold: float) -> None:
+        self._pipeline = pipeline
+        self.threshold = threshold  # the θ this stream runs with
+
+    def __iter__(self) -> Iterator[Event]:
+        return self._pipeline.events()
+
+    def ask(self, text: str, time_s: float | None = None) -> None:
+        """Queue a user query (None = now); it enters before the next frame and is answered at once."""
+        self._pipeline.ask(text, time_s)
+
+    def close(self) -> None:
+        self._pipeline.close()
+
+    @property
+    def summary(self) -> StreamSummary | None:
+        """Frames, FPS, lag and responses of the finished run (None while it runs)."""
+        return self._pipeline.summary
+
+
+@dataclass
+class LiveVLM:
+    """A loaded model with all a stream needs: the LiveModel, its tokenizer's stream format, its frame
+    encoder, and the θ it recommends (chosen on a validation split when it was trained)."""
+
+    loaded: LoadedModel
+    fmt: StreamFormat
+    source: str  # what was loaded: "default" or a folder
+    _encoder: FrameEncoder | None = None
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def encoder(self) -> FrameEncoder:
+        """The frame encoder the model was trained with, loaded on first use (evaluating on cached features
+        never needs it)."""
+        if self._encoder is None:
+            from livevlm.vision import model_frame_encoder
+
+            self._encoder = model_frame_encoder(self.loaded.model_config, device=self.model.device,
+                                                dtype=next(self.model.parameters()).dtype)
+        return self._encoder
+
+    @property
+    def fps(self) -> float:
+        """Frames per second of the streams the model was trained on (sources are resampled to it)."""
+        return self.loaded.format_config.fps
+
+    @property
+    def threshold(self) -> float:
+        """The θ used when none is given: the model's recommended one, else the engine's (the paper's 0.725)."""
+        return resolve_threshold(None, self.loaded)
+
+    @property
+    def runs_on(self) -> str:
+        """Device and weight precision, e.g. "cpu float32"."""
+        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        return f"{self.model.device.type} {dtype}"
+
+    def session(self, threshold: float | None = None, max_new_tokens: int = 64, max_frames_per_forward: int = 8,
+                realtime: bool = False, system_prompt: str | None = None) -> StreamSession:
+        """A fresh engine session (one stream, one state): feed it frame tokens yourself, e.g. from a server."""
+        check_threshold(threshold)
+        config = EngineConfig(threshold=resolve_threshold(threshold, self.loaded), max_new_tokens=max_new_tokens,
+                              max_frames_per_forward=max_frames_per_forward, realtime=realtime)
+        return StreamSession(self.model, self.fmt, config, system_prompt=system_prompt)
+
+    def stream(self, source: str | int | Path, queries: Iterable[Query] = (), *, threshold: float | None = None,
+               realtime: bool = False, max_new_tokens: int = 64, max_frames_per_forward: int = 8,
+               system_prompt: str | None = None, open_timeout_s: float = 10.0) -> Stream:
+        """Watch `source` and speak when the model decides to.
+
+        Args:
+            source: a video file, a camera (index or /dev/videoN) or a URL (rtsp/http/…).
+            queries: `(time_s, text)` pairs asked at those stream times.
+            threshold: θ, stay silent while P(separator) ≥ θ; None = `self.threshold`.
+            realtime: release frames at wall-clock pace (a file played "live"); False: as fast as possible.
+        Returns:
+            a `Stream` to iterate. The source is opened here, so a bad one raises now.
+        Raises:
+            VideoError: the source cannot be opened (the message says why and what to do).
+            ConfigError: θ outside [0, 1], a query before 0 s or empty.
+        """
+        from livevlm.video import read_frames
+
+        checked = check_queries(queries)
+        session = self.session(threshold, max_new_tokens, max_frames_per_forward, realtime, system_prompt)
+        source = str(source) if isinstance(source, Path) else source
+        frames = read_frames(source, fps=self.fps, size=self.encoder.image_size, timeout_s=open_timeout_s)
+        pipeline = StreamPipeline(session, self.encoder, frames, realtime=realtime, queries=checked)
+        return Stream(pipeline, session.config.threshold)
+
+    def evaluate(self, data: str | Path, features: str | Path | None = None,
+                 thresholds: Iterable[float] | None = None, max_frames: int = 1200, limit: int = 0) -> dict[str, Any]:
+        """Teacher-forced stream metrics on a dialogue file (see `livevlm.evaluation.stream_eval`).
+
+        Args:
+            data: dialogue JSONL (held-out).
+            features: a feature cache folder (`livevlm data encode`); None = encode the videos on the fly.
+            thresholds: the θs to report, the first at top level; None = the model's, the engine's 0.725 and 0.
+        Returns:
+            the metrics, overall and per task, as `livevlm evaluate` prints them (strict-JSON-ready with
+            `stream_eval.json_ready`).
+        """
+        from livevlm.data.dataset import StreamDataset
+        from livevlm.evaluation.stream_eval import evaluate_stream_model
+
+        dataset = StreamDataset(data, self.fmt, cache_dir=features or None,
+                                encoder=None if features else self.encoder, max_frames=max_frames)
+        for threshold in thresholds or []:
+            check_threshold(threshold)
+        chosen = list(dict.fromkeys(thresholds or [self.threshold, EngineConfig().threshold, 0.0]))
+        return evaluate_stream_model(self.loaded, dataset, chosen, limit)
+
+
+def load(model: str | Path = "default", *, device: str = "auto", dtype: str = "auto") -> LiveVLM:
+    """Load a livevlm model and its frame encoder.
+
+    Args:
+        model: "default" (the shipped model) or a livevlm checkpoint folder.
+        device: "auto" (the GPU when there is one, else the CPU), "cpu", "cuda", "cuda:1", …
+        dtype: "auto" (bfloat16 on a GPU, float32 on the CPU), "float32", "bfloat16", "float16".
+    Raises:
+        CheckpointError / DefaultModelError: the folder is not a (complete) checkpoint.
+        ValueError: an unknown device or dtype.
+    """
+    folder = resolve_model(model)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    loaded = load_checkpoint(folder, device=torch_device, dtype=torch_dtype)
+    fmt = StreamFormat(loaded.tokenizer, loaded.format_config, loaded.model_config.tokens_per_frame)
+    return LiveVLM(loaded, fmt, str(model) or "default")
+
+
+def evaluate(model: LiveVLM | str | Path, data: str | Path, *, features: str | Path | None = None,
+             thresholds: Iterable[float] | None = None, max_frames: int = 1200, limit: int = 0,
+             device: str = "auto", dtype: str = "float32") -> dict[str, Any]:
+    """Teacher-forced stream metrics of `model` (loaded, or a name/folder to load) on a dialogue file.
+
+    `dtype` (when loading here) defaults to float32, so that figures compare across machines.
+    """
+    if not isinstance(model, LiveVLM):
+        model = load(model, device=device, dtype=dtype)
+    return model.evaluate(data, features, thresholds, max_frames, limit)
+

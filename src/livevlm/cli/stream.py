@@ -1,0 +1,208 @@
+"""`livevlm stream SOURCE`: watch a video, a camera or a network stream and speak when the model decides to.
+
+Events go out as they happen, as a readable live view or as JSON lines (`--jsonl`):
+    {"type": "frame", "time_s", "p_speak"}            every frame
+    {"type": "query", "time_s", "text"}               a user query, when it enters the stream
+    {"type": "response", "time_s", "text", "latency_s"}
+    {"type": "summary", "frames", "fps", "max_lag_s", "threshold", "device"}  once, at the end (θ and
+                                                      device + dtype as used, e.g. "cpu float32")
+Queries come from `--query "…" [--at SEC]` (repeatable; the n-th --at goes with the n-th --query, no --at =
+as soon as possible) and from lines typed on stdin while it runs. Ctrl-C prints what was said and exits 130.
+
+Everything that can be checked is checked before the model loads (the source, θ, the queries), so a typo
+costs a second, not a model load.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from livevlm.cli import CommandError
+
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]  # = livevlm.devices.DtypeName (no torch import here)
+
+
+@dataclass
+class StreamArgs:
+    source: str = field(default="", metadata={
+        "positional": True, "help": "video file, camera (0 or /dev/video0) or URL (rtsp/http/...); omit with --demo"})
+    demo: bool = field(default=False, metadata={
+        "help": "stream a synthetic-world video generated on the fly (its true events are printed at the end)"})
+    demo_seed: int = field(default=7, metadata={"help": "seed of the --demo video"})
+    demo_duration: float = field(default=30.0, metadata={"help": "seconds of the --demo video"})
+    model: str = field(default="", metadata={"help": "checkpoint folder; empty = the shipped default model"})
+    query: list[str] = field(default_factory=list, metadata={"help": "a user query"})
+    at: list[float] = field(default_factory=list, metadata={"help": "stream time (s) of the matching --query"})
+    threshold: float | None = field(default=None, metadata={
+        "help": "θ in [0, 1]: stay silent while P(separator) >= θ, i.e. speak when p(speak) > 1 - θ; default: the "
+                "model's recommended θ (livevlm.yaml engine.threshold), else the paper's 0.725"})
+    max_new_tokens: int = field(default=64, metadata={"help": "cap on a response's length in tokens"})
+    realtime: bool = field(default=False, metadata={
+        "help": "pace frames to the wall clock (default for cameras and URLs)"})
+    fast: bool = field(default=False, metadata={"help": "as fast as possible (default for files)"})
+    jsonl: bool = field(default=False, metadata={"help": "print one JSON object per event"})
+    frames: bool = field(default=True, metadata={"help": "with --jsonl, also print every frame's p_speak"})
+    plot: str = field(default="", metadata={"help": "save a timeline plot (PNG) of p(speak), responses, queries"})
+    max_frames_per_forward: int = field(default=8, metadata={"help": "frames per LLM forward when catching up"})
+    open_timeout: float = field(default=10.0, metadata={"help": "seconds to wait for a camera or URL to open"})
+    device: str = field(default="auto", metadata={"help": "where the encoder and the LLM run: auto (a GPU when "
+                                                           "there is one), cpu, cuda, cuda:1, …"})
+    dtype: DtypeName = field(default="auto", metadata={
+        "help": "weight precision; auto = bfloat16 on a GPU, float32 on the CPU"})
+
+
+def queries_of(args: StreamArgs) -> list[tuple[float, str]]:
+    """The `--query`/`--at` pairs, checked (one --at per --query at most, times ≥ 0)."""
+    if len(args.at) > len(args.query):
+        raise CommandError(f"{len(args.at)} --at for {len(args.query)} --query: give one --at per --query")
+    for at in args.at:
+        if at < 0:
+            raise CommandError(f"--at {at:g}: a query's stream time must be ≥ 0 s (0 = after the first frame)")
+    return [(args.at[i] if i < len(args.at) else 0.0, q) for i, q in enumerate(args.query)]
+
+
+class _View:
+    """Prints events: JSON lines, or a readable transcript with a status line (FPS, lag) on stderr."""
+
+    def __init__(self, jsonl: bool, frames: bool) -> None:
+        self.jsonl, self.frames = jsonl, frames
+        self.said: list[tuple[float, str, str]] = []  # (time, role, text)
+        self.timeline: list[tuple[float, float]] = []  # (time, p_speak)
+        self.start = time.monotonic()
+        self.status = sys.stderr.isatty() and not jsonl
+
+    def __call__(self, event: Any) -> None:
+        from livevlm.engine.session import FrameEvent, QueryEvent, ResponseEvent
+
+        if isinstance(event, FrameEvent):
+            self.timeline.append((event.time_s, event.p_speak))
+            if self.jsonl and self.frames:
+                self._emit({"type": "frame", "time_s": round(event.time_s, 3), "p_speak": round(event.p_speak, 4)})
+            elif self.status:
+                fps = len(self.timeline) / max(time.monotonic() - self.start, 1e-9)
+                print(f"\r  {event.time_s:7.1f}s  p(speak) {event.p_speak:4.2f}  {fps:5.1f} fps", end="",
+                      file=sys.stderr, flush=True)
+        elif isinstance(event, QueryEvent):
+            self.said.append((event.time_s, "user", event.text))
+            self._emit({"type": "query", "time_s": round(event.time_s, 3), "text": event.text},
+                       f"[{event.time_s:7.1f}s] User: {event.text}")
+        elif isinstance(event, ResponseEvent):
+            self.said.append((event.time_s, "assistant", event.text))
+            self._emit({"type": "response", "time_s": round(event.time_s, 3), "text": event.text,
+                        "latency_s": round(event.latency_s, 3)},
+                       f"[{event.time_s:7.1f}s] Assistant: {event.text}")
+
+    def clear_status(self) -> None:
+        if self.status:
+            print("\r" + " " * 50 + "\r", end="", file=sys.stderr)
+
+    def _emit(self, obj: dict[str, Any], line: str | None = None) -> None:
+        if self.jsonl:
+            print(json.dumps(obj), flush=True)
+        elif line is not None:
+            self.clear_status()
+            print(line, flush=True)
+
+
+def _read_stdin(stream) -> None:
+    """Typed (or piped) queries: one per line, asked at the current stream time. No stdin: nothing."""
+    try:
+        for line in sys.stdin:
+            if line.strip():
+                stream.ask(line.strip())
+    except (OSError, ValueError):  # stdin closed or not readable (e.g. under a test runner)
+        return
+
+
+def stream(args: StreamArgs) -> int:
+    from livevlm.api import check_threshold
+    from livevlm.default_model import is_default
+    from livevlm.video import VideoError, _is_camera, _is_url, check_source
+
+    if args.realtime and args.fast:
+        raise CommandError("--realtime and --fast exclude each other")
+    if args.demo and args.source:
+        raise CommandError(f"--demo streams a generated video; drop it or the SOURCE ({args.source})")
+    if not args.demo and not args.source:
+        raise CommandError("give a SOURCE (video file, camera index or URL), or --demo")
+    try:
+        check_threshold(args.threshold)
+    except ValueError:
+        raise CommandError(f"--threshold {args.threshold:g} is not in [0, 1]: the model stays silent while "
+                           "P(separator) ≥ θ (the paper's θ is 0.725)") from None
+    queries = queries_of(args)
+    annotation = None
+    if args.demo:
+        from livevlm.world import demo_video
+
+        source, annotation = demo_video(args.demo_seed, args.demo_duration)
+    else:
+        try:
+            source = check_source(args.source)  # before the model loads: a typo costs a second
+        except VideoError as exc:
+            raise CommandError(str(exc)) from None
+    live = _is_camera(source) or _is_url(str(source))
+    realtime = args.realtime or (live and not args.fast)
+    if is_default(args.model) and not args.demo:
+        print("note: the default model knows only livevlm's synthetic world (coloured shapes that appear, move "
+              "and leave); on real footage it will narrate shapes, whatever the video shows", file=sys.stderr)
+    model = _load(args)
+    stream = model.stream(source, queries, threshold=args.threshold, realtime=realtime,
+                          max_new_tokens=args.max_new_tokens, max_frames_per_forward=args.max_frames_per_forward,
+                          open_timeout_s=args.open_timeout)
+    view = _View(args.jsonl, args.frames)
+    threading.Thread(target=_read_stdin, args=(stream,), daemon=True, name="livevlm-stdin").start()
+    try:
+        for event in stream:
+            view(event)
+    except KeyboardInterrupt:
+        _print_said(view, interrupted=True)
+        return 130
+    view.clear_status()
+    summary = stream.summary
+    threshold = stream.threshold
+    summary_obj = {"type": "summary", "frames": summary.frames, "fps": round(summary.fps, 2),
+                   "max_lag_s": round(summary.max_lag_s, 3), "threshold": threshold, "device": model.runs_on}
+    if args.jsonl:
+        print(json.dumps(summary_obj), flush=True)
+    else:
+        print(f"{summary.frames} frames at {summary.fps:.1f} fps on {model.runs_on}, {summary.responses} responses, "
+              f"max lag {summary.max_lag_s:.2f} s; it speaks when p(speak) > {1 - threshold:.3g} (θ = {threshold:g})")
+        if annotation is not None:
+            print("true events of the demo video:")
+            for event in annotation["events"]:
+                print(f"  [{event['time_s']:7.1f}s] {event['text']}")
+    if args.plot:
+        from livevlm.cli.plot import plot_timeline
+
+        plot_timeline(view.timeline, view.said, args.plot, threshold)
+    return 0
+
+
+def _load(args: StreamArgs):
+    """The model, with a one-line status while it loads (the first run also converts the backbones)."""
+    from livevlm import runtime
+
+    print(f"loading {'the default model' if not args.model else args.model} …", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    runtime.pin_mmap_threshold()  # flat memory over endless streams (see livevlm.runtime)
+    runtime.use_all_cores()
+    from transformers.utils import logging as hf_logging
+
+    import livevlm
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in a live transcript
+    model = livevlm.load(args.model or "default", device=args.device, dtype=args.dtype)
+    print(f"loaded in {time.monotonic() - started:.1f} s; running on {model.runs_on}", file=sys.stderr, flush=True)
+    return model
+
+
+def _print_said(view: _View, interrupted: bool) -> None:
+    print("\ninterrupted; said so far:" if interrupted else "said:", file=sys.stderr)
+    for time_s, role, text in view.said:
+        print(f"  [{time_s:7.1f}s] {role}: {text}", file=sys.stderr)

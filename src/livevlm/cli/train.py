@@ -1,0 +1,51 @@
+"""`livevlm train RECIPE.yaml [section.key=value …]`: train a streaming model, resuming where it stopped.
+
+Several GPUs: `accelerate launch --config_file recipes/accelerate/deepspeed_zero2.yaml -m livevlm.cli train
+RECIPE.yaml` (also `deepspeed_zero3.yaml`, `fsdp.yaml`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from livevlm.cli import CommandError
+
+
+@dataclass
+class TrainArgs:
+    """Arguments of `livevlm train RECIPE.yaml [section.key=value …]`."""
+
+    recipe: str = field(metadata={"help": "YAML recipe (see recipes/)"})
+    overrides: list[str] = field(default_factory=list, metadata={
+        "nargs": "*", "help": "recipe overrides, e.g. train.lr=1e-4 train.max_steps=100"})
+    resume: str = field(default="auto", metadata={
+        "help": "'auto': continue from the newest complete checkpoint in train.output_dir; 'never': start "
+                "over; or a checkpoint-N folder"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "Trainer checkpoints kept (oldest deleted)"})
+
+
+def train(args: TrainArgs) -> int:
+    """Load the recipe, size the CPU thread pool to this process's share, train, print the result."""
+    from livevlm.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # a bad key is named before anything loads
+    if args.keep_checkpoints < 1:
+        raise CommandError(f"--keep-checkpoints must be at least 1 (resuming needs one), got {args.keep_checkpoints}")
+    import torch
+
+    from livevlm import runtime
+    from livevlm.train import train as train_model
+
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # processes on this machine (torchrun/accelerate)
+    if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if local_world > gpus:  # NCCL would fail later with "Duplicate GPU detected"
+            raise CommandError(f"{local_world} training processes were launched on this machine but it has {gpus} "
+                               f"visible GPU(s): launch at most {gpus} per machine (--nproc_per_node / "
+                               "--num_processes), or set CUDA_VISIBLE_DEVICES= to train on the CPU")
+    else:  # one process per core group under a CPU launcher
+        torch.set_num_threads(max(1, runtime.usable_cores() // local_world))
+    folder = train_model(recipe, resume=args.resume, keep_checkpoints=args.keep_checkpoints)
+    print(f"livevlm checkpoint: {folder}")
+    return 0
