@@ -1,4 +1,5 @@
-"""Every shipped recipe loads and validates; the accelerate configs parse the way `accelerate launch` reads them.
+"""Every shipped recipe (recipes/) and experiment recipe (experiments/recipes/) loads and validates; the
+accelerate configs parse the way `accelerate launch` reads them.
 
 The DeepSpeed and FSDP configs cannot *run* here: deepspeed is not installed (it builds against CUDA), and
 accelerate turns FSDP on only for GPU-like devices (on CPU it silently falls back to DDP over gloo, which
@@ -11,25 +12,40 @@ from pathlib import Path
 
 import pytest
 
-from livevlm.config import load_recipe
+from livevlm.config import ConfigError, load_recipe
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-RECIPE_FILES = sorted(p for p in RECIPES.glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+RECIPE_FILES = sorted(p for p in RECIPES.glob("*.yaml") if p.name != "base.yaml")  # the default model's, the paper's
+EXPERIMENT_FILES = sorted((ROOT / "experiments" / "recipes").glob("*.yaml"))  # not shipped, still must load
 ACCELERATE_FILES = sorted((RECIPES / "accelerate").glob("*.yaml"))
 
 
+def _name(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
 def test_recipes_are_shipped():
-    assert "official_v1plus.yaml" in {p.name for p in RECIPE_FILES}
+    assert {"default.yaml", "official_v1plus.yaml"} <= {p.name for p in RECIPE_FILES}
     assert {p.name for p in ACCELERATE_FILES} == {"deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp.yaml"}
+    assert EXPERIMENT_FILES, "experiments/recipes/ holds the experiment recipes"
+    assert not any(p.name.startswith("experiment-") for p in RECIPE_FILES), "experiments live in experiments/"
 
 
-@pytest.mark.parametrize("path", RECIPE_FILES + ACCELERATE_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RECIPE_FILES + EXPERIMENT_FILES + ACCELERATE_FILES, ids=_name)
 def test_every_recipe_says_how_to_run_it(path):
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
-    assert any("livevlm train" in line or "livevlm.app.cli train" in line for line in header), path
+    runs = ("livevlm train", "livevlm.cli train")
+    assert any(command in line for line in header for command in runs), path
 
 
-@pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", EXPERIMENT_FILES, ids=_name)
+def test_every_experiment_recipe_names_its_own_path(path):
+    """The header's `livevlm train` line must point at where the file is now, not at recipes/."""
+    assert f"livevlm train {_name(path)}" in path.read_text(), path
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES + EXPERIMENT_FILES, ids=_name)
 def test_every_recipe_loads_and_validates(path):
     recipe = load_recipe(path)
     assert recipe.train.output_dir
@@ -48,11 +64,11 @@ def test_official_recipe_is_the_papers_setup():
 
 
 def _launch_args(path: Path):
-    """What `accelerate launch --config_file PATH -m livevlm.app.cli train R.yaml` makes of the file."""
+    """What `accelerate launch --config_file PATH -m livevlm.cli train R.yaml` makes of the file."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
     parser = launch_command_parser()
-    args = parser.parse_args(["--config_file", str(path), "-m", "livevlm.app.cli", "train", "r.yaml"])
+    args = parser.parse_args(["--config_file", str(path), "-m", "livevlm.cli", "train", "r.yaml"])
     args, defaults, mixed_precision_from_config = _validate_launch_command(args)
     return args, defaults, mixed_precision_from_config
 
@@ -89,3 +105,17 @@ def test_deepspeed_configs_build_accelerates_deepspeed_plugin(monkeypatch, name,
     assert config["train_micro_batch_size_per_gpu"] == config["gradient_accumulation_steps"] == "auto"
     # ZeRO-3 shards the weights: they must be gathered on save for the checkpoints to hold them.
     assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is (stage == 3)
+
+
+def test_the_shipped_recipes_share_their_base(tmp_path):
+    """`base: base.yaml` is merged under a recipe, section by section, and the recipe's own keys win."""
+    for path in RECIPE_FILES:
+        assert "base: base.yaml" in path.read_text(), path
+        assert load_recipe(path).model.lora_targets[-1] == "lm_head"  # from the base
+    (tmp_path / "b.yaml").write_text("model: {grid: 2, lora_r: 4}\ntrain: {lr: 1.0e-3}\n")
+    (tmp_path / "r.yaml").write_text("base: b.yaml\nmodel: {grid: 3}\n")
+    recipe = load_recipe(tmp_path / "r.yaml")
+    assert (recipe.model.grid, recipe.model.lora_r, recipe.train.lr) == (3, 4, 1.0e-3)
+    (tmp_path / "b.yaml").write_text("base: r.yaml\n")
+    with pytest.raises(ConfigError, match="comes back to itself"):
+        load_recipe(tmp_path / "r.yaml")

@@ -5,7 +5,7 @@ frozen features carry it. This probes the path between: the last frame's input t
 outputs (layer 0) and each layer's hidden states, at the frame tokens and where the colour word is predicted
 (teacher-forced narration streams; fitted on one split, scored on another). Prints figures; asserts nothing.
 
-    python benchmarks/hidden_probe.py --model runs/experiment-frame-delta/model \
+    python experiments/probes/hidden_probe.py --model runs/experiment-frame-delta/model \
         --train data/world-train5/dialogue.jsonl data/world-train5/features-rgb \
         --test data/world-heldout/dialogue.jsonl data/world-heldout/features-rgb
 """
@@ -13,10 +13,17 @@ outputs (layer 0) and each layer's hidden states, at the frame tokens and where 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
-from feature_probe import probe_accuracy  # benchmarks/ is on the path when this runs as a script
-from word_accuracy import slotted_words
+
+# Scripts, not a package: feature_probe.py sits beside this file, word_accuracy.py in benchmarks/.
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE.parents[1] / "benchmarks"))
+sys.path.insert(0, str(_HERE))
+from feature_probe import probe_accuracy  # noqa: E402
+from word_accuracy import slotted_words  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +44,7 @@ def main() -> None:
     fmt = StreamFormat(loaded.tokenizer, loaded.format_config, loaded.model_config.tokens_per_frame)
 
     def collect(data, feats):
-        ds = StreamDataset(data, fmt, cache_dir=feats, frame_delta=loaded.model_config.frame_delta)
+        ds = StreamDataset(data, fmt, cache_dir=feats)
         rows = []
         for idx in range(len(ds)):
             if ds.dialogues[idx].task != "narration":
@@ -50,7 +57,7 @@ def main() -> None:
             pred = out.logits[0].argmax(-1).tolist()
             labels = s.labels.tolist()
             frame_pos = (s.input_ids == fmt.placeholder_id).nonzero().flatten().tolist()
-            frame_inputs = s.frame_tokens.reshape(-1, s.frame_tokens.shape[-1])  # [T·N, D], in placeholder order
+            frame_inputs = loaded.model.frame_inputs(s.frame_tokens).flatten(0, 1)  # [T·N, D'], placeholder order
             for i, word, slot, _ in slotted_words(labels, s.frame_ends, fmt.eos_id, loaded.tokenizer):
                 if slot != "colour: new object":
                     continue

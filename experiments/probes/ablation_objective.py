@@ -21,10 +21,12 @@ Then, on held-out narration streams (another seed), it prints the paper's column
                            frame per forward, cached frame features: the LLM's cost only); per_frame
                            generates a response after every frame, the others only when they decide to speak
 
-    python benchmarks/ablation_objective.py                 # 120 training videos, 1 epoch each (~40 min)
-    python benchmarks/ablation_objective.py --videos 40     # a quicker, noisier run
+    python experiments/probes/ablation_objective.py                 # 120 training videos, 1 epoch each (~40 min)
+    python experiments/probes/ablation_objective.py --videos 40     # a quicker, noisier run
 
-The data come from `scripts/build_default_model.sh` (data/world-train, data/world-heldout, with features).
+The data: data/world-train and data/world-heldout, each with a feature cache in features/ (without
+--mean-rgb). `experiments/README.md` says how to make them and which recipe reproduces the published tables
+(today's recipes/default.yaml needs a --mean-rgb cache).
 Trained models are kept under --out; a rerun reuses them (delete a folder to retrain it). The ordering
 found is what it is: nothing here is tuned per variant.
 """
@@ -62,7 +64,7 @@ def write_variant_data(source: Path, features: Path, out: Path, videos: int) -> 
 
     narrations = [d for d in read_dialogues(source) if d.task == "narration"][:videos]
     if not narrations:
-        raise SystemExit(f"{source} has no narration dialogues; run scripts/build_default_model.sh first")
+        raise SystemExit(f"{source} has no narration dialogues; make the data first (experiments/README.md)")
     frames = {d.id: load_features(feature_file(d, source.parent, features))[0].shape[0] for d in narrations}
     out.mkdir(parents=True, exist_ok=True)
     paths = {"live": out / "live.jsonl", "per_frame": out / "per_frame.jsonl"}
@@ -213,11 +215,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = all cores)")
     args = parser.parse_args()
 
-    import livevlm  # noqa: F401  (CPU settings)
+    from livevlm import runtime
     from livevlm.checkpoint import load_checkpoint
     from livevlm.evaluation.stream_eval import json_ready
     from livevlm.stream_format import StreamFormat
 
+    runtime.cap_onednn_isa()  # what the `livevlm` command sets (import livevlm no longer does)
     if args.threads:
         torch.set_num_threads(args.threads)
     train_features, heldout_features = args.train / "features", args.heldout / "features"

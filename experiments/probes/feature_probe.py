@@ -9,7 +9,7 @@ what a model gets: the change of the whole frame's tokens (pooled token + grid, 
 from 1.5 s before (so only appearances at least 1.5 s into a video count). Prints a table (accuracy per
 input); asserts nothing.
 
-    python benchmarks/feature_probe.py data/world-train/annotations.jsonl \\
+    python experiments/probes/feature_probe.py data/world-train/annotations.jsonl \\
         data/world-heldout/annotations.jsonl data/world-val/annotations.jsonl --grids 3 4 6 8
 """
 
