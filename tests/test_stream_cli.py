@@ -144,3 +144,23 @@ def test_an_unknown_override_suggests_the_key_and_blames_the_override(capsys):
     assert run(["train", recipe, "train.max_step=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("livevlm: error: override: unknown key train.max_step; did you mean train.max_steps?")
+
+
+@pytest.mark.parametrize("after_s", [0.3, 0.6, 1.0, 1.5])
+def test_ctrl_c_while_starting_exits_130_without_a_traceback(tiny_checkpoint, after_s):
+    """Ctrl-C during the imports or the model load (a new user's first seconds) is one line, not a traceback."""
+    ckpt, video = tiny_checkpoint
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # see the test above
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "livevlm.cli", "stream", str(video), "--model", str(ckpt),
+                                 "--realtime"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last == "livevlm: interrupted" or "said so far" in err, err

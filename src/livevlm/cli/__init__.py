@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -121,8 +123,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv=argv)
     namespace = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if namespace.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    # livevlm's own INFO lines (what is loading, a window slide); other libraries' only from WARNING up.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("livevlm").setLevel(logging.DEBUG if namespace.verbose else logging.INFO)
     warnings.showwarning = _one_line_warning
     if not hasattr(namespace, "_entry"):
         getattr(namespace, "_help", parser.print_help)()
@@ -137,14 +140,28 @@ def run(argv: Sequence[str] | None = None) -> int:
     return int(code or 0)
 
 
+def _exit_on_interrupt(signum: int, frame: object) -> None:
+    """Ctrl-C while a command starts (imports, model load) or works: one line, exit 130, at once.
+
+    Leaving at once (`os._exit`) is the point: a KeyboardInterrupt raised inside a library's import can
+    come out as another error (transformers' lazy imports turn it into a RecursionError, then a
+    ModuleNotFoundError), and the libraries' exit hooks would print after the line. Nothing is lost: every
+    file livevlm writes is written atomically or as a journal that a rerun resumes.
+    """
+    sys.stdout.flush()
+    print("\nlivevlm: interrupted", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+def on_interrupt_raise() -> None:
+    """For a command that handles Ctrl-C itself from here on (`livevlm stream` prints what was said)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main() -> None:
     """The console script. Ctrl-C at any moment, imports included, exits 130 with one line."""
-    try:
-        from livevlm import runtime
+    signal.signal(signal.SIGINT, _exit_on_interrupt)
+    from livevlm import runtime
 
-        runtime.cap_onednn_isa()  # before anything imports torch (see livevlm.runtime)
-        code = run()
-    except KeyboardInterrupt:
-        print("\nlivevlm: interrupted", file=sys.stderr)
-        code = 130
-    sys.exit(code)
+    runtime.cap_onednn_isa()  # before anything imports torch (see livevlm.runtime)
+    sys.exit(run())

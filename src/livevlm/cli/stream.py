@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from livevlm.cli import CommandError
+from livevlm.cli import CommandError, on_interrupt_raise
 
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]  # = livevlm.devices.DtypeName (no torch import here)
 
@@ -157,6 +157,7 @@ def stream(args: StreamArgs) -> int:
                           open_timeout_s=args.open_timeout)
     view = _View(args.jsonl, args.frames)
     threading.Thread(target=_read_stdin, args=(stream,), daemon=True, name="livevlm-stdin").start()
+    on_interrupt_raise()  # from here Ctrl-C prints what was said (below) instead of leaving at once
     try:
         for event in stream:
             view(event)
