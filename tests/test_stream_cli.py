@@ -164,3 +164,18 @@ def test_ctrl_c_while_starting_exits_130_without_a_traceback(tiny_checkpoint, af
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     last = err.strip().splitlines()[-1]
     assert last == "livevlm: interrupted" or "said so far" in err, err
+
+
+def test_a_truncated_file_is_one_warning_line_then_the_summary(tiny_checkpoint, tmp_path, capsys):
+    ckpt, _ = tiny_checkpoint
+    whole = tmp_path / "whole.mp4"
+    render_video(WorldSpec(seed=3, index=0, duration=20.0, size=64), whole)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert run(["stream", str(cut), "--model", str(ckpt), "--jsonl", "--max-new-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    warned = [line for line in captured.err.splitlines() if "warning" in line.lower()]
+    assert len(warned) == 1 and warned[0].startswith(f"livevlm: warning: video {cut}: stopped at"), captured.err
+    assert "warnings.warn" not in captured.err  # no Python source line
+    summary = json.loads(captured.out.splitlines()[-1])
+    assert summary["frames"] < 40  # what came before the cut (the stream still ends with its summary)
