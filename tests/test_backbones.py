@@ -112,6 +112,20 @@ def test_smollm2_reloads_as_plain_llama(smollm2_dir: Path) -> None:
     assert not hasattr(model.config, "quantization_config")
 
 
+def test_smollm2_is_stored_in_float16_once_and_loads_in_float32_tied(smollm2_dir: Path) -> None:
+    """Half the cache (the weights in float16, the tied head once); it still runs in float32 by default."""
+    from safetensors import safe_open
+    from transformers import LlamaForCausalLM
+
+    with safe_open(str(smollm2_dir / "model.safetensors"), framework="pt") as handle:
+        names = list(handle.keys())
+        assert {handle.get_tensor(name).dtype for name in names} == {torch.float16}
+    assert "lm_head.weight" not in names
+    model = LlamaForCausalLM.from_pretrained(smollm2_dir)
+    assert next(model.parameters()).dtype == torch.float32
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
 def test_smollm2_answers_a_chatml_prompt_greedily(smollm2_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -206,7 +206,15 @@ def _build_smollm2(folder: Path) -> None:
     model.config.__dict__.pop("quantization_config", None)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    model.save_pretrained(folder)
+    # Stored in float16 (270 MB instead of 540), while config.json keeps float32, the dtype it loads and runs
+    # in on a CPU. Measured on the default model's 80 held-out dialogues: every metric the same, LM-PPL to
+    # the 4th decimal (1.34100 against 1.34100); the demo stream's responses the same, p(speak) within 8e-4.
+    stored, seen = {}, set()
+    for name, weight in model.state_dict().items():
+        if weight.data_ptr() not in seen:  # a tied weight (lm_head = embed_tokens) is stored once
+            seen.add(weight.data_ptr())
+            stored[name] = weight.to(torch.float16)
+    model.save_pretrained(folder, state_dict=stored)
     tokenizer.save_pretrained(folder)
     pin_chatml_tokens(folder)
 
