@@ -203,9 +203,20 @@ def test_a_url_that_does_not_answer_fails_within_the_timeout() -> None:
         server.listen(1)
         url = f"http://127.0.0.1:{server.getsockname()[1]}/live.mp4"
         start = time.monotonic()
-        with pytest.raises(VideoError, match=f"stream {url} could not be opened"):
+        with pytest.raises(VideoError, match=f"stream {url} could not be opened") as failure:
             read_frames(url, timeout_s=1.0)
         assert time.monotonic() - start < 5.0
+    assert "livevlm stream --open-timeout SEC" in str(failure.value)  # a real flag, not an internal name
+
+
+def test_a_refused_connection_is_not_called_a_timeout() -> None:
+    with socket.socket() as probe_socket:  # a port nobody listens on: the connection is refused at once
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
+    with pytest.raises(VideoError) as failure:
+        read_frames(f"rtsp://127.0.0.1:{port}/live", timeout_s=2.0)
+    message = str(failure.value)
+    assert "could not be opened" in message and "did not open within" not in message
 
 
 def test_a_truncated_file_delivers_the_frames_before_the_cut_then_warns(videos: dict[str, Path],
