@@ -6,13 +6,15 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DtypeName = Literal["auto", "float32", "bfloat16", "float16"]  # the --dtype choices of every command
+# The --dtype choices of every command. Importable without torch (it loads in the functions below), so that
+# the command line can build its options without paying torch's import.
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPE_CHOICES: tuple[str, ...] = get_args(DtypeName)
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -21,6 +23,8 @@ def resolve_device(name: str) -> torch.device:
     Raises:
         ValueError: a name torch does not know (naming it), or a CUDA device when no GPU is visible.
     """
+    import torch
+
     if name in ("", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -44,10 +48,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     Raises:
         ValueError: a name outside DTYPE_CHOICES.
     """
+    import torch
+
     if name == "auto":
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if name not in DTYPES:
+    if name not in DTYPE_CHOICES:
         raise ValueError(f"--dtype {name!r}: use one of {', '.join(DTYPE_CHOICES)}")
-    return DTYPES[name]
+    return getattr(torch, name)

@@ -6,11 +6,10 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from livevlm.cli import CommandError
+from livevlm.devices import DtypeName
 
-DtypeName = Literal["auto", "float32", "bfloat16", "float16"]  # = livevlm.devices.DtypeName (no torch import here)
 log = logging.getLogger(__name__)
 
 

@@ -20,11 +20,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from livevlm.cli import CommandError, on_interrupt_raise
-
-DtypeName = Literal["auto", "float32", "bfloat16", "float16"]  # = livevlm.devices.DtypeName (no torch import here)
+from livevlm.devices import DtypeName
 
 
 @dataclass
