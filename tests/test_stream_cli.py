@@ -179,3 +179,13 @@ def test_a_truncated_file_is_one_warning_line_then_the_summary(tiny_checkpoint, 
     assert "warnings.warn" not in captured.err  # no Python source line
     summary = json.loads(captured.out.splitlines()[-1])
     assert summary["frames"] < 40  # what came before the cut (the stream still ends with its summary)
+
+
+def test_a_missing_source_is_reported_before_torch_is_even_imported(tmp_path):
+    """A typo costs a fraction of a second: nothing heavy loads before the input is checked."""
+    code = ("import sys\nfrom livevlm.cli import run\n"
+            f"code = run(['stream', {str(tmp_path / 'nope.mp4')!r}])\n"
+            "print(code, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "2 []", result.stderr
+    assert "does not exist" in result.stderr

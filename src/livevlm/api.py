@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from livevlm.checkpoint import LoadedModel, load_checkpoint, resolve_threshold
-from livevlm.config import ConfigError, EngineConfig
+from livevlm.config import EngineConfig, Query, check_queries, check_threshold
 from livevlm.default_model import resolve_model
 from livevlm.devices import resolve_device, resolve_dtype
 from livevlm.engine.pipeline import StreamPipeline, StreamSummary
@@ -32,29 +32,6 @@ from livevlm.stream_format import StreamFormat
 
 if TYPE_CHECKING:
     from livevlm.vision import FrameEncoder
-
-Query = tuple[float, str]  # (stream time in seconds, text)
-
-
-def check_threshold(threshold: float | None) -> float | None:
-    """θ must be a probability; None (use the model's) passes. Raises ConfigError naming the value."""
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise ConfigError(f"threshold {threshold:g} is not in [0, 1]: the model stays silent while P(separator) "
-                          "≥ θ, so θ is a probability (the paper's is 0.725)")
-    return threshold
-
-
-def check_queries(queries: Iterable[Query]) -> list[Query]:
-    """Queries as `(time_s, text)` pairs with time_s ≥ 0 and a non-empty text. Raises ConfigError."""
-    checked = []
-    for time_s, text in queries:
-        if time_s < 0:
-            raise ConfigError(f"query {text!r} is at {time_s:g} s: a query's time must be ≥ 0 (0 = the first frame)")
-        if not str(text).strip():
-            raise ConfigError(f"the query at {time_s:g} s is empty; give it a text")
-        checked.append((float(time_s), str(text)))
-    return checked
-
 
 class Stream:
     """One run of a source through a model. Iterate it for the events, once; `ask` adds a query from any

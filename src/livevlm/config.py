@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -171,6 +172,29 @@ class EngineConfig:
             raise ConfigError(f"engine.threshold must be in [0, 1], got {self.threshold}")
         if self.max_new_tokens <= 0:
             raise ConfigError(f"engine.max_new_tokens must be positive, got {self.max_new_tokens}")
+
+
+Query = tuple[float, str]  # (stream time in seconds, text)
+
+
+def check_threshold(threshold: float | None) -> float | None:
+    """θ must be a probability; None (use the model's) passes. Raises ConfigError naming the value."""
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"threshold {threshold:g} is not in [0, 1]: the model stays silent while P(separator) "
+                          "≥ θ, so θ is a probability (the paper's is 0.725)")
+    return threshold
+
+
+def check_queries(queries: Iterable[Query]) -> list[Query]:
+    """Queries as `(time_s, text)` pairs with time_s ≥ 0 and a non-empty text. Raises ConfigError."""
+    checked = []
+    for time_s, text in queries:
+        if time_s < 0:
+            raise ConfigError(f"query {text!r} is at {time_s:g} s: a query's time must be ≥ 0 (0 = the first frame)")
+        if not str(text).strip():
+            raise ConfigError(f"the query at {time_s:g} s is empty; give it a text")
+        checked.append((float(time_s), str(text)))
+    return checked
 
 
 @dataclass

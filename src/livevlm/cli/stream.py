@@ -119,7 +119,7 @@ def _read_stdin(stream) -> None:
 
 
 def stream(args: StreamArgs) -> int:
-    from livevlm.api import check_threshold
+    from livevlm.config import check_threshold
     from livevlm.default_model import is_default
     from livevlm.video import VideoError, _is_camera, _is_url, check_source
 
