@@ -155,3 +155,15 @@ def test_nan_and_infinite_metrics_print_as_null_at_any_depth():
     result = {"by_task": {"questions": {"time_diff_s": math.nan, "fluency": 0.5}}, "sweep": [math.inf, 1.0, 2]}
     assert json_ready(result) == {"by_task": {"questions": {"time_diff_s": None, "fluency": 0.5}},
                                   "sweep": [None, 1.0, 2]}
+
+
+def test_the_python_api_takes_any_iterable_of_thresholds(setup, capsys):
+    """`livevlm.evaluate` reads the θs once: a generator gives the same figures as the command's list."""
+    import livevlm
+
+    ckpt, data, features = setup
+    by_api = livevlm.evaluate(ckpt, data, features=features, thresholds=(t for t in (0.5, 0.725)), device="cpu")
+    by_command = evaluate(capsys, "--model", str(ckpt), "--data", str(data), "--features", str(features),
+                          "--threshold", "0.5", "--threshold", "0.725")
+    assert set(by_api["by_threshold"]) == {"0.5", "0.725"}
+    assert json.loads(json.dumps(json_ready(by_api))) == by_command

@@ -68,7 +68,6 @@ class LiveVLM:
 
     loaded: LoadedModel
     fmt: StreamFormat
-    source: str  # what was loaded: "default" or a folder
     _encoder: FrameEncoder | None = None
 
     @property
@@ -132,7 +131,11 @@ class LiveVLM:
         session = self.session(threshold, max_new_tokens, max_frames_per_forward, realtime, system_prompt)
         source = str(source) if isinstance(source, Path) else source
         frames = read_frames(source, fps=self.fps, size=self.encoder.image_size, timeout_s=open_timeout_s)
-        pipeline = StreamPipeline(session, self.encoder, frames, realtime=realtime, queries=checked)
+        try:
+            pipeline = StreamPipeline(session, self.encoder, frames, realtime=realtime, queries=checked)
+        except BaseException:
+            frames.close()  # the source is open and its decode thread running: stop it
+            raise
         return Stream(pipeline, session.config.threshold)
 
     def evaluate(self, data: str | Path, features: str | Path | None = None,
@@ -150,11 +153,10 @@ class LiveVLM:
         from livevlm.data.dataset import StreamDataset
         from livevlm.evaluation.stream_eval import evaluate_stream_model
 
+        asked = [check_threshold(float(threshold)) for threshold in thresholds or []]  # once: any iterable
+        chosen = list(dict.fromkeys(asked or [self.threshold, EngineConfig().threshold, 0.0]))
         dataset = StreamDataset(data, self.fmt, cache_dir=features or None,
                                 encoder=None if features else self.encoder, max_frames=max_frames)
-        for threshold in thresholds or []:
-            check_threshold(threshold)
-        chosen = list(dict.fromkeys(thresholds or [self.threshold, EngineConfig().threshold, 0.0]))
         return evaluate_stream_model(self.loaded, dataset, chosen, limit)
 
 
@@ -174,7 +176,7 @@ def load(model: str | Path = "default", *, device: str = "auto", dtype: str = "a
     torch_dtype = resolve_dtype(dtype, torch_device)
     loaded = load_checkpoint(folder, device=torch_device, dtype=torch_dtype)
     fmt = StreamFormat(loaded.tokenizer, loaded.format_config, loaded.model_config.tokens_per_frame)
-    return LiveVLM(loaded, fmt, str(model) or "default")
+    return LiveVLM(loaded, fmt)
 
 
 def evaluate(model: LiveVLM | str | Path, data: str | Path, *, features: str | Path | None = None,

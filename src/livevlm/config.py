@@ -177,10 +177,11 @@ class EngineConfig:
 Query = tuple[float, str]  # (stream time in seconds, text)
 
 
-def check_threshold(threshold: float | None) -> float | None:
-    """θ must be a probability; None (use the model's) passes. Raises ConfigError naming the value."""
+def check_threshold(threshold: float | None, name: str = "threshold") -> float | None:
+    """θ must be a probability; None (use the model's) passes. Raises ConfigError naming the value as `name`
+    (the command line passes its flag, "--threshold")."""
     if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise ConfigError(f"threshold {threshold:g} is not in [0, 1]: the model stays silent while P(separator) "
+        raise ConfigError(f"{name} {threshold:g} is not in [0, 1]: the model stays silent while P(separator) "
                           "≥ θ, so θ is a probability (the paper's is 0.725)")
     return threshold
 

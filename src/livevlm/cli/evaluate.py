@@ -34,6 +34,7 @@ class EvaluateArgs:
 
 
 def evaluate(args: EvaluateArgs) -> int:
+    from livevlm.config import check_threshold
     from livevlm.default_model import DEFAULT_MODEL_DIR, is_default
 
     if not args.data:
@@ -46,8 +47,7 @@ def evaluate(args: EvaluateArgs) -> int:
         raise CommandError("--choose-threshold writes into the model folder: name a trained checkpoint with "
                            "--model (the shipped default model is read-only; copy its folder first)")
     for threshold in args.threshold:
-        if not 0.0 <= threshold <= 1.0:
-            raise CommandError(f"--threshold {threshold:g} is not in [0, 1]")
+        check_threshold(threshold, "--threshold")
     from livevlm import runtime
 
     runtime.use_all_cores()

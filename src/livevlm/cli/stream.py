@@ -129,11 +129,7 @@ def stream(args: StreamArgs) -> int:
         raise CommandError(f"--demo streams a generated video; drop it or the SOURCE ({args.source})")
     if not args.demo and not args.source:
         raise CommandError("give a SOURCE (video file, camera index or URL), or --demo")
-    try:
-        check_threshold(args.threshold)
-    except ValueError:
-        raise CommandError(f"--threshold {args.threshold:g} is not in [0, 1]: the model stays silent while "
-                           "P(separator) ≥ θ (the paper's θ is 0.725)") from None
+    check_threshold(args.threshold, "--threshold")
     queries = queries_of(args)
     annotation = None
     if args.demo:
