@@ -7,7 +7,7 @@ import pytest
 
 import livevlm
 from livevlm.config import ConfigError
-from livevlm.engine import FrameEvent, QueryEvent, ResponseEvent
+from livevlm.engine import FrameEvent, QueryEvent, ResponseEvent, TokenEvent
 from livevlm.video import VideoError
 
 README = Path(__file__).parent.parent / "README.md"
@@ -28,7 +28,10 @@ def test_a_stream_yields_typed_events_in_order_and_a_summary(tiny):
     assert [e.time_s for e in frames] == [i / 2 for i in range(12)]  # 6 s at the model's 2 fps
     query = next(i for i, e in enumerate(events) if isinstance(e, QueryEvent))
     assert events[query] == QueryEvent(1.0, "Narrate.")
-    assert isinstance(events[query + 1], ResponseEvent) and events[query + 1].answer_to_query
+    answer = next(i for i in range(query + 1, len(events)) if isinstance(events[i], ResponseEvent))
+    tokens = events[query + 1:answer]  # the answer's tokens as they were decoded, then the answer
+    assert all(isinstance(e, TokenEvent) for e in tokens) and events[answer].answer_to_query
+    assert tuple(e.token_id for e in tokens) == events[answer].token_ids and len(tokens) >= 1
     assert stream.summary.frames == 12 and stream.threshold == 0.0
     assert stream.summary.responses == sum(isinstance(e, ResponseEvent) for e in events)
 

@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import bias_separator
 from livevlm.config import EngineConfig, FormatConfig
-from livevlm.engine import FrameEvent, QueryEvent, ResponseEvent, StreamSession
+from livevlm.engine import FrameEvent, QueryEvent, ResponseEvent, StreamSession, TokenEvent
 from livevlm.model import LiveModel
 from livevlm.stream_format import Frames, Message, StreamFormat, register_placeholder
 
@@ -125,6 +125,37 @@ def test_flush_answers_queries_left_at_the_end_of_a_stream(fmt):
     session.step(*frames(3))
     session.add_query("What happened?")
     assert responses(session.flush()) == [(1.0, SCRIPT, True)]  # at the time of the last frame
+
+
+def test_step_events_yields_each_response_token_before_its_response(fmt):
+    session = StreamSession(scripted_model(fmt), fmt, EngineConfig(threshold=1.0, max_frames_per_forward=1))
+    session.add_query("Narrate.", time_s=0.0)
+    events = list(session.step_events(*frames(2)))
+    script = fmt.response_ids(SCRIPT)
+    assert [type(e) for e in events] == ([FrameEvent, QueryEvent] + [TokenEvent] * len(script) + [ResponseEvent]
+                                         + [FrameEvent] + [TokenEvent] * len(script) + [ResponseEvent])
+    answer, spoken = [e for e in events if isinstance(e, ResponseEvent)]
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    assert [e.token_id for e in tokens] == list(answer.token_ids) + list(spoken.token_ids) == script * 2
+    assert [(e.time_s, e.answer_to_query) for e in tokens] == [(0.0, True)] * len(script) + [(0.5, False)] * len(
+        script)
+
+
+def test_step_is_step_events_without_the_tokens(fmt):
+    config = EngineConfig(threshold=1.0, max_new_tokens=4)
+    listed = StreamSession(scripted_model(fmt), fmt, config).step(*frames(3))
+    streamed = list(StreamSession(scripted_model(fmt), fmt, config).step_events(*frames(3)))
+    assert listed == [e for e in streamed if not isinstance(e, TokenEvent)]
+    assert any(isinstance(e, TokenEvent) for e in streamed)
+
+
+def test_flush_events_answers_a_query_with_no_frame_coming(fmt):
+    session = StreamSession(scripted_model(fmt), fmt, EngineConfig(threshold=0.0))
+    session.step(*frames(2))
+    session.add_query("And now?")
+    events = list(session.flush_events())
+    assert [type(e) for e in events] == [QueryEvent] + [TokenEvent] * len(fmt.response_ids(SCRIPT)) + [ResponseEvent]
+    assert events[-1].text == SCRIPT and list(session.flush_events()) == []
 
 
 # ---------------------------------------------------------------------------------------------------

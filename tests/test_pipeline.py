@@ -9,7 +9,7 @@ from transformers import Dinov2Config, Dinov2Model
 
 from conftest import bias_separator
 from livevlm.config import EngineConfig, FormatConfig
-from livevlm.engine import FrameEvent, QueryEvent, ResponseEvent, StreamPipeline, StreamSession
+from livevlm.engine import FrameEvent, QueryEvent, ResponseEvent, StreamPipeline, StreamSession, TokenEvent
 from livevlm.model import LiveModel
 from livevlm.stream_format import StreamFormat, register_placeholder
 from livevlm.video import read_frames
@@ -53,7 +53,8 @@ def source(video):
 
 
 def reference_events(model, fmt, config, encoder, video, queries):
-    """The plain sequential loop: every frame encoded, then stepped alone; queries before later frames."""
+    """The plain sequential loop: every frame encoded, then stepped alone; queries before later frames.
+    Every event, response tokens included, as the pipeline yields them."""
     decoded = list(source(video))
     tokens = encoder.encode(np.stack([frame for _, frame in decoded]))
     session = StreamSession(model, fmt, config)
@@ -63,10 +64,10 @@ def reference_events(model, fmt, config, encoder, video, queries):
         while pending and pending[0][0] < time_s - 1e-6:
             when, text = pending.pop(0)
             session.add_query(text, time_s=when)
-        events += session.step(tokens[i:i + 1], [time_s])
+        events += session.step_events(tokens[i:i + 1], [time_s])
     for when, text in pending:
         session.add_query(text, time_s=when)
-    return events + session.flush()
+    return events + list(session.flush_events())
 
 
 def mixed_config(model, fmt, encoder, video, **options) -> EngineConfig:
@@ -140,7 +141,7 @@ def test_ask_from_another_thread_is_answered(model, fmt, encoder, video):
     pipeline.run()
     queries = [e for e in events if isinstance(e, QueryEvent)]
     assert asked == [1.0] and [q.text for q in queries] == ["What is on the left?"]
-    answer = events[events.index(queries[0]) + 1]
+    answer = next(e for e in events[events.index(queries[0]) + 1:] if not isinstance(e, TokenEvent))
     assert isinstance(answer, ResponseEvent) and answer.answer_to_query
     assert sum(isinstance(e, FrameEvent) for e in events) == 16  # nothing lost around the query
 

@@ -189,3 +189,39 @@ def test_a_missing_source_is_reported_before_torch_is_even_imported(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "2 []", result.stderr
     assert "does not exist" in result.stderr
+
+
+class _Terminal:
+    """A stdout that says it is a terminal, and keeps what is written."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_terminal_shows_a_responses_words_as_they_are_decoded(tiny_tokenizer, monkeypatch):
+    from livevlm.cli.stream import _View
+    from livevlm.engine import FrameEvent, ResponseEvent, TokenEvent
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    view = _View(jsonl=False, frames=True, tokenizer=tiny_tokenizer)
+    ids = tiny_tokenizer.encode("a red circle", add_special_tokens=False)
+    view(FrameEvent(0.5, 0.9))
+    shown = []
+    for token in ids:
+        view(TokenEvent(0.5, token, False))
+        shown.append(terminal.text)
+    assert shown[0].startswith("[    0.5s] Assistant: ") and shown[-1].endswith("a red circle")
+    assert len(set(shown)) > 1  # it grew word by word, before the response was finished
+    view(ResponseEvent(0.5, "a red circle", tuple(ids), 0.1, "eos", False))
+    assert terminal.text == "[    0.5s] Assistant: a red circle\n"  # the finished line, once

@@ -66,18 +66,49 @@ def queries_of(args: StreamArgs) -> list[tuple[float, str]]:
 
 
 class _View:
-    """Prints events: JSON lines, or a readable transcript with a status line (FPS, lag) on stderr."""
+    """Prints events: JSON lines, or a readable transcript with a status line (FPS, lag) on stderr.
 
-    def __init__(self, jsonl: bool, frames: bool) -> None:
+    On a terminal the transcript shows a response's words as they are decoded (`show_delta`, fed from the
+    engine's TokenEvents through `tokenizer`, or with a server's text deltas); piped, and in JSON lines, it
+    prints each finished response once, so what a program reads does not depend on decoding speed.
+    """
+
+    def __init__(self, jsonl: bool, frames: bool, tokenizer: Any = None) -> None:
         self.jsonl, self.frames = jsonl, frames
         self.said: list[tuple[float, str, str]] = []  # (time, role, text)
         self.timeline: list[tuple[float, float]] = []  # (time, p_speak)
         self.start = time.monotonic()
         self.status = sys.stderr.isatty() and not jsonl
+        self.live_words = sys.stdout.isatty() and not jsonl
+        self._deltas = None
+        if tokenizer is not None:
+            from livevlm.detokenize import TextDeltas
+
+            self._deltas = TextDeltas(tokenizer)
+        self._partial: str | None = None  # the words of the response being decoded, shown so far
+        self._last_time = 0.0  # stream time of the last frame or query: where a response being decoded stands
+
+    def show_delta(self, text: str, time_s: float | None = None) -> None:
+        """Show the next words of the response being decoded (on a terminal; otherwise nothing)."""
+        if not self.live_words or not text:
+            return
+        if self._partial is None:
+            self.clear_status()
+            when = self._last_time if time_s is None else time_s
+            print(f"[{when:7.1f}s] Assistant: ", end="")
+            self._partial = ""
+        self._partial += text
+        print(text, end="", flush=True)
 
     def __call__(self, event: Any) -> None:
-        from livevlm.engine.session import FrameEvent, QueryEvent, ResponseEvent
+        from livevlm.engine.session import FrameEvent, QueryEvent, ResponseEvent, TokenEvent
 
+        if isinstance(event, TokenEvent):
+            if self._deltas is not None:
+                self.show_delta(self._deltas.add(event.token_id), event.time_s)
+            return
+        if isinstance(event, (FrameEvent, QueryEvent)):
+            self._last_time = event.time_s
         if isinstance(event, FrameEvent):
             self.timeline.append((event.time_s, event.p_speak))
             if self.jsonl and self.frames:
@@ -92,6 +123,14 @@ class _View:
                        f"[{event.time_s:7.1f}s] User: {event.text}")
         elif isinstance(event, ResponseEvent):
             self.said.append((event.time_s, "assistant", event.text))
+            partial, self._partial = self._partial, None
+            if self._deltas is not None:
+                self._deltas.reset()
+            if partial is not None and event.text.startswith(partial):  # its words are on screen: finish the line
+                print(event.text[len(partial):], flush=True)
+                return
+            if partial is not None:
+                print(flush=True)  # the words shown disagree with the final text: end that line, print it whole
             self._emit({"type": "response", "time_s": round(event.time_s, 3), "text": event.text,
                         "latency_s": round(event.latency_s, 3)},
                        f"[{event.time_s:7.1f}s] Assistant: {event.text}")
@@ -150,7 +189,7 @@ def stream(args: StreamArgs) -> int:
     stream = model.stream(source, queries, threshold=args.threshold, realtime=realtime,
                           max_new_tokens=args.max_new_tokens, max_frames_per_forward=args.max_frames_per_forward,
                           open_timeout_s=args.open_timeout)
-    view = _View(args.jsonl, args.frames)
+    view = _View(args.jsonl, args.frames, tokenizer=model.fmt.tokenizer)
     threading.Thread(target=_read_stdin, args=(stream,), daemon=True, name="livevlm-stdin").start()
     on_interrupt_raise()  # from here Ctrl-C prints what was said (below) instead of leaving at once
     try:

@@ -1,6 +1,7 @@
 """The streaming engine: one session per stream (KV cache, decisions, queries) and the async pipeline."""
 
 from livevlm.engine.pipeline import StreamPipeline, StreamSummary
-from livevlm.engine.session import Event, FrameEvent, QueryEvent, ResponseEvent, StreamSession
+from livevlm.engine.session import Event, FrameEvent, QueryEvent, ResponseEvent, StreamSession, TokenEvent
 
-__all__ = ["Event", "FrameEvent", "QueryEvent", "ResponseEvent", "StreamPipeline", "StreamSession", "StreamSummary"]
+__all__ = ["Event", "FrameEvent", "QueryEvent", "ResponseEvent", "StreamPipeline", "StreamSession", "StreamSummary",
+           "TokenEvent"]

@@ -11,7 +11,8 @@ queue, so a long response never stalls encoding; afterwards the LLM catches up w
 frame i at `start + time_i`, as a live source would; the lag of a frame is the wall time its decision was
 made minus that moment. Queries arrive from any thread (`ask`) or are scheduled at stream times; a query
 at time t is injected after the frames shown at or before t (the training layout: a turn at t follows
-frame floor(t·fps)). A failure in any stage stops every stage and is re-raised by the consumer.
+frame floor(t·fps)). Events are yielded the moment the session makes them, a response's tokens one by one
+(`TokenEvent`) before the response itself. A failure in any stage stops every stage and is re-raised by the consumer.
 """
 
 from __future__ import annotations
@@ -259,7 +260,7 @@ class StreamPipeline:
             batch = self._next_batch(waiting)
             tokens = torch.stack([t for _, t in batch])
             times = [t for t, _ in batch]
-            for event in self.session.step(tokens, times):
+            for event in self.session.step_events(tokens, times):
                 responses += isinstance(event, ResponseEvent)
                 yield event
             frames += len(batch)
@@ -325,4 +326,4 @@ class StreamPipeline:
         for when, text in self._scheduled:
             self.session.add_query(text, time_s=when)
         self._scheduled = []
-        yield from self.session.flush()
+        yield from self.session.flush_events()

@@ -16,6 +16,10 @@ the response is generated there, and frames k+1… are forwarded again after it.
 the logits at frame k independent of the frames after it, so the events are those of the one-frame-per-
 forward loop (up to floating-point summation order).
 
+Events come out as they happen (`step_events`): a response's tokens one by one while it is decoded
+(`TokenEvent`, ids only: the engine knows no text beyond the finished response's), so a caller can show
+words as they come or interleave several sessions between tokens.
+
 Tokens that are known but not yet needed in the cache (the prompt before the first frame, the eos that
 ends a response) wait in `_pending` and ride along with the next forward: no forward is spent on them.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -65,11 +70,24 @@ class QueryEvent:
 
 
 @dataclass(frozen=True)
+class TokenEvent:
+    """One response token, the moment it is decoded (before the `ResponseEvent` that ends its response).
+
+    Ids only: text is made outside the engine (`livevlm.detokenize.TextDeltas`), where it is shown.
+    """
+
+    time_s: float
+    token_id: int
+    answer_to_query: bool
+
+
+@dataclass(frozen=True)
 class ResponseEvent:
     """A finished response: spontaneous (after a frame) or the answer to a query.
 
-    latency_s: wall time to produce it (prefill of "]\\nAssistant:" or of the query, plus decoding); not
-        compared by ==, so the events of two runs compare equal when the same things were said.
+    latency_s: wall time to produce it (prefill of "]\\nAssistant:" or of the query, plus decoding, plus
+        whatever the caller did between its `TokenEvent`s); not compared by ==, so the events of two runs
+        compare equal when the same things were said.
     reason: "eos" when the model ended it, "max_tokens" when `max_new_tokens` cut it.
     """
 
@@ -85,7 +103,7 @@ class ResponseEvent:
         return "assistant"
 
 
-Event = FrameEvent | QueryEvent | ResponseEvent
+Event = FrameEvent | QueryEvent | TokenEvent | ResponseEvent
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -230,36 +248,50 @@ class StreamSession:
         self.fmt.query_ids(text, run_open=False)  # validates now, not mid-stream
         self._queries.append((text, time_s))
 
-    def step(self, frame_tokens: torch.Tensor, times: list[float]) -> list[Event]:
-        """Feed T >= 1 waiting frames; decide, speak and answer queries in stream order.
+    def step_events(self, frame_tokens: torch.Tensor, times: list[float]) -> Iterator[Event]:
+        """Feed T >= 1 waiting frames; decide, speak and answer queries in stream order, yielding each event
+        the moment it happens: a FrameEvent per frame, QueryEvents, and for each response its TokenEvents
+        as they are decoded, then its ResponseEvent.
+
+        The work happens as the iterator is consumed; consume it to the end before the next call (a session
+        abandoned mid-response is left mid-response). The arguments are checked here, before any work.
 
         Args:
             frame_tokens: `[T, N, D]` (N = fmt.tokens_per_frame).
             times: T stream times in seconds, one per frame.
-        Returns:
-            the events in order: a FrameEvent per frame, QueryEvents and ResponseEvents where they happen.
         Raises:
             ValueError: shapes that do not match `times` or the format's N.
         """
         self._check_frames(frame_tokens, times)
-        events: list[Event] = []
-        i = 0
-        while i < len(times):
-            if self.frames_seen == 0 and self._queries:  # the stream must start with a frame
-                i += self._forward_frames(frame_tokens[i:i + 1], times[i:i + 1], events, decide=False)
-                events += self._answer_queries()
-                continue
-            events += self._answer_queries()
-            count = self._make_room(min(self.config.max_frames_per_forward, len(times) - i))
-            i += self._forward_frames(frame_tokens[i:i + count], times[i:i + count], events)
-        return events
+        return self._step(frame_tokens, times)
 
-    def flush(self) -> list[Event]:
-        """Answer the queries still queued (e.g. at the end of a stream); returns their events.
+    def step(self, frame_tokens: torch.Tensor, times: list[float]) -> list[Event]:
+        """`step_events` run to the end: the FrameEvents, QueryEvents and ResponseEvents (no TokenEvents)."""
+        return [event for event in self.step_events(frame_tokens, times) if not isinstance(event, TokenEvent)]
+
+    def flush_events(self) -> Iterator[Event]:
+        """Answer the queries still queued now (at the end of a stream, or while no frame is coming), yielding
+        their events as `step_events` does.
 
         Queries before the first frame cannot be answered (the stream starts with a frame) and stay queued.
         """
-        return self._answer_queries() if self.frames_seen else []
+        if self.frames_seen:
+            yield from self._answer_queries()
+
+    def flush(self) -> list[Event]:
+        """`flush_events` run to the end, without TokenEvents."""
+        return [event for event in self.flush_events() if not isinstance(event, TokenEvent)]
+
+    def _step(self, frame_tokens: torch.Tensor, times: list[float]) -> Iterator[Event]:
+        i = 0
+        while i < len(times):
+            if self.frames_seen == 0 and self._queries:  # the stream must start with a frame
+                i += yield from self._forward_frames(frame_tokens[i:i + 1], times[i:i + 1], decide=False)
+                yield from self._answer_queries()
+                continue
+            yield from self._answer_queries()
+            count = self._make_room(min(self.config.max_frames_per_forward, len(times) - i))
+            i += yield from self._forward_frames(frame_tokens[i:i + count], times[i:i + count])
 
     # -- frames --------------------------------------------------------------------------------------
 
@@ -276,9 +308,10 @@ class StreamSession:
                              f"{' (before frame_delta doubles it)' if self.model.frame_delta else ''}; encode with "
                              "the model's vision settings (model.mean_rgb adds 3 colour channels)")
 
-    def _forward_frames(self, frame_tokens: torch.Tensor, times: list[float], events: list[Event],
-                        decide: bool = True) -> int:
-        """Forward T frames at once; act on the first frame that speaks. Returns the frames consumed."""
+    def _forward_frames(self, frame_tokens: torch.Tensor, times: list[float],
+                        decide: bool = True) -> Iterator[Event]:
+        """Forward T frames at once; act on the first frame that speaks. Yields the events; returns the
+        frames consumed."""
         ids = list(self._pending)
         ends = []  # position (in ids) just after each frame's last token
         for _ in times:
@@ -288,16 +321,13 @@ class StreamSession:
         logits = self._forward(ids, inputs, keep=[e - 1 for e in ends])  # [T, V]
         p_sep = torch.softmax(logits.float(), dim=-1)[:, self.fmt.separator_id].tolist()
         silent = silent_decisions(logits, self.fmt.separator_id, self.config.threshold).tolist()
-        speak_at = None
-        for k, p in enumerate(p_sep):
-            events.append(FrameEvent(times[k], 1.0 - p))
-            if decide and not silent[k]:
-                speak_at = k
-                break
+        speak_at = next((k for k in range(len(times)) if decide and not silent[k]), None)
         consumed = len(times) if speak_at is None else speak_at + 1
         self._commit_frames(ids, ends[consumed - 1], frame_tokens[:consumed], times[:consumed])
+        for k in range(consumed):  # after the commit: a caller that stops here leaves a consistent session
+            yield FrameEvent(times[k], 1.0 - p_sep[k])
         if speak_at is not None:
-            events.append(self._generate(self._cursor.speak(), times[speak_at], answer=False))
+            yield from self._generate(self._cursor.speak(), times[speak_at], answer=False)
         return consumed
 
     def _commit_frames(self, ids: list[int], keep: int, frame_tokens: torch.Tensor, times: list[float]) -> None:
@@ -322,24 +352,24 @@ class StreamSession:
 
     # -- queries and responses -----------------------------------------------------------------------
 
-    def _answer_queries(self) -> list[Event]:
-        events: list[Event] = []
+    def _answer_queries(self) -> Iterator[Event]:
         while self._queries:
             text, time_s = self._queries.pop(0)
             time_s = self.last_time_s if time_s is None else time_s
             query_ids = self._cursor_preview_query(text)
             self._ensure_room(len(query_ids) + self.config.max_new_tokens + 2)
-            events.append(QueryEvent(time_s, text))
             self._entries.append(_Entry("user", time_s, text=text))
             prefix = self._cursor.query(text)
-            events.append(self._generate(prefix, time_s, answer=True))
-        return events
+            yield QueryEvent(time_s, text)
+            yield from self._generate(prefix, time_s, answer=True)
 
     def _cursor_preview_query(self, text: str) -> list[int]:
         return self.fmt.query_ids(text, run_open=self._cursor.state == "frame")
 
-    def _generate(self, prefix: list[int], time_s: float, answer: bool) -> ResponseEvent:
-        """Prefill `prefix` (speak or query header), decode until eos or the cap, leave eos pending."""
+    def _generate(self, prefix: list[int], time_s: float, answer: bool) -> Iterator[TokenEvent | ResponseEvent]:
+        """Prefill `prefix` (speak or query header), decode until eos or the cap, leave eos pending.
+
+        Yields a TokenEvent per token as it is decoded, then the ResponseEvent."""
         start = time.perf_counter()
         self._record(prefix)
         ids = self._pending + prefix
@@ -354,6 +384,7 @@ class StreamSession:
                 reason = "eos"
                 break
             out.append(token)
+            yield TokenEvent(time_s, token, answer)
             if len(out) >= self.config.max_new_tokens:
                 self._pending = [token]  # fed with the eos by the next forward: the cache stays in layout
                 break
@@ -364,7 +395,7 @@ class StreamSession:
         self._record([self.fmt.eos_id])
         text = self.fmt.tokenizer.decode(out, skip_special_tokens=True).strip()
         self._entries.append(_Entry("answer" if answer else "response", time_s, text=text, token_ids=tuple(out)))
-        return ResponseEvent(time_s, text, tuple(out), time.perf_counter() - start, reason, answer)
+        yield ResponseEvent(time_s, text, tuple(out), time.perf_counter() - start, reason, answer)
 
     def _sample(self, logits: torch.Tensor, generated: list[int]) -> int:
         """Next token from `logits [V]`: greedy, or temperature / top-p sampling; repetition penalty on
