@@ -4,7 +4,15 @@ import math
 
 import pytest
 
-from livevlm.evaluation.free_running import TimingScores, event_frames, match_timing, reminder_outcome
+from livevlm.evaluation.free_running import (
+    TimingScores,
+    event_frames,
+    match_one_to_one,
+    match_timing,
+    reminder_outcome,
+    trigger_scores,
+    word_f1,
+)
 
 
 def test_events_on_the_same_frame_count_once_and_are_ceiled_to_the_grid():
@@ -51,3 +59,46 @@ def test_a_reminder_is_judged_by_its_first_spontaneous_response(responses, kind,
     outcome = reminder_outcome(11.5, responses, tolerance_s=1.0)
     assert (outcome.kind, outcome.extra) == (kind, extra)
     assert outcome.offset_s == (pytest.approx(offset) if offset is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# one-to-one trigger matching, duplicates, TimeDiff, word F1 (hand-computed)
+
+
+def test_the_matching_takes_the_most_pairs_not_the_nearest_response():
+    # nearest-first would give turn 5.0 the response at 5.0 and leave 5.9 without one (4.2 is 1.7 s away)
+    assert match_one_to_one([5.0, 5.9], [4.2, 5.0]) == [(0, 0), (1, 1)]
+
+
+def test_among_the_most_pairs_the_matching_takes_the_smallest_offsets():
+    # both responses fit both turns; pairing 1.0-1.2 and 2.0-2.1 (0.3 s) beats 1.0-2.1, 2.0-1.2 (1.9 s)
+    assert match_one_to_one([2.0, 1.0], [2.1, 1.2]) == [(1, 1), (0, 0)]
+
+
+def test_trigger_scores_by_hand():
+    # turns at 1, 4, 10; responses at 1.5 (turn 1), 2.0 (again turn 1: a duplicate), 4.0 (turn 4), 7.0 (nothing)
+    scores = trigger_scores([1.0, 4.0, 10.0], [1.5, 2.0, 4.0, 7.0], tolerance_s=1.0)
+    assert (scores.turns, scores.responses, scores.matched, scores.duplicates) == (3, 4, 2, 1)
+    assert scores.precision == 2 / 4 and scores.recall == 2 / 3
+    assert scores.f1 == pytest.approx(2 * (1 / 2) * (2 / 3) / (1 / 2 + 2 / 3))  # 4/7
+    assert scores.time_diff_s == pytest.approx((0.5 + 0.0) / 2)
+    assert scores.duplicate_ratio == 1 / 4
+
+
+def test_trigger_scores_pool_by_adding_counts():
+    pooled = trigger_scores([1.0], [1.0]) + trigger_scores([3.0, 6.0], [3.5])
+    assert (pooled.turns, pooled.responses, pooled.matched) == (3, 2, 2)
+    assert pooled.time_diff_s == pytest.approx(0.25) and pooled.recall == 2 / 3
+
+
+def test_no_responses_gives_no_precision_and_zero_recall():
+    scores = trigger_scores([1.0, 2.0], [])
+    assert math.isnan(scores.precision) and scores.recall == 0.0 and math.isnan(scores.f1)
+
+
+def test_word_f1_by_hand():
+    # prediction: a red circle appears (4 words); reference: a green circle appears on the left (7 words)
+    # shared: a, circle, appears = 3 -> P 3/4, R 3/7, F1 = 2·(3/4)(3/7)/(3/4 + 3/7) = 6/11
+    assert word_f1("A red circle appears.", "A green circle appears on the left.") == pytest.approx(6 / 11)
+    assert word_f1("Red, red!", "red") == pytest.approx(2 / 3)  # a repeat counts: P 1/2, R 1
+    assert word_f1("", "") == 1.0 and word_f1("x", "") == 0.0

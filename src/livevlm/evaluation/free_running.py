@@ -12,6 +12,8 @@ within ±tolerance" (one response may cover two close events): it is at least th
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass
 
 
@@ -132,3 +134,121 @@ def reminder_outcome(event_time_s: float, responses: list[float], tolerance_s: f
     offset = first - event_time_s
     kind = "on_time" if abs(offset) <= tolerance_s + 1e-9 else ("early" if offset < 0 else "late")
     return ReminderOutcome(kind, offset, len(responses) - 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# dialogue turns: when the model spoke against when the ground truth speaks (the field's trigger scores)
+
+
+@dataclass(frozen=True)
+class TriggerScores:
+    """Spontaneous responses against ground-truth assistant turns, matched one to one within a tolerance.
+
+    turns: ground-truth turns; responses: the model's spontaneous responses; matched: pairs; duplicates:
+    unmatched responses within the tolerance of a turn that is already matched (a second reply to something
+    already said, as MMDuet2 counts them); offset_sum_s: Σ |response time − turn time| over the pairs.
+    """
+
+    turns: int
+    responses: int
+    matched: int
+    duplicates: int
+    offset_sum_s: float
+
+    @property
+    def precision(self) -> float:
+        return self.matched / self.responses if self.responses else math.nan
+
+    @property
+    def recall(self) -> float:
+        return self.matched / self.turns if self.turns else math.nan
+
+    @property
+    def f1(self) -> float:
+        p, r = self.precision, self.recall
+        if math.isnan(p) or math.isnan(r):
+            return math.nan
+        return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+    @property
+    def time_diff_s(self) -> float:
+        """Mean |offset| of the matched responses (the paper's TimeDiff, free-running)."""
+        return self.offset_sum_s / self.matched if self.matched else math.nan
+
+    @property
+    def duplicate_ratio(self) -> float:
+        return self.duplicates / self.responses if self.responses else math.nan
+
+    def __add__(self, other: TriggerScores) -> TriggerScores:
+        return TriggerScores(self.turns + other.turns, self.responses + other.responses,
+                             self.matched + other.matched, self.duplicates + other.duplicates,
+                             self.offset_sum_s + other.offset_sum_s)
+
+
+def match_one_to_one(turn_times: list[float], response_times: list[float],
+                     tolerance_s: float = 1.0) -> list[tuple[int, int]]:
+    """The best one-to-one matching of turns to responses within ±tolerance_s: the most pairs, and among
+    those the smallest total |offset|. Returns (turn index, response index) pairs in time order.
+
+    Exact by dynamic programming over sorted times: on a line, crossing pairs can always be uncrossed
+    without losing feasibility or adding offset, so an optimal matching is monotone (O(turns × responses)).
+    A greedy "nearest response" matching is not optimal: a turn at 5.0 taking the response at 5.0 can
+    leave a turn at 5.9 unmatched when 4.2 was free.
+    """
+    turns = sorted(range(len(turn_times)), key=lambda i: turn_times[i])
+    responses = sorted(range(len(response_times)), key=lambda j: response_times[j])
+    n, m = len(turns), len(responses)
+    # best[i][j]: (pairs, -offset) for turns[i:] and responses[j:]; filled from the end
+    best = [[(0, 0.0)] * (m + 1) for _ in range(n + 1)]
+    for i in range(n - 1, -1, -1):
+        t = turn_times[turns[i]]
+        for j in range(m - 1, -1, -1):
+            offset = abs(response_times[responses[j]] - t)
+            options = [best[i + 1][j], best[i][j + 1]]
+            if offset <= tolerance_s + 1e-9:
+                pairs, cost = best[i + 1][j + 1]
+                options.append((pairs + 1, cost - offset))
+            best[i][j] = max(options)
+    pairs: list[tuple[int, int]] = []
+    i = j = 0
+    while i < n and j < m:
+        offset = abs(response_times[responses[j]] - turn_times[turns[i]])
+        if offset <= tolerance_s + 1e-9:
+            pairs_after, cost_after = best[i + 1][j + 1]
+            if best[i][j] == (pairs_after + 1, cost_after - offset):
+                pairs.append((turns[i], responses[j]))
+                i, j = i + 1, j + 1
+                continue
+        if best[i][j] == best[i + 1][j]:
+            i += 1
+        else:
+            j += 1
+    return pairs
+
+
+def trigger_scores(turn_times: list[float], response_times: list[float], tolerance_s: float = 1.0) -> TriggerScores:
+    """Match (`match_one_to_one`) and count: precision, recall, F1, TimeDiff and duplicates of one stream."""
+    pairs = match_one_to_one(turn_times, response_times, tolerance_s)
+    matched_turns = [turn_times[i] for i, _ in pairs]
+    used = {j for _, j in pairs}
+    duplicates = sum(1 for j, r in enumerate(response_times) if j not in used
+                     and any(abs(r - t) <= tolerance_s + 1e-9 for t in matched_turns))
+    offsets = sum(abs(response_times[j] - turn_times[i]) for i, j in pairs)
+    return TriggerScores(len(turn_times), len(response_times), len(pairs), duplicates, offsets)
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words without punctuation (SQuAD's normalisation, minus its English article removal)."""
+    return re.findall(r"\w+", text.lower())
+
+
+def word_f1(prediction: str, reference: str) -> float:
+    """Token F1 of words: the harmonic mean of the shared-word share of each side (bags of words)."""
+    predicted, expected = Counter(words(prediction)), Counter(words(reference))
+    shared = sum((predicted & expected).values())
+    if not predicted or not expected:
+        return float(predicted == expected)
+    if shared == 0:
+        return 0.0
+    precision, recall = shared / sum(predicted.values()), shared / sum(expected.values())
+    return 2 * precision * recall / (precision + recall)
