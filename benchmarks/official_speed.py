@@ -15,6 +15,14 @@ token cap. Two workloads are measured:
 
     python benchmarks/official_speed.py                       # official size on the GPU (bf16)
     python benchmarks/official_speed.py --size tiny --device cpu --dtype float32   # a smoke run here
+    python benchmarks/official_speed.py --loader --work /tmp/official-random     # through livevlm's loader
+    python benchmarks/official_speed.py --model /models/videollm-online-8b-v1plus \
+        --llm /models/Meta-Llama-3-8B-Instruct --vision /models/siglip-large-patch16-384   # the real weights
+
+`--loader` writes the random model first as an official checkpoint folder (PEFT adapter with LoRA r=128 and
+the connector, a bf16 base LLM folder, a SigLIP folder; ~18 GB at the official size) and loads it back with
+`livevlm.load`, so the figures are those of the model `livevlm stream --model FOLDER` runs (LoRA merged).
+`--model` loads an existing folder (or hub id) instead. Either way the LM head gets the same silence bias.
 
 Needs the Llama-3 tokenizer: `quicktok-v1` installed (`scripts/install.sh dev`), or a converted
 `llama3-tokenizer/` folder under $LIVEVLM_CACHE.
@@ -77,6 +85,68 @@ def build_random_model(size: str, device: str, dtype):
     return model, fmt, encoder, format_config.fps
 
 
+def write_official_folder(size: str, root: Path, device: str, dtype) -> tuple[Path, Path, Path]:
+    """A random model of the official shapes saved as the official format: (adapter, base LLM, vision) folders.
+
+    The adapter holds LoRA (r=128, α=256; B random, so the merge changes every targeted weight), the head copy
+    and the connector under the official key names, in bf16, with a PEFT 0.10 adapter_config.json.
+    """
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from livevlm.backbones import llama3_tokenizer
+    from livevlm.official import OFFICIAL_TARGETS, PEFT_010_DEFAULTS, target_module_names
+
+    llm_shape, vision_shape = (LLAMA3_8B, SIGLIP_L_384) if size == "official" else (TINY_LLM, TINY_VISION)
+    adapter, base, vision = root / "videollm-online-8b-v1plus", root / "llm", root / "vision"
+    if (adapter / "adapter_model.safetensors").is_file():
+        return adapter, base, vision
+    torch.manual_seed(0)
+    with torch.device(device):
+        llm = LlamaForCausalLM._from_config(LlamaConfig(**llm_shape), dtype=dtype)
+        tower = SiglipVisionModel._from_config(SiglipVisionConfig(**vision_shape), dtype=dtype)
+    llm.to(torch.bfloat16).save_pretrained(base)  # as Meta ships it; the head copy below is bf16 too
+    llama3_tokenizer().save_pretrained(base)
+    tower.save_pretrained(vision)
+    rank, hidden = 128, llm_shape["hidden_size"]
+    tensors = {}
+    for name in sorted(target_module_names(llm, OFFICIAL_TARGETS)):
+        out_features, in_features = llm.get_submodule(name).weight.shape
+        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, in_features, device=device) * 0.01
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(out_features, rank, device=device) * 0.001
+    tensors["base_model.model.lm_head.base_layer.weight"] = llm.lm_head.weight.detach()
+    connector = torch.nn.Sequential(torch.nn.Linear(vision_shape["hidden_size"], hidden), torch.nn.GELU(),
+                                    torch.nn.Linear(hidden, hidden)).to(device)
+    tensors |= {f"base_model.model.connector.{k}": v.detach() for k, v in connector.state_dict().items()}
+    adapter.mkdir(parents=True)
+    save_file({k: v.to(torch.bfloat16).contiguous().cpu() for k, v in tensors.items()},
+              str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = PEFT_010_DEFAULTS | {"base_model_name_or_path": "meta-llama/Meta-Llama-3-8B-Instruct", "r": rank,
+                                  "lora_alpha": 256, "target_modules": OFFICIAL_TARGETS,
+                                  "modules_to_save": ["connector"]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    del llm, tower, tensors
+    return adapter, base, vision
+
+
+def load_through_loader(model: str, llm: str | None, vision: str | None, device: str, dtype_name: str):
+    """(LiveModel, StreamFormat, FrameEncoder, fps) as `livevlm stream --model` loads them, with the silence bias."""
+    import torch
+
+    import livevlm
+
+    loaded = livevlm.load(model, llm=llm, vision=vision, device=device, dtype=dtype_name)
+    head = loaded.model.llm.get_output_embeddings()
+    dtype = head.weight.dtype
+    head.bias = torch.nn.Parameter(torch.zeros(head.out_features, device=head.weight.device, dtype=dtype),
+                                   requires_grad=False)
+    head.bias[loaded.fmt.separator_id] = 50.0  # as build_random_model: stay silent at every frame
+    return loaded.model, loaded.fmt, loaded.encoder.eval(), loaded.fps
+
+
 def hf_decode_baseline(model, context: int = 1300, steps: int = 64) -> float:
     """Greedy decode tokens/s of the bare HF model (DynamicCache, no engine) after a `context`-token prefill:
     what the engine's own decode loop is compared against."""
@@ -120,6 +190,13 @@ def main() -> None:
     parser.add_argument("--hf-baseline", action="store_true",
                         help="also time the bare HF model's greedy decode (no engine)")
     parser.add_argument("--json", default="", help="also write every row to this JSON file")
+    parser.add_argument("--loader", action="store_true",
+                        help="write the random model as an official checkpoint folder under --work and load it with "
+                             "livevlm.load (the path `livevlm stream --model` takes)")
+    parser.add_argument("--work", default="data/bench/official-random", help="where --loader writes its folders")
+    parser.add_argument("--model", default="", help="load this official (or livevlm) checkpoint folder / hub id")
+    parser.add_argument("--llm", default="", help="with --model: the base LLM folder or hub id")
+    parser.add_argument("--vision", default="", help="with --model: the vision tower folder or hub id")
     args = parser.parse_args()
 
     import torch
@@ -129,9 +206,19 @@ def main() -> None:
         sys.setswitchinterval(args.switch_interval)
     dtype = getattr(torch, args.dtype)
     started = time.perf_counter()
-    model, fmt, encoder, fps = build_random_model(args.size, args.device, dtype)
+    if args.loader:
+        folder, llm, vision = write_official_folder(args.size, Path(args.work) / args.size, args.device, dtype)
+        print(f"wrote the random official-format checkpoint under {folder.parent} in "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
+        model, fmt, encoder, fps = load_through_loader(str(folder), str(llm), str(vision), args.device, args.dtype)
+    elif args.model:
+        model, fmt, encoder, fps = load_through_loader(args.model, args.llm or None, args.vision or None,
+                                                       args.device, args.dtype)
+    else:
+        model, fmt, encoder, fps = build_random_model(args.size, args.device, dtype)
+    path = "livevlm.load" if args.loader or args.model else "built in memory"
     params = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in encoder.parameters())
-    print(f"built {args.size} model ({params / 1e9:.2f}B parameters, {args.dtype}, {args.device}) in "
+    print(f"{args.size} model ({path}; {params / 1e9:.2f}B parameters, {args.dtype}, {args.device}) ready in "
           f"{time.perf_counter() - started:.0f} s", flush=True)
     folder = Path(args.videos)
     folder.mkdir(parents=True, exist_ok=True)
@@ -154,7 +241,7 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
             row = run_mode(mode, model, fmt, encoder, video, fps, args.threads, 0, queries=queries,
                            max_new_tokens=args.max_new_tokens)
-            row |= {"workload": workload, "size": args.size, "device": args.device,
+            row |= {"workload": workload, "size": args.size, "device": args.device, "path": path,
                     "gpu": torch.cuda.get_device_name() if cuda else "",
                     "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}
             decode_s = row["responses"] * row["mean_latency_s"]
@@ -166,7 +253,8 @@ def main() -> None:
               flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(f"\n{args.size} size, random weights, {args.dtype} on {rows[0]['gpu'] or args.device}, "
+    weights = args.model or "random weights"
+    print(f"\n{args.size} size ({path}), {weights}, {args.dtype} on {rows[0]['gpu'] or args.device}, "
           f"{args.minutes:g}-min synthetic video at {fps:g} fps")
     print("| workload | mode | FPS | responses | mean response latency | decode tokens/s | peak GPU memory |")
     print("|---|---|---|---|---|---|---|")

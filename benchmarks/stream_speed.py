@@ -53,7 +53,7 @@ def run_mode(mode: str, model, fmt, encoder, video: str, fps: float, threads: in
     config = EngineConfig(max_frames_per_forward=8 if mode == "multiframe" else 1, threshold=threshold,
                           max_new_tokens=max_new_tokens)
     session = StreamSession(model, fmt, config)
-    frames = read_frames(video, fps=fps, size=encoder.image_size)
+    frames = read_frames(video, fps=fps, size=encoder.image_size, resample=encoder.resample)
     latencies: list[float] = []
     tokens = 0
 

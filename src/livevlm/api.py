@@ -2,7 +2,7 @@
 
     import livevlm
 
-    model = livevlm.load("default")                    # or a checkpoint folder
+    model = livevlm.load("default")                    # or a checkpoint folder, or the paper's model
     stream = model.stream("video.mp4", queries=[(0.0, "Please narrate the video in real time.")])
     for event in stream:                               # FrameEvent, QueryEvent, ResponseEvent, in stream order
         if isinstance(event, livevlm.ResponseEvent):
@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 from livevlm.checkpoint import LoadedModel, load_checkpoint, resolve_threshold
 from livevlm.config import EngineConfig, Query, check_queries, check_threshold
-from livevlm.default_model import resolve_model
 from livevlm.devices import resolve_device, resolve_dtype
 from livevlm.engine.pipeline import StreamPipeline, StreamSummary
 from livevlm.engine.session import Event, StreamSession
+from livevlm.official import resolve_model_ref
 from livevlm.stream_format import StreamFormat
 
 if TYPE_CHECKING:
@@ -130,7 +130,8 @@ class LiveVLM:
         checked = check_queries(queries)
         session = self.session(threshold, max_new_tokens, max_frames_per_forward, realtime, system_prompt)
         source = str(source) if isinstance(source, Path) else source
-        frames = read_frames(source, fps=self.fps, size=self.encoder.image_size, timeout_s=open_timeout_s)
+        frames = read_frames(source, fps=self.fps, size=self.encoder.image_size, timeout_s=open_timeout_s,
+                             resample=self.encoder.resample)
         try:
             pipeline = StreamPipeline(session, self.encoder, frames, realtime=realtime, queries=checked)
         except BaseException:
@@ -164,17 +165,22 @@ def load(model: str | Path = "default", *, device: str = "auto", dtype: str = "a
     """Load a livevlm model and its frame encoder.
 
     Args:
-        model: "default" (the shipped model) or a livevlm checkpoint folder.
+        model: "default" (the shipped model), a livevlm checkpoint folder, or the paper's released checkpoint
+            (an official VideoLLM-online adapter folder, or its hub id, e.g. chenjoya/videollm-online-8b-v1plus,
+            fetched where a network exists; see `livevlm.official`).
+        llm, vision: override the base LLM / vision tower the checkpoint names (a local folder or a hub id); for
+            the official checkpoint they default to Meta-Llama-3-8B-Instruct and SigLIP-L/384.
         device: "auto" (the GPU when there is one, else the CPU), "cpu", "cuda", "cuda:1", …
         dtype: "auto" (bfloat16 on a GPU, float32 on the CPU), "float32", "bfloat16", "float16".
     Raises:
-        CheckpointError / DefaultModelError: the folder is not a (complete) checkpoint.
+        CheckpointError / DefaultModelError: the folder is not a (complete) checkpoint, or a model cannot be found
+            (one line naming the file or option and the fix).
         ValueError: an unknown device or dtype.
     """
-    folder = resolve_model(model)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    loaded = load_checkpoint(folder, device=torch_device, dtype=torch_dtype)
+    folder = resolve_model_ref(model)
+    loaded = load_checkpoint(folder, device=torch_device, dtype=torch_dtype, llm=llm or None, vision=vision or None)
     fmt = StreamFormat(loaded.tokenizer, loaded.format_config, loaded.model_config.tokens_per_frame)
     return LiveVLM(loaded, fmt)
 

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -115,9 +115,14 @@ def _load_connector(folder: Path) -> dict[str, torch.Tensor]:
 def _read_config(folder: Path) -> dict:
     """The parsed livevlm.yaml of a checkpoint folder; CheckpointError when it is not one."""
     config_file = folder / CONFIG_NAME
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} does not exist; give a checkpoint folder (or a hub id owner/name), or omit "
+                              "--model for the default model")
     if not config_file.is_file():
-        raise CheckpointError(f"{folder} is not a livevlm checkpoint: {CONFIG_NAME} is missing "
-                              "(train one with `livevlm train`, or omit --model for the default model)")
+        raise CheckpointError(f"{folder} is not a livevlm checkpoint ({CONFIG_NAME} is missing) nor an official "
+                              "VideoLLM-online one (adapter_config.json + adapter_model.safetensors); give a folder "
+                              "written by `livevlm train` or the paper's released checkpoint, or omit --model for the "
+                              "default model")
     try:
         data = load_yaml(config_file.read_text(), config_file) or {}
     except ConfigError as exc:
@@ -173,24 +178,34 @@ def resolve_threshold(requested: float | None, loaded: LoadedModel) -> float:
 
 
 def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    trainable: bool = False, merge_lora: bool = True) -> LoadedModel:
-    """Rebuild a LiveModel from a checkpoint folder.
+                    trainable: bool = False, merge_lora: bool = True, llm: str | None = None,
+                    vision: str | None = None) -> LoadedModel:
+    """Rebuild a LiveModel from a checkpoint folder: livevlm's own, or the paper's released (official) format.
 
     Args:
-        folder: a folder written by `save_checkpoint`.
+        folder: a folder written by `save_checkpoint`, or an official VideoLLM-online adapter folder
+            (`livevlm.official`, always loaded merged for inference).
         trainable: keep LoRA weights trainable (resuming); otherwise the model is put in eval mode and,
             with `merge_lora`, LoRA is merged into the base weights (faster inference, same outputs).
+        llm, vision: override the base LLM / vision tower the checkpoint names (a folder or a hub id).
 
     Raises:
-        CheckpointError: a required file is missing.
+        CheckpointError: a required file is missing (one line naming the file and the fix).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from livevlm.default_model import resolve_llm
+    from livevlm.official import is_official_folder, load_official  # official imports this module
 
     folder = Path(folder)
+    if is_official_folder(folder):
+        if trainable:
+            raise CheckpointError(f"{folder} is an official VideoLLM-online checkpoint: it loads for inference; to "
+                                  "train from it, name it as train.init_from")
+        return load_official(folder, llm, vision, device, dtype)
     config = _read_config(folder)
     model_config, format_config = _model_and_format(config)
+    model_config = replace(model_config, llm=llm or model_config.llm, vision=vision or model_config.vision)
     threshold = _stored_threshold(config, folder)  # checked before the slow part, like the rest of the config
     connector_state = _load_connector(folder)
     if (folder / "tokenizer").is_dir():
@@ -236,13 +251,18 @@ WEIGHT_SETTINGS = ("llm", "vision", "frame_size", "pooled_token", "grid", "conne
 
 def load_trained_weights(model: LiveModel, folder: str | Path, model_config: ModelConfig) -> None:
     """Copy a checkpoint's trained weights (connector, LoRA or the full LLM) into a freshly built, trainable
-    LiveModel: `train.init_from`, to go on training a model (the default one, or your own) on new data.
+    LiveModel: `train.init_from`, to go on training a model (the default one, your own, or the paper's released
+    one: `official.load_official_weights`) on new data.
 
     Raises:
         CheckpointError: the folder is not a complete checkpoint, or its model section differs from
             `model_config` in a setting that shapes the weights (the message lists them).
     """
+    from livevlm.official import is_official_folder, load_official_weights  # official imports this module
+
     folder = Path(folder)
+    if is_official_folder(folder):
+        return load_official_weights(model, folder, model_config)
     saved, _ = read_checkpoint_config(folder)
     differ = [f"model.{name}: {getattr(saved, name)!r} in the checkpoint, {getattr(model_config, name)!r} here"
               for name in WEIGHT_SETTINGS if getattr(saved, name) != getattr(model_config, name)]

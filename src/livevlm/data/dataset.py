@@ -90,7 +90,8 @@ class StreamDataset(Dataset):
 
         limit = min(dialogue.num_frames(), self.max_frames)
         frames = []
-        for time_s, frame in read_frames(self.root / dialogue.video, fps=dialogue.fps, size=self.encoder.image_size):
+        for time_s, frame in read_frames(self.root / dialogue.video, fps=dialogue.fps, size=self.encoder.image_size,
+                                         resample=self.encoder.resample):
             if time_s + 1e-6 < dialogue.start_s:
                 continue
             frames.append(frame)

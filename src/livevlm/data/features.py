@@ -53,14 +53,14 @@ def save_features(path: Path, tokens: torch.Tensor, metadata: dict[str, str]) ->
         save_file({"tokens": tokens.contiguous()}, str(tmp), metadata=metadata)
 
 
-def _stream_video(path: Path, fps: float, size: int) -> Iterator[np.ndarray]:
-    """The frames of one video at `fps`, letterboxed to `size`, one at a time."""
+def _stream_video(path: Path, fps: float, size: int, resample: str = "bilinear") -> Iterator[np.ndarray]:
+    """The frames of one video at `fps`, letterboxed to `size` with the encoder's filter, one at a time."""
     from livevlm.video import read_frames
 
-    return (frame for _, frame in read_frames(path, fps=fps, size=size))
+    return (frame for _, frame in read_frames(path, fps=fps, size=size, resample=resample))  # type: ignore[arg-type]
 
 
-def _decode_video(job: tuple[Path, float, int]) -> np.ndarray:
+def _decode_video(job: tuple[Path, float, int, str]) -> np.ndarray:
     """All frames of one video at once: `[T, size, size, 3]` uint8 (a worker's job)."""
     frames = list(_stream_video(*job))
     return np.stack(frames) if frames else np.zeros((0, job[2], job[2], 3), np.uint8)
@@ -90,7 +90,7 @@ def encode_dialogue_videos(dialogues_path: str | Path, encoder, out_dir: str | P
     entries = [(video, rate, out_dir / feature_name(video)) for video, rate in sorted(videos.items())]
     files = [target for _, _, target in entries]
     todo = [entry for entry in entries if not entry[2].is_file()]
-    jobs = [(root / video, rate, encoder.image_size) for video, rate, _ in todo]
+    jobs = [(root / video, rate, encoder.image_size, encoder.resample) for video, rate, _ in todo]
     progress = tqdm(total=len(files), initial=len(files) - len(todo), desc="encode videos", unit="video")
     pool = None
     if workers > 1 and len(todo) > 1:
