@@ -48,3 +48,11 @@ def test_reset_starts_a_new_response(llama3):
     deltas.reset()
     assert "".join(deltas.add(t) for t in llama3.encode(" second", add_special_tokens=False)) == "second"
     assert deltas.text == "second"
+
+
+def test_finish_hands_out_what_was_held_back_and_resets(llama3):
+    ids = llama3.encode("ok 🙂", add_special_tokens=False)[:-1]  # the emoji's last byte never comes
+    deltas = TextDeltas(llama3)
+    shown = "".join(deltas.add(i) for i in ids)
+    final = llama3.decode(ids).strip()  # what the ResponseEvent says: ends in U+FFFD
+    assert shown == "ok" and shown + deltas.finish(final) == final and deltas.text == ""

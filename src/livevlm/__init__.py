@@ -29,8 +29,8 @@ __all__ = ["Event", "FrameEvent", "LiveVLM", "QueryEvent", "ResponseEvent", "Str
 
 if TYPE_CHECKING:
     from livevlm.api import LiveVLM, Stream, evaluate, load
-    from livevlm.engine.pipeline import StreamSummary
     from livevlm.detokenize import TextDeltas
+    from livevlm.engine.pipeline import StreamSummary
     from livevlm.engine.session import Event, FrameEvent, QueryEvent, ResponseEvent, TokenEvent
 
 

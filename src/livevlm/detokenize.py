@@ -34,6 +34,14 @@ class TextDeltas:
         """The text handed out so far."""
         return self._sent
 
+    def finish(self, final_text: str) -> str:
+        """The rest of the response once it is finished (`ResponseEvent.text`): what was held back (a trailing
+        half character the model never completed), or "" when the pieces already add up or disagree with it.
+        Resets for the next response."""
+        sent = self._sent
+        self.reset()
+        return final_text[len(sent):] if final_text.startswith(sent) else ""
+
     def add(self, token_id: int) -> str:
         """The text that token `token_id` completes (often a word with its leading space; may be "")."""
         self._ids.append(int(token_id))

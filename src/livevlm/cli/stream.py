@@ -61,6 +61,10 @@ class StreamArgs:
                                                            "there is one), cpu, cuda, cuda:1, …"})
     dtype: DtypeName = field(default="auto", metadata={
         "help": "weight precision; auto = bfloat16 on a GPU, float32 on the CPU"})
+    server: str = field(default="", metadata={
+        "help": "run on a `livevlm serve` server at ws://HOST:PORT instead of loading a model here (the same "
+                "output); the server's model, device and dtype are used"})
+    api_key: str = field(default="", metadata={"help": "the server's API key; default: $LIVEVLM_API_KEY"})
 
 
 def queries_of(args: StreamArgs) -> list[tuple[float, str]]:
@@ -178,6 +182,8 @@ def stream(args: StreamArgs) -> int:
         raise CommandError("give a SOURCE (video file, camera index or URL), or --demo")
     check_threshold(args.threshold, "--threshold")
     queries = queries_of(args)
+    if args.server:
+        _check_remote(args)
     annotation = None
     if args.demo:
         from livevlm.world import demo_video
@@ -190,6 +196,8 @@ def stream(args: StreamArgs) -> int:
             raise CommandError(str(exc)) from None
     live = _is_camera(source) or _is_url(str(source))
     realtime = args.realtime or (live and not args.fast)
+    if args.server:
+        return _stream_remote(args, source, queries, realtime, annotation)
     if is_default(args.model) and not args.demo:
         print("note: the default model knows only livevlm's synthetic world (coloured shapes that appear, move "
               "and leave); on real footage it will narrate shapes, whatever the video shows", file=sys.stderr)
@@ -206,15 +214,18 @@ def stream(args: StreamArgs) -> int:
     except KeyboardInterrupt:
         _print_said(view, interrupted=True)
         return 130
+    return _finish(args, view, stream.summary, stream.threshold, model.runs_on, annotation)
+
+
+def _finish(args: StreamArgs, view: _View, summary: Any, threshold: float, device: str, annotation: Any) -> int:
+    """The summary (a StreamSummary, or a server's RemoteSummary: the same fields) and the plot."""
     view.clear_status()
-    summary = stream.summary
-    threshold = stream.threshold
     summary_obj = {"type": "summary", "frames": summary.frames, "fps": round(summary.fps, 2),
-                   "max_lag_s": round(summary.max_lag_s, 3), "threshold": threshold, "device": model.runs_on}
+                   "max_lag_s": round(summary.max_lag_s, 3), "threshold": threshold, "device": device}
     if args.jsonl:
         print(json.dumps(summary_obj), flush=True)
     else:
-        print(f"{summary.frames} frames at {summary.fps:.1f} fps on {model.runs_on}, {summary.responses} responses, "
+        print(f"{summary.frames} frames at {summary.fps:.1f} fps on {device}, {summary.responses} responses, "
               f"max lag {summary.max_lag_s:.2f} s; it speaks when p(speak) > {1 - threshold:.3g} (θ = {threshold:g})")
         if annotation is not None:
             print("true events of the demo video:")
@@ -225,6 +236,47 @@ def stream(args: StreamArgs) -> int:
 
         plot_timeline(view.timeline, view.said, args.plot, threshold)
     return 0
+
+
+def _check_remote(args: StreamArgs) -> None:
+    """With --server the server's model runs: the options that choose a local one are mistakes."""
+    local = [f"--{name.replace('_', '-')}" for name in ("model", "llm", "vision") if getattr(args, name, "")]
+    local += [f"--{name}" for name in ("device", "dtype") if getattr(args, name) != "auto"]
+    if local:
+        raise CommandError(f"{', '.join(local)}: with --server the server's model runs (chosen by `livevlm serve`); "
+                           "drop them")
+    from livevlm.client import stream_url
+
+    stream_url(args.server)  # a malformed address: ValueError, one line
+
+
+def _stream_remote(args: StreamArgs, source: Any, queries: list[tuple[float, str]], realtime: bool,
+                   annotation: Any) -> int:
+    """`--server`: the same run on a `livevlm serve` server, printed exactly as a local run is."""
+    import os
+
+    from livevlm.client import TextDelta, stream_to_server
+
+    print(f"connecting to {args.server} …", file=sys.stderr, flush=True)
+    stream = stream_to_server(args.server, source, queries, threshold=args.threshold,
+                              max_new_tokens=args.max_new_tokens,
+                              api_key=args.api_key or os.environ.get("LIVEVLM_API_KEY") or None, realtime=realtime,
+                              open_timeout_s=args.open_timeout)
+    print(f"session {stream.session} on {stream.url}; running on {stream.device}", file=sys.stderr, flush=True)
+    view = _View(args.jsonl, args.frames)
+    threading.Thread(target=_read_stdin, args=(stream,), daemon=True, name="livevlm-stdin").start()
+    on_interrupt_raise()  # from here Ctrl-C prints what was said (below) instead of leaving at once
+    try:
+        for event in stream:
+            if isinstance(event, TextDelta):
+                view.show_delta(event.text)
+            else:
+                view(event)
+    except KeyboardInterrupt:
+        stream.close()
+        _print_said(view, interrupted=True)
+        return 130
+    return _finish(args, view, stream.summary, stream.threshold, stream.summary.device, annotation)
 
 
 def _load(args: StreamArgs):
