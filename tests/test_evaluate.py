@@ -167,3 +167,35 @@ def test_the_python_api_takes_any_iterable_of_thresholds(setup, capsys):
                           "--threshold", "0.5", "--threshold", "0.725")
     assert set(by_api["by_threshold"]) == {"0.5", "0.725"}
     assert json.loads(json.dumps(json_ready(by_api))) == by_command
+
+
+# ---------------------------------------------------------------------------------------------------
+# --free-running: the real engine, its own responses matched to the ground-truth turns
+
+
+def test_free_running_scores_by_hand_when_every_frame_speaks(setup, capsys):
+    """θ = 1: the model speaks after every one of the 8 frames (0, 0.5, … 3.5 s) of each of the 3 dialogues.
+    The one spontaneous turn of dialogue i (at 1.5 + 0.5 i s) is matched at offset 0; the 4 other responses
+    within 1 s of it are duplicates; "Sure." answers the query and is not a trigger."""
+    ckpt, data, features = setup
+    result = evaluate(capsys, "--model", str(ckpt), "--data", str(data), "--features", str(features),
+                      "--free-running", "--threshold", "1.0", "--max-new-tokens", "3")
+    assert (result["turns"], result["responses"], result["matched"], result["answers"]) == (3, 24, 3, 3)
+    assert result["trigger_precision"] == 3 / 24 and result["trigger_recall"] == 1.0 and result["time_diff_s"] == 0
+    p, r = result["trigger_precision"], result["trigger_recall"]
+    assert result["trigger_f1"] == pytest.approx(2 * p * r / (p + r))
+    assert result["duplicate_ratio"] == 12 / 24
+    assert set(result["by_task"]) == {"all"} and result["by_task"]["all"]["turns"] == 3
+
+
+def test_free_running_resumes_from_its_results_file_and_refuses_other_settings(setup, capsys, tmp_path):
+    ckpt, data, features = setup
+    results = tmp_path / "results.jsonl"
+    common = ["--model", str(ckpt), "--data", str(data), "--features", str(features), "--free-running",
+              "--results", str(results), "--max-new-tokens", "3"]
+    first = evaluate(capsys, *common, "--limit", "2")
+    assert first["dialogues"] == 2 and len(results.read_text().splitlines()) == 2
+    full = evaluate(capsys, *common)  # streams only the third dialogue
+    assert full["dialogues"] == 3 and len(results.read_text().splitlines()) == 3
+    assert run(["evaluate", *common, "--tolerance", "2"]) == 2
+    assert "results.jsonl:1 was written with" in capsys.readouterr().err

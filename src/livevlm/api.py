@@ -160,8 +160,37 @@ class LiveVLM:
                                 encoder=None if features else self.encoder, max_frames=max_frames)
         return evaluate_stream_model(self.loaded, dataset, chosen, limit)
 
+    def evaluate_free_running(self, data: str | Path, features: str | Path | None = None, *,
+                              threshold: float | None = None, tolerance_s: float = 1.0, max_new_tokens: int = 64,
+                              max_frames_per_forward: int = 8, max_frames: int = 1200, limit: int = 0,
+                              results: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+        """Free-running scores on a dialogue file: each record's clip streamed through the real engine, its queries
+        at their times, the model's own responses in its context (see `livevlm.evaluation.free_running`).
 
-def load(model: str | Path = "default", *, device: str = "auto", dtype: str = "auto") -> LiveVLM:
+        Args:
+            threshold: θ; None = `self.threshold`.
+            tolerance_s: a response within this many seconds of a ground-truth turn can match it (one to one).
+            results: a JSONL file that keeps each finished dialogue's scores: a second run with the same settings
+                resumes where the first stopped.
+        Returns:
+            trigger_precision / recall / f1, time_diff_s, duplicate_ratio, responses, turns, word_f1 (matched
+            responses against their turns), answer_word_f1 (answers to queries), overall and under "by_task".
+        """
+        from livevlm.data.dataset import StreamDataset
+        from livevlm.evaluation.free_running import evaluate_free_running
+
+        check_threshold(threshold)
+        if tolerance_s < 0:
+            raise ValueError(f"tolerance_s must be ≥ 0 s, got {tolerance_s}")
+        config = EngineConfig(threshold=resolve_threshold(threshold, self.loaded), max_new_tokens=max_new_tokens,
+                              max_frames_per_forward=max_frames_per_forward)
+        dataset = StreamDataset(data, self.fmt, cache_dir=features or None,
+                                encoder=None if features else self.encoder, max_frames=max_frames)
+        return evaluate_free_running(self.model, self.fmt, dataset, config, tolerance_s, limit, results, progress)
+
+
+def load(model: str | Path = "default", *, llm: str | None = None, vision: str | None = None, device: str = "auto",
+         dtype: str = "auto") -> LiveVLM:
     """Load a livevlm model and its frame encoder.
 
     Args:

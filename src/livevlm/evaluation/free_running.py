@@ -252,3 +252,140 @@ def word_f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = shared / sum(predicted.values()), shared / sum(expected.values())
     return 2 * precision * recall / (precision + recall)
+
+
+# ---------------------------------------------------------------------------------------------------
+# a dialogue file through the real engine: `livevlm evaluate --free-running`
+
+
+def ground_truth_turns(dialogue) -> tuple[list[tuple[float, str]], list[tuple[float, str]], list[tuple[float, str]]]:
+    """A dialogue's (queries, spontaneous turns, answers) as (time_s, text) lists.
+
+    An assistant turn right after a user turn (the schema puts it on the query's frame) answers it; every
+    other assistant turn is spontaneous: the model has to decide by itself to say it. Only spontaneous
+    turns are matched for timing (an answer is always given at its query: its timing says nothing).
+    """
+    queries, spontaneous, answers = [], [], []
+    previous = None
+    for turn in dialogue.turns:
+        if turn.role == "user":
+            queries.append((turn.time_s, turn.text))
+        elif turn.role == "assistant":
+            (answers if previous == "user" else spontaneous).append((turn.time_s, turn.text))
+        previous = turn.role
+    return queries, spontaneous, answers
+
+
+def stream_dialogue(session, frame_tokens, dialogue) -> list:
+    """Run one dialogue's clip through a fresh engine session, its queries injected at their times, as
+    `livevlm stream` would (a query at t goes in before the first frame later than t); returns the events.
+
+    Frames go in as many at a time as the session's `max_frames_per_forward` allows (the engine's
+    multi-frame forwards give the events of one frame at a time), cut before each query.
+    """
+    from livevlm.engine.pipeline import query_is_due
+
+    queries, _, _ = ground_truth_turns(dialogue)
+    times = [dialogue.start_s + i / dialogue.fps for i in range(len(frame_tokens))]
+    limit = session.config.max_frames_per_forward
+    events: list = []
+    i = 0
+    while i < len(times):
+        while queries and query_is_due(queries[0][0], times[i]):
+            when, text = queries.pop(0)
+            session.add_query(text, time_s=when)
+        end = i + 1
+        while end < len(times) and end - i < limit and not (queries and query_is_due(queries[0][0], times[end])):
+            end += 1
+        events += session.step(frame_tokens[i:end], times[i:end])
+        i = end
+    for when, text in queries:  # asked after the last frame
+        session.add_query(text, time_s=when)
+    return events + session.flush()
+
+
+def score_dialogue(dialogue, events, tolerance_s: float) -> dict:
+    """One dialogue's counts (summable over dialogues) and what the model said."""
+    from livevlm.engine.session import ResponseEvent
+
+    _, spontaneous, answers = ground_truth_turns(dialogue)
+    said = [(e.time_s, e.text) for e in events if isinstance(e, ResponseEvent) and not e.answer_to_query]
+    replies = [(e.time_s, e.text) for e in events if isinstance(e, ResponseEvent) and e.answer_to_query]
+    pairs = match_one_to_one([t for t, _ in spontaneous], [t for t, _ in said], tolerance_s)
+    scores = trigger_scores([t for t, _ in spontaneous], [t for t, _ in said], tolerance_s)
+    return {"id": dialogue.id, "task": dialogue.task or "all", "turns": scores.turns, "responses": scores.responses,
+            "matched": scores.matched, "duplicates": scores.duplicates, "offset_sum_s": scores.offset_sum_s,
+            "word_f1_sum": sum(word_f1(said[j][1], spontaneous[i][1]) for i, j in pairs),
+            "answers": len(answers),
+            # one reply per query, in order (zip stops short only for a clip with no frame to answer after)
+            "answer_word_f1_sum": sum(word_f1(reply, truth)
+                                      for (_, reply), (_, truth) in zip(replies, answers, strict=False)),
+            "said": [{"time_s": round(t, 3), "text": text} for t, text in said]}
+
+
+def summarise(records: list[dict]) -> dict:
+    """The free-running scores of a set of scored dialogues (`score_dialogue`), pooled by counts."""
+    scores = TriggerScores(0, 0, 0, 0, 0.0)
+    for record in records:
+        scores = scores + TriggerScores(record["turns"], record["responses"], record["matched"],
+                                        record["duplicates"], record["offset_sum_s"])
+    word_sum = sum(record["word_f1_sum"] for record in records)
+    answers = sum(record["answers"] for record in records)
+    return {"trigger_precision": scores.precision, "trigger_recall": scores.recall, "trigger_f1": scores.f1,
+            "time_diff_s": scores.time_diff_s, "duplicate_ratio": scores.duplicate_ratio,
+            "responses": scores.responses, "turns": scores.turns, "matched": scores.matched,
+            "word_f1": word_sum / scores.matched if scores.matched else math.nan,
+            "answers": answers,
+            "answer_word_f1": sum(r["answer_word_f1_sum"] for r in records) / answers if answers else math.nan,
+            "dialogues": len(records)}
+
+
+def evaluate_free_running(model, fmt, dataset, config, tolerance_s: float = 1.0, limit: int = 0,
+                          results_path=None, progress: bool = False) -> dict:
+    """Free-running scores of `model` (a LiveModel) over a StreamDataset: each dialogue streamed through a
+    fresh `StreamSession(model, fmt, config)` with its own system prompt, its queries at their times.
+
+    Resumable: with `results_path`, each dialogue's scores are appended there as one JSON line when it is
+    done, and dialogues already there are not streamed again (a file written with another θ or tolerance
+    is refused, naming both). Returns the scores overall and under "by_task".
+    """
+    import json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from livevlm.engine.session import StreamSession
+
+    settings = {"threshold": config.threshold, "tolerance_s": tolerance_s, "max_new_tokens": config.max_new_tokens}
+    done: dict[str, dict] = {}
+    if results_path is not None and Path(results_path).is_file():
+        for number, line in enumerate(Path(results_path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if record.get("settings") != settings:
+                raise ValueError(f"{results_path}:{number} was written with {record.get('settings')}, this run uses "
+                                 f"{settings}; give another results file, or the same settings to resume")
+            done[record["id"]] = record
+    count = len(dataset) if not limit else min(limit, len(dataset))
+    records = []
+    for index in tqdm(range(count), desc="free-running", unit="dialogue", disable=not progress):
+        dialogue = dataset.dialogues[index]
+        if dialogue.id in done:
+            records.append(done[dialogue.id])
+            continue
+        system = next((turn.text for turn in dialogue.turns if turn.role == "system"), None)
+        session = StreamSession(model, fmt, config, system_prompt=system)
+        tokens = dataset.frame_tokens(dialogue)
+        record = score_dialogue(dialogue, stream_dialogue(session, tokens, dialogue), tolerance_s)
+        record["settings"] = settings
+        records.append(record)
+        if results_path is not None:
+            with open(results_path, "a") as out:
+                out.write(json.dumps(record) + "\n")
+    result = summarise(records)
+    tasks = sorted({record["task"] for record in records})
+    result["by_task"] = {task: summarise([r for r in records if r["task"] == task]) for task in tasks}
+    result["threshold"] = config.threshold
+    result["tolerance_s"] = tolerance_s
+    return result
