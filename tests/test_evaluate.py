@@ -199,3 +199,26 @@ def test_free_running_resumes_from_its_results_file_and_refuses_other_settings(s
     assert full["dialogues"] == 3 and len(results.read_text().splitlines()) == 3
     assert run(["evaluate", *common, "--tolerance", "2"]) == 2
     assert "results.jsonl:1 was written with" in capsys.readouterr().err
+
+
+def test_the_world_benchmark_renders_its_videos_once_and_scores_them(tiny_checkpoint, tmp_path):
+    import livevlm
+
+    model = livevlm.load(tiny_checkpoint[0], device="cpu")
+    first = model.evaluate_world(videos=1, seed=5, duration=4.0, threshold=1.0, cache_dir=tmp_path)
+    assert first["benchmark"] == {"name": "world", "videos": 1, "seed": 5, "duration_s": 4.0}
+    assert first["dialogues"] >= 2 and first["turns"] >= 1  # narration, reminders, questions of the one video
+    assert 1 <= first["matched"] <= min(first["turns"], first["responses"])  # θ = 1 speaks at every frame
+    p, r = first["trigger_precision"], first["trigger_recall"]
+    assert first["trigger_f1"] == pytest.approx(2 * p * r / (p + r))
+    files = sorted(p.name for p in (tmp_path / "world-seed5-1x4s").iterdir())
+    assert files == ["annotations.jsonl", "dialogue.jsonl", "videos"]
+    mtime = (tmp_path / "world-seed5-1x4s" / "videos" / "000.mp4").stat().st_mtime_ns
+    again = model.evaluate_world(videos=1, seed=5, duration=4.0, threshold=1.0, cache_dir=tmp_path)
+    assert (tmp_path / "world-seed5-1x4s" / "videos" / "000.mp4").stat().st_mtime_ns == mtime  # reused
+    assert again["trigger_f1"] == first["trigger_f1"] and again["object_named"] == first["object_named"]
+
+
+def test_an_unknown_benchmark_is_refused_before_loading(capsys):
+    assert run(["evaluate", "--benchmark", "coin"]) == 2
+    assert "the benchmark built in is `world`" in capsys.readouterr().err

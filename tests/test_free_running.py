@@ -102,3 +102,12 @@ def test_word_f1_by_hand():
     assert word_f1("A red circle appears.", "A green circle appears on the left.") == pytest.approx(6 / 11)
     assert word_f1("Red, red!", "red") == pytest.approx(2 / 3)  # a repeat counts: P 1/2, R 1
     assert word_f1("", "") == 1.0 and word_f1("x", "") == 0.0
+
+
+def test_world_object_words_and_naming():
+    from livevlm.evaluation.world_benchmark import names_object, object_words
+
+    assert object_words("A large red square appears; two blue circles leave.") == {"red", "square", "blue", "circle"}
+    assert names_object("A red square appears at the top.", "A large red square appears at the bottom left.")
+    assert names_object("A red circle appears.", "A large red square appears.") is False  # the wrong shape
+    assert names_object("Something appears.", "It stops.") is None  # the turn names nothing to check

@@ -163,7 +163,8 @@ class LiveVLM:
     def evaluate_free_running(self, data: str | Path, features: str | Path | None = None, *,
                               threshold: float | None = None, tolerance_s: float = 1.0, max_new_tokens: int = 64,
                               max_frames_per_forward: int = 8, max_frames: int = 1200, limit: int = 0,
-                              results: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+                              results: str | Path | None = None, progress: bool = False,
+                              names: Any = None) -> dict[str, Any]:
         """Free-running scores on a dialogue file: each record's clip streamed through the real engine, its queries
         at their times, the model's own responses in its context (see `livevlm.evaluation.free_running`).
 
@@ -172,6 +173,8 @@ class LiveVLM:
             tolerance_s: a response within this many seconds of a ground-truth turn can match it (one to one).
             results: a JSONL file that keeps each finished dialogue's scores: a second run with the same settings
                 resumes where the first stopped.
+            names: optional `(response, turn) -> bool | None`: whether a matched response names what its turn
+                does (reported as `object_named`; the world benchmark's `names_object`).
         Returns:
             trigger_precision / recall / f1, time_diff_s, duplicate_ratio, responses, turns, word_f1 (matched
             responses against their turns), answer_word_f1 (answers to queries), overall and under "by_task".
@@ -186,7 +189,23 @@ class LiveVLM:
                               max_frames_per_forward=max_frames_per_forward)
         dataset = StreamDataset(data, self.fmt, cache_dir=features or None,
                                 encoder=None if features else self.encoder, max_frames=max_frames)
-        return evaluate_free_running(self.model, self.fmt, dataset, config, tolerance_s, limit, results, progress)
+        return evaluate_free_running(self.model, self.fmt, dataset, config, tolerance_s, limit, results, progress,
+                                     names=names)
+
+    def evaluate_world(self, videos: int = 20, seed: int = 1, duration: float = 30.0, *,
+                       threshold: float | None = None, tolerance_s: float = 1.0, results: str | Path | None = None,
+                       progress: bool = False, cache_dir: str | Path | None = None) -> dict[str, Any]:
+        """The synthetic proactive benchmark (`livevlm.evaluation.world_benchmark`): held-out synthetic-world
+        videos (default: the default model's held-out set, seed 1, 20 × 30 s; rendered once into the cache)
+        streamed free-running; the scores of `evaluate_free_running` plus `object_named`, the share of matched
+        responses that name their turn's colours and shapes."""
+        from livevlm.evaluation.world_benchmark import names_object, prepare
+
+        data = prepare(videos, seed, duration, cache_dir)
+        result = self.evaluate_free_running(data, threshold=threshold, tolerance_s=tolerance_s, results=results,
+                                            progress=progress, names=names_object)
+        result["benchmark"] = {"name": "world", "videos": videos, "seed": seed, "duration_s": duration}
+        return result
 
 
 def load(model: str | Path = "default", *, llm: str | None = None, vision: str | None = None, device: str = "auto",

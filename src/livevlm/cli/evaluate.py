@@ -33,6 +33,12 @@ class EvaluateArgs:
     choose_threshold: bool = field(default=False, metadata={
         "help": "store in the --model folder the θ (among --threshold) that times most turns of --data within "
                 "1 s (then the lowest TimeDiff) as the model's recommended θ; use a validation split"})
+    benchmark: str = field(default="", metadata={
+        "help": "world = the synthetic proactive benchmark: held-out synthetic-world videos (--videos, --seed, "
+                "--duration; default the default model's held-out set) streamed free-running (no --data)"})
+    videos: int = field(default=20, metadata={"help": "--benchmark world: how many videos"})
+    seed: int = field(default=1, metadata={"help": "--benchmark world: the videos' seed (1 = the held-out set)"})
+    duration: float = field(default=30.0, metadata={"help": "--benchmark world: seconds per video"})
     free_running: bool = field(default=False, metadata={
         "help": "stream each record through the real engine (its queries at their times) and match the model's "
                 "own responses to the ground-truth turns one to one within --tolerance"})
@@ -53,9 +59,19 @@ def evaluate(args: EvaluateArgs) -> int:
     from livevlm.config import check_threshold
     from livevlm.default_model import DEFAULT_MODEL_DIR, is_default
 
-    if not args.data:
-        raise CommandError("give the dialogue file to evaluate on: livevlm evaluate --data FILE.jsonl")
-    if not Path(args.data).is_file():
+    if args.benchmark and args.benchmark != "world":
+        raise CommandError(f"--benchmark {args.benchmark}: the benchmark built in is `world` (the synthetic proactive "
+                           "one); for your own data give --data FILE.jsonl")
+    if args.benchmark and (args.data or args.choose_threshold):
+        raise CommandError("--benchmark world makes its own data: drop --data / --choose-threshold")
+    if args.benchmark and (args.videos < 1 or args.duration <= 0):
+        raise CommandError(f"--videos {args.videos} --duration {args.duration:g}: give at least 1 video of > 0 s")
+    if args.benchmark:
+        args.free_running = True
+    elif not args.data:
+        raise CommandError("give the dialogue file to evaluate on: livevlm evaluate --data FILE.jsonl (or "
+                           "--benchmark world)")
+    if args.data and not Path(args.data).is_file():
         raise CommandError(f"--data {args.data} does not exist")
     if args.features and not Path(args.features).is_dir():
         raise CommandError(f"--features {args.features} is not a folder; make it with `livevlm data encode`")
@@ -82,6 +98,12 @@ def evaluate(args: EvaluateArgs) -> int:
 
     model = livevlm.load(args.model or "default", llm=args.llm or None, vision=args.vision or None,
                          device=args.device, dtype=args.dtype)
+    if args.benchmark:
+        result = model.evaluate_world(args.videos, args.seed, args.duration,
+                                      threshold=args.threshold[0] if args.threshold else None,
+                                      tolerance_s=args.tolerance, results=args.results or None, progress=True)
+        print(json.dumps(json_ready(result), indent=2, allow_nan=False))
+        return 0
     if args.free_running:
         result = model.evaluate_free_running(args.data, args.features or None,
                                              threshold=args.threshold[0] if args.threshold else None,

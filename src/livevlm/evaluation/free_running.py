@@ -304,8 +304,12 @@ def stream_dialogue(session, frame_tokens, dialogue) -> list:
     return events + session.flush()
 
 
-def score_dialogue(dialogue, events, tolerance_s: float) -> dict:
-    """One dialogue's counts (summable over dialogues) and what the model said."""
+def score_dialogue(dialogue, events, tolerance_s: float, names=None) -> dict:
+    """One dialogue's counts (summable over dialogues) and what the model said.
+
+    names: optional `(response, turn) -> bool | None`, whether a matched response names what its turn names
+        (None: the turn names nothing to check); counted as `named` of `namable` pairs.
+    """
     from livevlm.engine.session import ResponseEvent
 
     _, spontaneous, answers = ground_truth_turns(dialogue)
@@ -313,14 +317,20 @@ def score_dialogue(dialogue, events, tolerance_s: float) -> dict:
     replies = [(e.time_s, e.text) for e in events if isinstance(e, ResponseEvent) and e.answer_to_query]
     pairs = match_one_to_one([t for t, _ in spontaneous], [t for t, _ in said], tolerance_s)
     scores = trigger_scores([t for t, _ in spontaneous], [t for t, _ in said], tolerance_s)
-    return {"id": dialogue.id, "task": dialogue.task or "all", "turns": scores.turns, "responses": scores.responses,
+    record = {"id": dialogue.id, "task": dialogue.task or "all", "turns": scores.turns, "responses": scores.responses,
             "matched": scores.matched, "duplicates": scores.duplicates, "offset_sum_s": scores.offset_sum_s,
             "word_f1_sum": sum(word_f1(said[j][1], spontaneous[i][1]) for i, j in pairs),
+            "namable": 0, "named": 0,
             "answers": len(answers),
             # one reply per query, in order (zip stops short only for a clip with no frame to answer after)
             "answer_word_f1_sum": sum(word_f1(reply, truth)
                                       for (_, reply), (_, truth) in zip(replies, answers, strict=False)),
             "said": [{"time_s": round(t, 3), "text": text} for t, text in said]}
+    if names is not None:
+        verdicts = [names(said[j][1], spontaneous[i][1]) for i, j in pairs]
+        record["namable"] = sum(v is not None for v in verdicts)
+        record["named"] = sum(v is True for v in verdicts)
+    return record
 
 
 def summarise(records: list[dict]) -> dict:
@@ -337,17 +347,20 @@ def summarise(records: list[dict]) -> dict:
             "word_f1": word_sum / scores.matched if scores.matched else math.nan,
             "answers": answers,
             "answer_word_f1": sum(r["answer_word_f1_sum"] for r in records) / answers if answers else math.nan,
+            "object_named": (sum(r.get("named", 0) for r in records) / namable
+                             if (namable := sum(r.get("namable", 0) for r in records)) else math.nan),
             "dialogues": len(records)}
 
 
 def evaluate_free_running(model, fmt, dataset, config, tolerance_s: float = 1.0, limit: int = 0,
-                          results_path=None, progress: bool = False) -> dict:
+                          results_path=None, progress: bool = False, names=None) -> dict:
     """Free-running scores of `model` (a LiveModel) over a StreamDataset: each dialogue streamed through a
     fresh `StreamSession(model, fmt, config)` with its own system prompt, its queries at their times.
 
     Resumable: with `results_path`, each dialogue's scores are appended there as one JSON line when it is
     done, and dialogues already there are not streamed again (a file written with another θ or tolerance
-    is refused, naming both). Returns the scores overall and under "by_task".
+    is refused, naming both). `names`: see `score_dialogue` (the world benchmark's `names_object`). Returns the
+    scores overall and under "by_task".
     """
     import json
     from pathlib import Path
@@ -377,7 +390,7 @@ def evaluate_free_running(model, fmt, dataset, config, tolerance_s: float = 1.0,
         system = next((turn.text for turn in dialogue.turns if turn.role == "system"), None)
         session = StreamSession(model, fmt, config, system_prompt=system)
         tokens = dataset.frame_tokens(dialogue)
-        record = score_dialogue(dialogue, stream_dialogue(session, tokens, dialogue), tolerance_s)
+        record = score_dialogue(dialogue, stream_dialogue(session, tokens, dialogue), tolerance_s, names)
         record["settings"] = settings
         records.append(record)
         if results_path is not None:
