@@ -110,4 +110,7 @@ def test_world_object_words_and_naming():
     assert object_words("A large red square appears; two blue circles leave.") == {"red", "square", "blue", "circle"}
     assert names_object("A red square appears at the top.", "A large red square appears at the bottom left.")
     assert names_object("A red circle appears.", "A large red square appears.") is False  # the wrong shape
+    assert names_object("A blue star leaves.", "A red square appears. A blue star leaves.")  # one of two events
+    assert names_object("The blue star stops.", "The green star turns blue.")  # its colour before or after
+    assert names_object("The green square stops.", "The green star turns blue.") is False
     assert names_object("Something appears.", "It stops.") is None  # the turn names nothing to check

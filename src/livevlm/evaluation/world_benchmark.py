@@ -6,13 +6,14 @@ world`) and streamed through the real engine (`free_running.evaluate_free_runnin
 20 videos of 30 s, are the held-out set of the default model's card, never seen in training.
 
 Besides the free-running scores, a world response can be checked for what it names: `object_words` gives
-the colour and shape words of a sentence, and a matched response "names the object" when it has every
-colour and shape word of its ground-truth turn (the user's complaint is "a red circle" said for a green
-square, not a reworded sentence).
+the colour and shape words of a sentence, and a matched response "names the object" when it has the shape and
+colour words of one of its ground-truth turn's events (the user's complaint is "a red circle" said for a
+green square, not a reworded sentence).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from livevlm.data.converters.common import ConvertOptions
@@ -34,9 +35,21 @@ def object_words(text: str) -> set[str]:
 
 
 def names_object(response: str, turn: str) -> bool | None:
-    """Whether `response` has every colour and shape word of the ground-truth `turn` (None: the turn names none)."""
-    expected = object_words(turn)
-    return expected <= object_words(response) if expected else None
+    """Whether `response` names the object of one of `turn`'s events (None: the turn names no object).
+
+    A turn merges the events of one frame, a sentence each ("A red square appears. A blue star leaves."); an
+    event's object is its shape and colour ("The green star turns blue": a star, green or blue). The response
+    names it when it has that shape word and one of those colour words (just the shape when none is given).
+    """
+    verdicts = []
+    for sentence in re.split(r"[.!?]+", turn):
+        found = object_words(sentence)
+        shapes, colours = found & set(SHAPES), found & set(COLORS)
+        if not shapes:
+            continue
+        said = object_words(response)
+        verdicts.append(bool(shapes & said) and (not colours or bool(colours & said)))
+    return any(verdicts) if verdicts else None
 
 
 def prepare(videos: int, seed: int, duration: float, cache_dir: str | Path | None = None) -> Path:
