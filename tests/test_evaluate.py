@@ -222,3 +222,12 @@ def test_the_world_benchmark_renders_its_videos_once_and_scores_them(tiny_checkp
 def test_an_unknown_benchmark_is_refused_before_loading(capsys):
     assert run(["evaluate", "--benchmark", "coin"]) == 2
     assert "the benchmark built in is `world`" in capsys.readouterr().err
+
+
+def test_free_running_names_the_record_whose_video_is_missing(setup, capsys, tmp_path):
+    ckpt, data, _ = setup
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(data.read_text())  # its videos/*.mp4 do not exist next to it: encoding on the fly fails
+    assert run(["evaluate", "--model", str(ckpt), "--data", str(missing), "--free-running"]) == 2
+    err = capsys.readouterr().err
+    assert "record 'd0' (record 1)" in err and "videos/000.mp4" in err and "Traceback" not in err

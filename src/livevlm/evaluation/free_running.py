@@ -389,7 +389,10 @@ def evaluate_free_running(model, fmt, dataset, config, tolerance_s: float = 1.0,
             continue
         system = next((turn.text for turn in dialogue.turns if turn.role == "system"), None)
         session = StreamSession(model, fmt, config, system_prompt=system)
-        tokens = dataset.frame_tokens(dialogue)
+        try:
+            tokens = dataset.frame_tokens(dialogue)
+        except (OSError, ValueError) as error:  # VideoError, a missing feature file: name the record
+            raise type(error)(f"{dataset.path}: record {dialogue.id!r} (record {index + 1}): {error}") from None
         record = score_dialogue(dialogue, stream_dialogue(session, tokens, dialogue), tolerance_s, names)
         record["settings"] = settings
         records.append(record)
