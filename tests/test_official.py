@@ -562,3 +562,24 @@ def test_math_of_the_merge_factor():
     assert adapter.scale == 2.0
     adapter.config["use_rslora"] = True
     assert adapter.scale == pytest.approx(256 / math.sqrt(128))
+
+
+def test_an_unreachable_hub_is_named_in_one_short_line(monkeypatch):
+    import huggingface_hub
+
+    from livevlm.official import fetch
+
+    def unreachable(*args, **kwargs):
+        try:
+            raise OSError("[Errno -2] Name or service not known")
+        except OSError as cause:
+            raise RuntimeError("An error happened while trying to locate the files on the Hub,\nand we cannot "
+                               "find the requested files in the local cache.\nPlease check your connection") from cause
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(CheckpointError) as error:
+        fetch("someone/some-model", "--model", "model")
+    message = str(error.value)
+    assert "\n" not in message and "(Name or service not known" not in message
+    assert "([Errno -2] Name or service not known); pass a local folder of the model with --model" in message

@@ -144,11 +144,19 @@ def fetch(name: str, flag: str, what: str, named_in: Path | None = None) -> Path
     except Exception as exc:  # offline, no network, a proxy, a full disk: each library raises its own type
         from huggingface_hub import constants
 
-        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else \
-            (str(exc).strip().split(". ")[0][:120] or type(exc).__name__)
+        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _first_line(exc)
         raise CheckpointError(f"{subject}: no such folder here, and as a hub id it is not in the local Hugging Face "
                               f"cache and cannot be downloaded ({reason}); pass a local folder of the {what} with "
                               f"{flag}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    """The gist of a library's error in one short line: the root cause's first line (huggingface_hub wraps a
+    connection error in several lines of advice)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 100 else text[:97] + "…"
 
 
 # ---------------------------------------------------------------------------------------------------
