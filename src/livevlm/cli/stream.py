@@ -245,7 +245,7 @@ def _check_remote(args: StreamArgs) -> None:
     if local:
         raise CommandError(f"{', '.join(local)}: with --server the server's model runs (chosen by `livevlm serve`); "
                            "drop them")
-    from livevlm.client import stream_url
+    from livevlm.remote import stream_url
 
     stream_url(args.server)  # a malformed address: ValueError, one line
 
@@ -255,7 +255,7 @@ def _stream_remote(args: StreamArgs, source: Any, queries: list[tuple[float, str
     """`--server`: the same run on a `livevlm serve` server, printed exactly as a local run is."""
     import os
 
-    from livevlm.client import TextDelta, stream_to_server
+    from livevlm.remote import TextDelta, stream_to_server
 
     print(f"connecting to {args.server} …", file=sys.stderr, flush=True)
     stream = stream_to_server(args.server, source, queries, threshold=args.threshold,

@@ -87,8 +87,8 @@ def test_a_server_that_is_not_there_or_refuses_the_key_is_one_line(tiny_checkpoi
 
 
 def test_the_library_client_yields_the_engines_events_and_words_as_they_come(tiny_checkpoint, server):
-    from livevlm.client import RemoteSummary, TextDelta, stream_to_server
     from livevlm.engine.session import FrameEvent, QueryEvent, ResponseEvent
+    from livevlm.remote import RemoteSummary, TextDelta, stream_to_server
 
     _, video = tiny_checkpoint
     stream = stream_to_server(server.ws, video, [(0.0, "Narrate.")], threshold=0.5, max_new_tokens=5,

@@ -1,6 +1,6 @@
 """A client of `livevlm serve`: send a local file, camera or URL to a server and get the engine's events back.
 
-    from livevlm.client import stream_to_server
+    from livevlm.remote import stream_to_server
 
     stream = stream_to_server("ws://127.0.0.1:8000", "video.mp4", queries=[(0.0, "Please narrate.")])
     for event in stream:        # FrameEvent, QueryEvent, TextDelta, ResponseEvent, then a RemoteSummary
