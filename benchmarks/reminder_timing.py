@@ -1,17 +1,20 @@
-"""Free-running reminder timing: "Tell me when …" asked mid-stream, through `livevlm stream`.
+"""Free-running reminders: what the model did with each "Tell me when …", read off the free-running evaluation.
 
-The teacher-forced `livevlm evaluate` times a reminder on the ground-truth stream; here the model runs as a
-user would run it. For each reminder dialogue (task "reminder": a user request, an immediate
-acknowledgement, then one response the model must start by itself at the event):
-`livevlm stream VIDEO --query REQUEST --at T --jsonl --fast`. The first response after the query is the
-acknowledgement; the first one after that decides (`livevlm.evaluation.free_running.reminder_outcome`):
-on time (within ±tolerance of the event), early (a false alarm), late, or never. Also printed: responses
-before the request (the model should wait for it), responses after the reminder (it should be said once)
-and, for on-time reminders, whether they name the object as the reference does (its colour and shape).
+`livevlm evaluate --free-running` scores a reminder's timing as one more turn to match (the trigger recall
+of the `reminder` task). A user sees more than that: the first response after the request decides, as it
+would for them: on time (within ±tolerance of the event), early (a false alarm, even if the model speaks
+again at the event), late, or never (`free_running.reminder_outcome`). This runs the library's free-running
+evaluation (`LiveVLM.evaluate_world`, or `evaluate_free_running` on a dialogue file) with a results file
+and reads each reminder dialogue's record back (what the model said, and when). It prints one line per
+reminder, then the shares of each outcome, the mean |offset| of the on-time ones, the share of those that
+name the object (the world benchmark's `names_object`), the responses before a request (the model should
+wait for it) and those after the reminder (it should be said once).
 
-    livevlm world generate data/world-heldout --videos 20 --seed 1 --duration 30   # if not there yet
-    livevlm data convert --from world data/world-heldout/annotations.jsonl data/world-heldout/dialogue.jsonl
-    python benchmarks/reminder_timing.py data/world-heldout/dialogue.jsonl --dialogues 10
+    python benchmarks/reminder_timing.py                         # the world benchmark's held-out set
+    python benchmarks/reminder_timing.py data/world-heldout/dialogue.jsonl --results runs/reminders.jsonl
+
+The results file is the one `livevlm evaluate --benchmark world --results R` writes: with the same θ and
+tolerance, either reuses what the other streamed.
 """
 
 from __future__ import annotations
@@ -19,94 +22,89 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
-import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
-from livevlm.evaluation.free_running import REMINDER_OUTCOMES, reminder_outcome
-from livevlm.evaluation.stream_eval import json_ready
-from livevlm.world import COLORS, SHAPES
 
-# Scripts, not a package: narration_timing.py sits beside this file, whatever the working directory.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from narration_timing import stream  # noqa: E402  (the same `livevlm stream` call, with a query and its time)
+def reminder_line(record: dict, dialogue, tolerance_s: float) -> tuple[object, dict]:
+    """(outcome, counts) of one reminder dialogue's free-running record.
 
-OBJECT_WORDS = set(COLORS) | set(SHAPES)
+    The request is the dialogue's first user turn, the reminder the first assistant turn after it; the
+    model's spontaneous responses (`said`: the acknowledgement answers the request and is not among them)
+    are before the request when at or before its time (it goes in after that frame), else after it.
+    """
+    from livevlm.evaluation.free_running import reminder_outcome
+    from livevlm.evaluation.world_benchmark import names_object
 
-
-def request_and_event(record: dict) -> tuple[dict, dict]:
-    """The user's request and the assistant turn the model must start by itself (the first one after it)."""
-    request = next(t for t in record["turns"] if t["role"] == "user")
-    event = next(t for t in record["turns"] if t["role"] == "assistant" and t["time_s"] > request["time_s"] + 1e-6)
-    return request, event
-
-
-def split_responses(events: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(responses before the query, spontaneous responses after its acknowledgement), in stream order."""
-    before, after, state = [], [], "before"
-    for event in events:
-        if event["type"] == "query":
-            state = "ack"
-        elif event["type"] == "response":
-            if state == "before":
-                before.append(event)
-            elif state == "ack":
-                state = "after"  # this one is the acknowledgement
-            else:
-                after.append(event)
-    return before, after
-
-
-def names_object(response: str, reference: str) -> bool:
-    """The response has the reference's colour and shape words (and no other object's shape or colour)."""
-    expected = object_words(reference)
-    return bool(expected) and object_words(response) == expected
-
-
-def object_words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z]+", text.lower())) & OBJECT_WORDS
+    request = next(t for t in dialogue.turns if t.role == "user")
+    event = next(t for t in dialogue.turns if t.role == "assistant" and t.time_s > request.time_s + 1e-6)
+    before = [r for r in record["said"] if r["time_s"] <= request.time_s + 1e-9]
+    after = [r for r in record["said"] if r["time_s"] > request.time_s + 1e-9]
+    outcome = reminder_outcome(event.time_s, [r["time_s"] for r in after], tolerance_s)
+    said = min(after, key=lambda r: r["time_s"])["text"] if after else ""
+    named = outcome.kind == "on_time" and bool(names_object(said, event.text))
+    return outcome, {"request": request.text, "event_s": event.time_s, "event": event.text, "said": said,
+                     "before": len(before), "named": named}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dialogues", type=Path, help="dialogue JSONL (its videos relative to its folder)")
-    parser.add_argument("--dialogues", dest="limit", type=int, default=0, help="the first N reminders (0 = all)")
-    parser.add_argument("--model", default="")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="speak threshold θ (default: the model's recommended θ, else 0.725)")
+    parser.add_argument("data", nargs="?", type=Path, help="dialogue JSONL (default: the world benchmark's)")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--videos", type=int, default=20, help="world benchmark: how many videos")
+    parser.add_argument("--seed", type=int, default=1, help="world benchmark: the seed (1 = the held-out set)")
+    parser.add_argument("--duration", type=float, default=30.0, help="world benchmark: seconds per video")
+    parser.add_argument("--threshold", type=float, default=None, help="θ (default: the model's own, else 0.725)")
     parser.add_argument("--tolerance", type=float, default=1.0)
+    parser.add_argument("--results", default="", help="free-running results JSONL (resumable); default: a temp file")
     args = parser.parse_args()
-    records = [json.loads(line) for line in args.dialogues.read_text().splitlines() if line.strip()]
-    records = [r for r in records if r.get("task") == "reminder"][: args.limit or None]
+
+    import livevlm
+    from livevlm import runtime
+    from livevlm.data.schema import read_dialogues
+    from livevlm.evaluation.free_running import REMINDER_OUTCOMES
+    from livevlm.evaluation.stream_eval import json_ready
+    from livevlm.evaluation.world_benchmark import prepare
+
+    runtime.use_all_cores()
+    model = livevlm.load(args.model, dtype="float32")  # float32 on any device, as `livevlm evaluate`
+    results = Path(args.results) if args.results else Path(tempfile.mkdtemp()) / "free-running.jsonl"
+    if args.data is None:
+        data = prepare(args.videos, args.seed, args.duration)
+        free = model.evaluate_world(args.videos, args.seed, args.duration, threshold=args.threshold,
+                                    tolerance_s=args.tolerance, results=results, progress=True)
+    else:
+        data = args.data
+        free = model.evaluate_free_running(data, threshold=args.threshold, tolerance_s=args.tolerance,
+                                           results=results, progress=True)
+    dialogues = {d.id: d for d in read_dialogues(data) if d.task == "reminder"}
+    records = {}  # of two lines of one dialogue the later counts, as in the evaluation
+    for line in results.read_text().splitlines():
+        if line.strip() and (record := json.loads(line))["id"] in dialogues:
+            records[record["id"]] = record
     if not records:
-        raise SystemExit(f"{args.dialogues} has no dialogue with task 'reminder'")
+        raise SystemExit(f"{data} has no dialogue with task 'reminder'")
     counts: Counter[str] = Counter()
-    offsets, named, unprompted, repeated, threshold = [], 0, 0, 0, args.threshold
-    for record in records:
-        request, event = request_and_event(record)
-        events = stream(args.dialogues.parent / record["video"], args.model, args.threshold,
-                        query=request["text"], at=request["time_s"])
-        threshold = next(e["threshold"] for e in events if e["type"] == "summary")
-        before, after = split_responses(events)
-        outcome = reminder_outcome(event["time_s"], [r["time_s"] for r in after], args.tolerance)
+    offsets, named, unprompted, repeated = [], 0, 0, 0
+    for record_id, record in records.items():
+        outcome, line = reminder_line(record, dialogues[record_id], args.tolerance)
         counts[outcome.kind] += 1
-        unprompted += len(before)
+        unprompted += line["before"]
         repeated += outcome.extra
-        said = after[0]["text"] if after else ""
         if outcome.kind == "on_time":
             offsets.append(abs(outcome.offset_s))
-            named += names_object(said, event["text"])
+            named += line["named"]
         offset = "-" if outcome.offset_s is None else f"{outcome.offset_s:+.1f} s"
-        print(f"{record['id']}: {outcome.kind} ({offset}) | {request['text']} | truth {event['time_s']} s: "
-              f"{event['text']} | said: {said}", flush=True)
+        print(f"{record_id}: {outcome.kind} ({offset}) | {line['request']} | truth {line['event_s']} s: "
+              f"{line['event']} | said: {line['said']}", flush=True)
     total = len(records)
-    summary = {"reminders": total, "threshold": threshold, "tolerance_s": args.tolerance}
+    summary = {"reminders": total, "threshold": free["threshold"], "tolerance_s": args.tolerance}
     summary |= {kind: counts[kind] / total for kind in REMINDER_OUTCOMES}
     summary |= {"mean_abs_offset_s": sum(offsets) / len(offsets) if offsets else math.nan,
                 "named_share": named / len(offsets) if offsets else math.nan,
                 "unprompted_responses": unprompted, "repeated_responses": repeated}
-    print(json.dumps(json_ready(summary), indent=2))
+    print(json.dumps(json_ready(summary), indent=2, allow_nan=False))
 
 
 if __name__ == "__main__":

@@ -220,8 +220,8 @@ def test_the_world_benchmark_renders_its_videos_once_and_scores_them(tiny_checkp
 
 
 def test_an_unknown_benchmark_is_refused_before_loading(capsys):
-    assert run(["evaluate", "--benchmark", "coin"]) == 2
-    assert "the benchmark built in is `world`" in capsys.readouterr().err
+    assert run(["evaluate", "--benchmark", "epic-kitchens"]) == 2
+    assert "choose one of world, coin-step" in capsys.readouterr().err
 
 
 def test_free_running_names_the_record_whose_video_is_missing(setup, capsys, tmp_path):
@@ -231,3 +231,39 @@ def test_free_running_names_the_record_whose_video_is_missing(setup, capsys, tmp
     assert run(["evaluate", "--model", str(ckpt), "--data", str(missing), "--free-running"]) == 2
     err = capsys.readouterr().err
     assert "record 'd0' (record 1)" in err and "videos/000.mp4" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------------
+# --judge: judge score and PAUC (livevlm.evaluation.judge, livevlm.evaluation.pauc)
+
+
+def test_free_running_with_the_words_judge_adds_judge_score_and_pauc(setup, capsys):
+    ckpt, data, features = setup
+    result = evaluate(capsys, "--model", str(ckpt), "--data", str(data), "--features", str(features),
+                      "--free-running", "--threshold", "1.0", "--max-new-tokens", "3", "--judge", "words")
+    assert result["judge"] == "words" and 1.0 <= result["judge_score"] <= 5.0
+    assert set(result["pauc"]) == {"0", "0.5", "1"} and all(0.0 <= v <= 1.0 for v in result["pauc"].values())
+    assert result["by_task"]["all"]["pauc"] == result["pauc"]
+
+
+def test_an_unreachable_judge_names_its_url_and_keeps_the_finished_records(setup, capsys, tmp_path):
+    import socket
+
+    ckpt, data, features = setup
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    results = tmp_path / "results.jsonl"
+    common = ["--model", str(ckpt), "--data", str(data), "--features", str(features), "--free-running",
+              "--max-new-tokens", "3", "--results", str(results)]
+    assert run(["evaluate", *common, "--judge", "openai", "--base-url", url, "--judge-model", "m",
+                "--judge-retries", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # one line, after the retries' warnings
+    assert f"{url}/chat/completions: cannot connect" in err and "gave up after 2 attempts" in err
+    assert f"the 1 dialogue(s) streamed so far are kept in {results}: run the same command again" in err
+    assert [json.loads(line)["id"] for line in results.read_text().splitlines()] == ["d0"]  # streamed, not judged
+    resumed = evaluate(capsys, *common, "--judge", "words")  # judges d0 from the file, streams d1 and d2
+    assert resumed["dialogues"] == 3 and resumed["judge"] == "words"
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["id"], r.get("judge")) for r in lines] == [("d0", None), ("d0", "words"), ("d1", "words"),
+                                                          ("d2", "words")]

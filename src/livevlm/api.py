@@ -31,6 +31,7 @@ from livevlm.official import resolve_model_ref
 from livevlm.stream_format import StreamFormat
 
 if TYPE_CHECKING:
+    from livevlm.evaluation.judge import Judge
     from livevlm.vision import FrameEncoder
 
 class Stream:
@@ -164,7 +165,7 @@ class LiveVLM:
                               threshold: float | None = None, tolerance_s: float = 1.0, max_new_tokens: int = 64,
                               max_frames_per_forward: int = 8, max_frames: int = 1200, limit: int = 0,
                               results: str | Path | None = None, progress: bool = False,
-                              names: Any = None) -> dict[str, Any]:
+                              names: Any = None, judge: Judge | None = None) -> dict[str, Any]:
         """Free-running scores on a dialogue file: each record's clip streamed through the real engine, its queries
         at their times, the model's own responses in its context (see `livevlm.evaluation.free_running`).
 
@@ -175,9 +176,14 @@ class LiveVLM:
                 resumes where the first stopped.
             names: optional `(response, turn) -> bool | None`: whether a matched response names what its turn
                 does (reported as `object_named`; the world benchmark's `names_object`).
+            judge: a `livevlm.evaluation.judge.Judge` (`make_judge("words")`, `make_judge("openai", base_url=…)`)
+                that adds `judge_score` (mean 1–5 over matched responses) and `pauc` (ProactiveVideoQA's PAUC at
+                ω 0, 0.5, 1; `livevlm.evaluation.pauc`); None = neither. The caller closes it.
         Returns:
             trigger_precision / recall / f1, time_diff_s, duplicate_ratio, responses, turns, word_f1 (matched
             responses against their turns), answer_word_f1 (answers to queries), overall and under "by_task".
+        Raises:
+            JudgeError: the judge failed after its retries; what was finished is in `results`, to resume.
         """
         from livevlm.data.dataset import StreamDataset
         from livevlm.evaluation.free_running import evaluate_free_running
@@ -190,22 +196,102 @@ class LiveVLM:
         dataset = StreamDataset(data, self.fmt, cache_dir=features or None,
                                 encoder=None if features else self.encoder, max_frames=max_frames)
         return evaluate_free_running(self.model, self.fmt, dataset, config, tolerance_s, limit, results, progress,
-                                     names=names)
+                                     names=names, judge=judge)
 
     def evaluate_world(self, videos: int = 20, seed: int = 1, duration: float = 30.0, *,
                        threshold: float | None = None, tolerance_s: float = 1.0, results: str | Path | None = None,
-                       progress: bool = False, cache_dir: str | Path | None = None) -> dict[str, Any]:
+                       progress: bool = False, cache_dir: str | Path | None = None,
+                       judge: Judge | None = None) -> dict[str, Any]:
         """The synthetic proactive benchmark (`livevlm.evaluation.world_benchmark`): held-out synthetic-world
         videos (default: the default model's held-out set, seed 1, 20 × 30 s; rendered once into the cache)
-        streamed free-running; the scores of `evaluate_free_running` plus `object_named`, the share of matched
-        responses that name their turn's colours and shapes."""
+        streamed free-running; the scores of `evaluate_free_running` (`judge` as there) plus `object_named`,
+        the share of matched responses that name their turn's colours and shapes."""
         from livevlm.evaluation.world_benchmark import names_object, prepare
 
         data = prepare(videos, seed, duration, cache_dir)
         result = self.evaluate_free_running(data, threshold=threshold, tolerance_s=tolerance_s, results=results,
-                                            progress=progress, names=names_object)
+                                            progress=progress, names=names_object, judge=judge)
         result["benchmark"] = {"name": "world", "videos": videos, "seed": seed, "duration_s": duration}
         return result
+
+    def evaluate_coin(self, kind: str | Iterable[str], data: str | Path, videos: str | Path, *,
+                      subset: str = "testing", max_new_tokens: int | None = None, max_frames: int = 1200,
+                      limit: int = 0, skip_missing: bool = False, results: str | Path | None = None,
+                      progress: bool = False) -> dict[str, Any]:
+        """The paper's offline COIN benchmarks (`livevlm.evaluation.coin_benchmark`): top-1 accuracy of the
+        model's greedy answers, mapped to the nearest step / task name.
+
+        Args:
+            kind: "coin-step", "coin-task", "coin-next", "coin-procedure", "coin-procedure+" (or without "coin-"),
+                several of them, or "coin" for all five (each video decoded and encoded once for all).
+            data: COIN.json; videos: the folder of its videos (`{youtube_id}.mp4`, or another extension).
+            subset: the videos whose subset contains this ("testing": the paper's split).
+            max_new_tokens: cap on an answer; None = 128. max_frames: longer clips keep their last frames.
+            limit: the first N questions of each kind (0 = all). skip_missing: leave out missing videos.
+            results: a JSONL file keeping each answer; a rerun with the same settings resumes.
+        Returns:
+            accuracy / correct / total / questions per kind under "by_kind" (at top level too for one kind),
+            questions, videos, skipped_videos, and "benchmark" (the settings).
+        Raises:
+            AnnotationError / FileNotFoundError: a malformed COIN.json or a missing video, naming the record.
+            ValueError: an unknown kind.
+        """
+        from livevlm.evaluation.coin_benchmark import (
+            COIN_KINDS,
+            MAX_NEW_TOKENS,
+            build_coin_questions,
+            coin_kinds,
+            run_coin,
+        )
+
+        kinds = coin_kinds(kind if isinstance(kind, str) else list(kind))
+        cap = _positive(max_new_tokens, MAX_NEW_TOKENS)
+        benchmark = build_coin_questions(data, videos, kinds, subset=subset, fps=self.fps, max_frames=max_frames,
+                                         limit=limit, skip_missing=skip_missing)
+        result = run_coin(self.model, self.fmt, self.encoder, benchmark, self.fps, max_new_tokens=cap,
+                          results=results, progress=progress)
+        name = "coin" if set(kinds) == set(COIN_KINDS) else ",".join("coin-" + k for k in kinds)
+        result["benchmark"] = {"name": name, "data": str(data), "video_dir": str(videos), "subset": subset,
+                               "fps": self.fps, "max_new_tokens": cap, "max_frames": max_frames,
+                               "matcher": "levenshtein"}
+        return result
+
+    def evaluate_lta(self, data: str | Path, videos: str | Path, *, taxonomy: str | Path | None = None,
+                     max_new_tokens: int | None = None, max_frames: int = 1200, limit: int = 0,
+                     skip_missing: bool = False, results: str | Path | None = None,
+                     progress: bool = False) -> dict[str, Any]:
+        """Ego4D long-term action anticipation (`livevlm.evaluation.lta_benchmark`): ED@20 of verbs, nouns and
+        actions of the model's greedy answer (one candidate; the challenge allows 5), lower is better.
+
+        Args:
+            data: fho_lta_val.json (labelled); videos: the folder of `{video_uid}.mp4` or `{clip_uid}.mp4`.
+            taxonomy: fho_lta_taxonomy.json; None = the one next to `data`, else the records' verb/noun names.
+            max_new_tokens: cap on an answer; None = 256. Others as `evaluate_coin`.
+        Returns:
+            verb_ed, noun_ed, action_ed, questions, z, candidates, clips, videos, skipped_clips, vocabulary, and
+            "benchmark" (the settings).
+        Raises:
+            AnnotationError / FileNotFoundError: a malformed file or a missing video, naming the record.
+        """
+        from livevlm.evaluation.lta_benchmark import MAX_NEW_TOKENS, build_lta_questions, run_lta
+
+        cap = _positive(max_new_tokens, MAX_NEW_TOKENS)
+        benchmark = build_lta_questions(data, videos, taxonomy=taxonomy, fps=self.fps, max_frames=max_frames,
+                                        limit=limit, skip_missing=skip_missing)
+        result = run_lta(self.model, self.fmt, self.encoder, benchmark, self.fps, max_new_tokens=cap,
+                         results=results, progress=progress)
+        result["benchmark"] = {"name": "ego4d-lta", "data": str(data), "video_dir": str(videos), "fps": self.fps,
+                               "max_new_tokens": cap, "max_frames": max_frames}
+        return result
+
+
+def _positive(value: int | None, default: int) -> int:
+    """`value`, or `default` when None; a cap on generated tokens must be at least 1."""
+    if value is None:
+        return default
+    if value < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {value}")
+    return value
 
 
 def load(model: str | Path = "default", *, llm: str | None = None, vision: str | None = None, device: str = "auto",

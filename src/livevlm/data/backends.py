@@ -106,6 +106,7 @@ class BackendOptions:
 
     model: str = ""  # openai: model name (default: $OPENAI_MODEL, else the server's first); transformers: folder
     base_url: str = ""  # openai: ".../v1" (default: $OPENAI_BASE_URL, else http://127.0.0.1:8000/v1)
+    api_key: str = ""  # openai: the server's key (default: $OPENAI_API_KEY, else a placeholder local servers ignore)
     temperature: float = 0.0
     seed: int = 0
     concurrency: int = 4
@@ -186,8 +187,8 @@ class OpenAIBackend:
         self.concurrency = max(1, options.concurrency)
         # max_retries=0: the package would sleep between attempts without knowing the item's deadline, and
         # with its own delays rather than --backoff; `_call` retries instead, the package does the HTTP.
-        self._client = openai.OpenAI(base_url=self.base_url, api_key=os.environ.get("OPENAI_API_KEY") or
-                                     _PLACEHOLDER_KEY, timeout=options.request_timeout_s, max_retries=0)
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=options.api_key or os.environ.get("OPENAI_API_KEY")
+                                     or _PLACEHOLDER_KEY, timeout=options.request_timeout_s, max_retries=0)
         for name in ("httpx", "httpx2"):  # one INFO line per request would drown the progress log
             if logging.getLogger(name).level == logging.NOTSET:
                 logging.getLogger(name).setLevel(logging.WARNING)

@@ -333,6 +333,48 @@ def score_dialogue(dialogue, events, tolerance_s: float, names=None) -> dict:
     return record
 
 
+JUDGED_KEYS = ("judge", "judged", "judge_score_sum", "pauc_sums")  # what `judge_record` adds
+
+
+def judge_record(record: dict, dialogue, judge, tolerance_s: float) -> dict:
+    """`record` (`score_dialogue`'s, with the stream's `end_s`) with the judge's scores added.
+
+    judge_score: each matched response (matched again as `trigger_scores` does) against its turn, summed
+    as `judge_score_sum` over `judged` pairs. PAUC (`livevlm.evaluation.pauc`): each spontaneous turn's span
+    runs to the next later turn (or `end_s`); the k-th response inside it is scored with the first k joined
+    (the paper judges the replies given so far); summed per ω over the turns as `pauc_sums`. Every item goes
+    to the judge in one `score` call, each distinct one once. Reads only the record's `said`, so a record
+    streamed earlier is judged without streaming again.
+
+    Raises:
+        JudgeError: from the judge.
+    """
+    from livevlm.evaluation.judge import JudgeItem
+    from livevlm.evaluation.pauc import OMEGAS, normalise, omega_key, replies_in_span, turn_pauc, turn_spans
+
+    queries, spontaneous, _ = ground_truth_turns(dialogue)
+    said = [(r["time_s"], r["text"]) for r in record["said"]]
+    turn_times, said_times = [t for t, _ in spontaneous], [t for t, _ in said]
+
+    def asked(time_s: float) -> str:  # the user's latest request at a turn's time, which the turn answers
+        return next((text for when, text in reversed(queries) if when <= time_s + 1e-9), "")
+
+    pairs = match_one_to_one(turn_times, said_times, tolerance_s)
+    matched = [JudgeItem(said[j][1], spontaneous[i][1], asked(spontaneous[i][0])) for i, j in pairs]
+    spans = turn_spans(turn_times, record.get("end_s", dialogue.stop_s or max(turn_times + said_times, default=0)))
+    curves = []  # per turn: (time, item) of each response in its span, the responses so far joined
+    for (time_s, text), span in zip(spontaneous, spans, strict=True):
+        inside = replies_in_span(span, said_times)
+        curves.append([(said[j][0], JudgeItem(" ".join(said[k][1] for k in inside[: n + 1]), text, asked(time_s)))
+                       for n, j in enumerate(inside)])
+    items = list(dict.fromkeys(matched + [item for curve in curves for _, item in curve]))
+    scores = dict(zip(items, judge.score(items), strict=True))
+    return record | {
+        "judge": judge.identity, "judged": len(matched), "judge_score_sum": sum(scores[item] for item in matched),
+        "pauc_sums": {omega_key(w): sum(turn_pauc(span, [(t, normalise(scores[item])) for t, item in curve], w)
+                                        for span, curve in zip(spans, curves, strict=True)) for w in OMEGAS}}
+
+
 def summarise(records: list[dict]) -> dict:
     """The free-running scores of a set of scored dialogues (`score_dialogue`), pooled by counts."""
     scores = TriggerScores(0, 0, 0, 0, 0.0)
@@ -349,18 +391,39 @@ def summarise(records: list[dict]) -> dict:
             "answer_word_f1": sum(r["answer_word_f1_sum"] for r in records) / answers if answers else math.nan,
             "object_named": (sum(r.get("named", 0) for r in records) / namable
                              if (namable := sum(r.get("namable", 0) for r in records)) else math.nan),
-            "dialogues": len(records)}
+            "dialogues": len(records)} | judged_summary(records)
+
+
+def judged_summary(records: list[dict]) -> dict:
+    """`judge_score` (mean 1–5 over matched responses) and `pauc` (mean over turns, per ω) of judged records
+    (`judge_record`); empty when none is judged."""
+    judged = [record for record in records if "judge" in record]
+    if not judged:
+        return {}
+    from livevlm.evaluation.pauc import OMEGAS, omega_key
+
+    matched, turns = sum(r["judged"] for r in judged), sum(r["turns"] for r in judged)
+    return {"judge": judged[0]["judge"],
+            "judge_score": sum(r["judge_score_sum"] for r in judged) / matched if matched else math.nan,
+            "pauc": {omega_key(w): sum(r["pauc_sums"][omega_key(w)] for r in judged) / turns if turns else math.nan
+                     for w in OMEGAS}}
 
 
 def evaluate_free_running(model, fmt, dataset, config, tolerance_s: float = 1.0, limit: int = 0,
-                          results_path=None, progress: bool = False, names=None) -> dict:
+                          results_path=None, progress: bool = False, names=None, judge=None) -> dict:
     """Free-running scores of `model` (a LiveModel) over a StreamDataset: each dialogue streamed through a
     fresh `StreamSession(model, fmt, config)` with its own system prompt, its queries at their times.
 
     Resumable: with `results_path`, each dialogue's scores are appended there as one JSON line when it is
     done, and dialogues already there are not streamed again (a file written with another θ or tolerance
-    is refused, naming both). `names`: see `score_dialogue` (the world benchmark's `names_object`). Returns the
-    scores overall and under "by_task".
+    is refused, naming both; of two lines of one dialogue the later counts). `names`: see `score_dialogue`
+    (the world benchmark's `names_object`). `judge` (`livevlm.evaluation.judge.Judge`): adds `judge_score`
+    and `pauc` (`judge_record`); a dialogue already streamed but not judged by this judge is judged without
+    streaming again. Returns the scores overall and under "by_task".
+
+    Raises:
+        JudgeError: the judge failed (after its retries); the dialogues finished so far, and the one just
+            streamed, are in `results_path`, so that the same call resumes.
     """
     import json
     from pathlib import Path
@@ -368,6 +431,7 @@ def evaluate_free_running(model, fmt, dataset, config, tolerance_s: float = 1.0,
     from tqdm import tqdm
 
     from livevlm.engine.session import StreamSession
+    from livevlm.evaluation.judge import JudgeError
 
     settings = {"threshold": config.threshold, "tolerance_s": tolerance_s, "max_new_tokens": config.max_new_tokens}
     done: dict[str, dict] = {}
@@ -381,24 +445,45 @@ def evaluate_free_running(model, fmt, dataset, config, tolerance_s: float = 1.0,
                                  f"{settings}; give another results file, or the same settings to resume")
             done[record["id"]] = record
     count = len(dataset) if not limit else min(limit, len(dataset))
-    records = []
-    for index in tqdm(range(count), desc="free-running", unit="dialogue", disable=not progress):
-        dialogue = dataset.dialogues[index]
-        if dialogue.id in done:
-            records.append(done[dialogue.id])
-            continue
-        system = next((turn.text for turn in dialogue.turns if turn.role == "system"), None)
-        session = StreamSession(model, fmt, config, system_prompt=system)
-        try:
-            tokens = dataset.frame_tokens(dialogue)
-        except (OSError, ValueError) as error:  # VideoError, a missing feature file: name the record
-            raise type(error)(f"{dataset.path}: record {dialogue.id!r} (record {index + 1}): {error}") from None
-        record = score_dialogue(dialogue, stream_dialogue(session, tokens, dialogue), tolerance_s, names)
-        record["settings"] = settings
-        records.append(record)
+    records: list[dict] = []
+
+    def keep(record: dict) -> None:
         if results_path is not None:
             with open(results_path, "a") as out:
                 out.write(json.dumps(record) + "\n")
+
+    def kept() -> str:  # the dialogue being judged is in the file too, streamed
+        if results_path is None:
+            return "nothing was kept: give a results file (--results) to resume a run"
+        return (f"the {len(records) + 1} dialogue(s) streamed so far are kept in {results_path}: run the same "
+                "command again to resume (they are judged, not streamed again)")
+
+    for index in tqdm(range(count), desc="free-running", unit="dialogue", disable=not progress):
+        dialogue = dataset.dialogues[index]
+        record, unsaved = done.get(dialogue.id), dialogue.id not in done
+        if record is None:
+            system = next((turn.text for turn in dialogue.turns if turn.role == "system"), None)
+            session = StreamSession(model, fmt, config, system_prompt=system)
+            try:
+                tokens = dataset.frame_tokens(dialogue)
+            except (OSError, ValueError) as error:  # VideoError, a missing feature file: name the record
+                raise type(error)(f"{dataset.path}: record {dialogue.id!r} (record {index + 1}): {error}") from None
+            record = score_dialogue(dialogue, stream_dialogue(session, tokens, dialogue), tolerance_s, names)
+            record["settings"] = settings
+            record["end_s"] = dialogue.start_s + len(tokens) / dialogue.fps  # where the stream stopped
+        if judge is None:  # scores of an earlier judged run do not mix into an unjudged one
+            record = {key: value for key, value in record.items() if key not in JUDGED_KEYS}
+        elif record.get("judge") != judge.identity:
+            try:
+                record = judge_record(record, dialogue, judge, tolerance_s)
+            except JudgeError as error:
+                if unsaved:
+                    keep(record)  # the streaming is the slow part: a rerun only judges it
+                raise JudgeError(f"{error}; {kept()}") from None
+            unsaved = True
+        if unsaved:
+            keep(record)
+        records.append(record)
     result = summarise(records)
     tasks = sorted({record["task"] for record in records})
     result["by_task"] = {task: summarise([r for r in records if r["task"] == task]) for task in tasks}

@@ -18,8 +18,9 @@ VideoLLM-online COIN benchmarks so results compare:
      "question": "What is the action in the video? ...", "answer": "Place the battery.",
      "labels": ["place the battery"], "task": "replace battery on key", "subset": "training"}
 
-The model sees frames `start_s + i / fps` for i < num_frames (a step's frames: the first at or after its
-start to the first at or after its end, inclusive), then is asked `question`; `answer` is the reference
+The model is asked `question`, then sees frames `start_s + i / fps` for i < num_frames (a step's frames: the
+first at or after its start to the first at or after its end, inclusive), the public code's layout, and answers
+(`livevlm.evaluation.coin_benchmark` runs and scores them); `answer` is the reference
 text and `labels` the category names (in order: one for step/next/task, up to five for the procedures)
 that a prediction is fuzzily matched against. step: the step being shown; next: the step after it;
 task: the video's task over the task's span; procedure / procedure+: the next up-to-5 steps, procedure+
