@@ -1,0 +1,161 @@
+"""The default model's targets, every row in one command: what it names, when it speaks, how it answers.
+
+Why: a model that times its words well but names the wrong object looks broken to a user, and no single
+figure says both. This prints, on held-out synthetic-world videos (the world benchmark's set: seed 1, 20
+videos of 30 s, never seen in training), the table of the default model's card:
+
+- free-running (`LiveVLM.evaluate_world`: the real engine at the model's θ, spontaneous responses matched
+  one to one to the ground-truth turns within ±1 s):
+  - responses naming the event's object right: a matched narration or reminder response whose turn holds an
+    appear, move or leave event, and which has that event's shape word and its colour word;
+  - a new object's colour / shape named right: each appear event of a matched turn, its colour word and
+    its shape word in the response, counted apart;
+  - narration event F1 and the share of duplicate responses (a second response to a turn already
+    answered, over all responses);
+  - reminders on time: "tell me when …" turns answered within ±1 s (the trigger recall of the reminders);
+- teacher-forced (`LiveVLM.evaluate` on the same dialogues): narration TimeDiff and the questions'
+  LM-Correctness.
+
+    python benchmarks/default_model_targets.py [--model runs/default/model] [--results runs/targets.jsonl]
+    python benchmarks/default_model_targets.py --data data/world-heldout/dialogue.jsonl \
+        --features data/world-heldout/features-rgb     # the same videos, from the build's feature cache
+
+Prints the table (or one JSON object with --json); asserts nothing. About 20 minutes on 2 CPU cores (about
+10 with the feature cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import tempfile
+from pathlib import Path
+
+OBJECT_KINDS = ("appear", "move", "leave")  # the events whose object a user checks first
+TARGETS = {  # the row, how it is compared, its target
+    "object_named": (">=", 0.85), "new_colour_named": (">=", 0.85), "new_shape_named": (">=", 0.85),
+    "narration_f1": (">=", 0.85), "duplicate_ratio": ("<=", 0.05), "narration_time_diff_s": ("<=", 0.7),
+    "reminders_on_time": (">=", 0.85), "questions_lm_correctness": (">=", 0.90)}
+LABELS = {
+    "object_named": "responses naming the event's object right (appear/move/leave)",
+    "new_colour_named": "new object's colour named right",
+    "new_shape_named": "new object's shape named right",
+    "narration_f1": "narration event F1",
+    "duplicate_ratio": "duplicate responses",
+    "narration_time_diff_s": "narration TimeDiff, teacher-forced",
+    "reminders_on_time": "reminders on time (±1 s), free-running",
+    "questions_lm_correctness": "questions, LM-Correctness"}
+
+
+def sentences(text: str) -> list[str]:
+    """A turn's sentences, stripped ("A red square appears. The blue star leaves." → two)."""
+    return [part.strip() for part in re.split(r"(?<=[.!?])\s+", text.strip()) if part.strip()]
+
+
+def object_scores(records: list[dict], dialogues: dict, kinds_by_video: dict, tolerance_s: float) -> dict[str, int]:
+    """Counts of the object rows over free-running records (`score_dialogue`'s, with what the model said).
+
+    records: the world benchmark's results lines; dialogues: id → Dialogue; kinds_by_video: video → {event
+    sentence: kind}. Pairs are matched again exactly as the scores were (`match_one_to_one`).
+    """
+    from livevlm.evaluation.free_running import ground_truth_turns, match_one_to_one
+    from livevlm.evaluation.world_benchmark import object_words
+    from livevlm.world import COLORS, SHAPES
+
+    counts = {"object_turns": 0, "object_named": 0, "appearances": 0, "new_colour_named": 0, "new_shape_named": 0}
+    for record in records:
+        if record["task"] not in ("narration", "reminder"):
+            continue
+        dialogue = dialogues[record["id"]]
+        kinds = kinds_by_video[dialogue.video]
+        _, spontaneous, _ = ground_truth_turns(dialogue)
+        said = [(r["time_s"], r["text"]) for r in record["said"]]
+        for i, j in match_one_to_one([t for t, _ in spontaneous], [t for t, _ in said], tolerance_s):
+            response = object_words(said[j][1])
+            events = [(kinds.get(s), object_words(s)) for s in sentences(spontaneous[i][1])]
+            events = [(kind, found) for kind, found in events if kind in OBJECT_KINDS]
+            if not events:
+                continue
+            counts["object_turns"] += 1
+            counts["object_named"] += any(
+                found & set(SHAPES) <= response and bool(found & set(COLORS) & response) for _, found in events)
+            for kind, found in events:
+                if kind == "appear":
+                    counts["appearances"] += 1
+                    counts["new_colour_named"] += bool(found & set(COLORS) & response)
+                    counts["new_shape_named"] += bool(found & set(SHAPES) & response)
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="default", help="checkpoint folder (default: the shipped model)")
+    parser.add_argument("--videos", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=1, help="the world's seed (1 = the held-out set)")
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--threshold", type=float, default=None, help="θ (default: the model's own)")
+    parser.add_argument("--data", default="", help="the held-out dialogue file already made (data/world-heldout/"
+                        "dialogue.jsonl from scripts/build_default_model.sh: the same videos as --seed 1)")
+    parser.add_argument("--features", default="", help="with --data: its feature cache, so that no video is encoded "
+                        "again (about half the time)")
+    parser.add_argument("--results", default="", help="free-running results JSONL (resumable); default: a temp file")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = parser.parse_args()
+
+    import livevlm
+    from livevlm import runtime
+    from livevlm.data.schema import read_dialogues
+    from livevlm.evaluation.world_benchmark import prepare
+
+    runtime.use_all_cores()
+    model = livevlm.load(args.model, dtype="float32")
+    results = Path(args.results) if args.results else Path(tempfile.mkdtemp()) / "world.jsonl"
+    if args.data:
+        data = Path(args.data)
+        free = model.evaluate_free_running(data, args.features or None, threshold=args.threshold, results=results,
+                                           progress=True)
+    else:
+        data = prepare(args.videos, args.seed, args.duration)
+        free = model.evaluate_world(args.videos, args.seed, args.duration, threshold=args.threshold, results=results,
+                                    progress=True)
+    forced = model.evaluate(data, args.features or None, thresholds=[free["threshold"]])
+    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    dialogues = {d.id: d for d in read_dialogues(data)}
+    kinds_by_video = {}
+    for line in (data.parent / "annotations.jsonl").read_text().splitlines():
+        video = json.loads(line)
+        kinds_by_video[video["video"]] = {event["text"]: event["kind"] for event in video["events"]}
+    counts = object_scores(records, dialogues, kinds_by_video, free["tolerance_s"])
+
+    def share(part: str, whole: str) -> float:
+        return counts[part] / counts[whole] if counts[whole] else math.nan
+
+    rows = {"object_named": share("object_named", "object_turns"),
+            "new_colour_named": share("new_colour_named", "appearances"),
+            "new_shape_named": share("new_shape_named", "appearances"),
+            "narration_f1": free["by_task"]["narration"]["trigger_f1"],
+            "duplicate_ratio": free["duplicate_ratio"],
+            "narration_time_diff_s": forced["by_task"]["narration"]["time_diff_s"],
+            "reminders_on_time": free["by_task"]["reminder"]["trigger_recall"],
+            "questions_lm_correctness": forced["by_task"]["questions"]["lm_correctness"]}
+    met = {name: (value >= TARGETS[name][1] if TARGETS[name][0] == ">=" else value <= TARGETS[name][1])
+           for name, value in rows.items()}
+    if args.json:
+        print(json.dumps({"model": args.model, "threshold": free["threshold"], "rows": rows, "met": met,
+                          "counts": counts, "free_running": free, "teacher_forced": forced}, indent=2, default=str))
+        return
+    print(f"model {args.model}, θ {free['threshold']:g}, {args.videos} world videos of seed {args.seed} "
+          f"({counts['object_turns']} matched object turns, {counts['appearances']} appearances)")
+    print("| what | now | target | met |\n|---|---|---|---|")
+    for name, value in rows.items():
+        how, target = TARGETS[name]
+        seconds = name.endswith("_s")
+        shown = f"{value:.2f} s" if seconds else f"{value:.2f}" if name == "narration_f1" else f"{value:.1%}"
+        goal = f"{target:g} s" if seconds else f"{target:g}" if name == "narration_f1" else f"{target:.0%}"
+        print(f"| {LABELS[name]} | {shown} | {'≥' if how == '>=' else '≤'} {goal} | {'yes' if met[name] else 'no'} |")
+
+
+if __name__ == "__main__":
+    main()
