@@ -27,6 +27,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from livevlm.attention import use_cache_friendly_attention
 from livevlm.config import ConfigError, EngineConfig, FormatConfig, ModelConfig, from_dict, load_yaml, to_dict
 from livevlm.files import fsync_dir, fsync_tree, write_text_atomically
 from livevlm.model import LiveModel
@@ -240,6 +241,7 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
     model.to(device=device, dtype=dtype)
     if not trainable:
         model.eval().requires_grad_(False)
+        use_cache_friendly_attention(model.llm)  # the same outputs, without copying the KV cache per frame
     return LoadedModel(model, tokenizer, model_config, format_config, threshold)
 
 

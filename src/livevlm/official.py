@@ -41,6 +41,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from livevlm.attention import use_cache_friendly_attention
 from livevlm.checkpoint import CONFIG_NAME, CheckpointError, LoadedModel, _replace_dir, _untie_lm_head
 from livevlm.config import OFFICIAL_LORA_TARGETS, FormatConfig, ModelConfig, to_dict
 from livevlm.model import LiveModel
@@ -580,6 +581,7 @@ def load_official(folder: str | Path, llm: str | None = None, vision: str | None
     model = LiveModel(base, adapter.vision_width, placeholder_id, adapter.connector_hidden)
     model.connector.load_state_dict(adapter.connector)
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    use_cache_friendly_attention(model.llm)  # the same outputs, without copying the KV cache per frame
     model_config = model_config_of(adapter, str(llm_folder), str(vision_folder), dtype)
     log.info("loaded the official VideoLLM-online %s checkpoint %s: base LLM %s, vision tower %s, LoRA r=%d α=%g "
              "merged into %d layers, connector %d→%d→%d, %d tokens per frame, %s on %s", adapter.layout, folder,
