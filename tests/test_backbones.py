@@ -78,6 +78,38 @@ def test_dinov2_matches_onnxruntime_on_the_original_graph(dinov2_dir: Path) -> N
     assert np.abs(ours - reference).max() <= 1e-4
 
 
+def test_the_cut_dinov2_graph_encodes_frames_as_pytorch_does(dinov2_dir: Path) -> None:
+    import onnx
+
+    from livevlm.vision import OnnxTower, load_frame_encoder
+
+    path = backbones.materialize_dinov2_onnx(dinov2_dir.parent) / "model.onnx"
+    graph = onnx.load(str(path)).graph
+    assert [output.name for output in graph.output] == [backbones.DINOV2_ONNX_HIDDEN]
+    assert not any(node.op_type == "ConvTranspose" for node in graph.node)  # the saliency decoder is cut away
+    encoder = load_frame_encoder(dinov2_dir, image_size=224, pooled_token=True, grid=3, mean_rgb=True)
+    frames = np.random.default_rng(0).integers(0, 256, (3, 180, 320, 3), dtype=np.uint8)  # letterboxed
+    reference = encoder.encode(frames)
+    encoder.onnx_tower = OnnxTower(path, threads=1)
+    got = encoder.encode(frames)
+    assert got.shape == reference.shape == (3, 10, 387)
+    assert (got - reference).abs().max() <= 1e-4
+
+
+def test_auto_runs_the_default_tower_on_onnx_runtime_on_a_cpu(dinov2_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from livevlm.config import ModelConfig
+    from livevlm.vision import VisionError, model_frame_encoder
+
+    monkeypatch.setenv("LIVEVLM_CACHE", str(dinov2_dir.parent))
+    config = ModelConfig(vision="default", frame_size=224)
+    assert model_frame_encoder(config).onnx_tower is not None
+    assert model_frame_encoder(config, backend="torch").onnx_tower is None
+    assert model_frame_encoder(ModelConfig(vision="default", frame_size=336)).onnx_tower is None  # not its size
+    with pytest.raises(VisionError, match="frame_size=336.*use backend torch"):
+        model_frame_encoder(ModelConfig(vision="default", frame_size=336), backend="onnx")
+
+
 def test_dinov2_config_is_vit_small_14(dinov2_dir: Path) -> None:
     from transformers import Dinov2Model
 

