@@ -15,6 +15,7 @@ token cap. Two workloads are measured:
 
     python benchmarks/official_speed.py                       # official size on the GPU (bf16)
     python benchmarks/official_speed.py --size tiny --device cpu --dtype float32   # a smoke run here
+    python benchmarks/official_speed.py --decode compiled     # response tokens through the compiled static step
     python benchmarks/official_speed.py --loader --work /tmp/official-random     # through livevlm's loader
     python benchmarks/official_speed.py --model /models/videollm-online-8b-v1plus \
         --llm /models/Meta-Llama-3-8B-Instruct --vision /models/siglip-large-patch16-384   # the real weights
@@ -23,6 +24,10 @@ token cap. Two workloads are measured:
 the connector, a bf16 base LLM folder, a SigLIP folder; ~18 GB at the official size) and loads it back with
 `livevlm.load`, so the figures are those of the model `livevlm stream --model FOLDER` runs (LoRA merged).
 `--model` loads an existing folder (or hub id) instead. Either way the LM head gets the same silence bias.
+
+`--decode` chooses how response tokens are decoded (`EngineConfig.decode`): "eager" (one forward per token,
+Python-bound on a GPU), "static" (the static-shape step, uncompiled: a check) or "compiled" (that step under
+torch.compile with CUDA graphs on a GPU; it compiles during the warm-up pass, so the timed rows replay it).
 
 Needs the Llama-3 tokenizer: `quicktok-v1` installed (`scripts/install.sh dev`), or a converted
 `llama3-tokenizer/` folder under $LIVEVLM_CACHE.
@@ -183,6 +188,9 @@ def main() -> None:
     parser.add_argument("--answer-every", type=float, default=10.0,
                         help="seconds between the questions of the 'answers' workload (0 = skip it)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--decode", choices=("eager", "static", "compiled"), default="eager",
+                        help="how response tokens are decoded (engine.decode): the eager forward per token, the "
+                             "static-shape step, or that step compiled (CUDA graphs on a GPU)")
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="torch CPU threads")
     parser.add_argument("--videos", default="data/bench", help="where the synthetic videos are cached")
     parser.add_argument("--switch-interval", type=float, default=0.0,
@@ -231,18 +239,19 @@ def main() -> None:
     # Warm-up: one untimed pass of every workload over the same video, so that kernels, the allocator's
     # blocks for the full KV cache and the encoder's batches stay out of the figures. (A 6-second warm-up
     # with 4-token answers left the first timed mode 2-3x slow on an H200.)
+    # With --decode compiled, the warm-up is also where the decode step compiles.
     for _, queries in workloads:
         run_mode("pipeline", model, fmt, encoder, video, fps, args.threads, 0, queries=queries,
-                 max_new_tokens=args.max_new_tokens)
+                 max_new_tokens=args.max_new_tokens, decode=args.decode)
     rows = []
     for workload, queries in workloads:
         for mode in args.modes:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             row = run_mode(mode, model, fmt, encoder, video, fps, args.threads, 0, queries=queries,
-                           max_new_tokens=args.max_new_tokens)
-            row |= {"workload": workload, "size": args.size, "device": args.device, "path": path,
-                    "gpu": torch.cuda.get_device_name() if cuda else "",
+                           max_new_tokens=args.max_new_tokens, decode=args.decode)
+            row |= {"workload": workload, "decode": args.decode, "size": args.size, "device": args.device,
+                    "path": path, "gpu": torch.cuda.get_device_name() if cuda else "",
                     "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}
             decode_s = row["responses"] * row["mean_latency_s"]
             row["decode_tokens_per_s"] = row["response_tokens"] / decode_s if decode_s > 0 else 0.0
@@ -255,7 +264,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     weights = args.model or "random weights"
     print(f"\n{args.size} size ({path}), {weights}, {args.dtype} on {rows[0]['gpu'] or args.device}, "
-          f"{args.minutes:g}-min synthetic video at {fps:g} fps")
+          f"{args.minutes:g}-min synthetic video at {fps:g} fps, {args.decode} decoding")
     print("| workload | mode | FPS | responses | mean response latency | decode tokens/s | peak GPU memory |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:

@@ -50,9 +50,10 @@ def video_for(minutes: float, folder: Path) -> Path:
 
 def run_mode(mode: str, model, fmt, encoder, video: str, fps: float, threads: int, encoder_threads: int,
              threshold: float = 0.725, queries: list[tuple[float, str]] | None = None,
-             max_new_tokens: int = 64) -> dict:
+             max_new_tokens: int = 64, decode: str = "eager") -> dict:
     """Stream `video` through one engine mode (`MODES`) and return its figures (any device: inputs follow the
-    model). The sequential mode also times its two stages: `encoder_ms` and `llm_ms` per frame."""
+    model). The sequential mode also times its two stages: `encoder_ms` and `llm_ms` per frame. `decode` is
+    `EngineConfig.decode` (how response tokens are decoded)."""
     import torch
 
     from livevlm.config import EngineConfig
@@ -62,7 +63,7 @@ def run_mode(mode: str, model, fmt, encoder, video: str, fps: float, threads: in
 
     queries = queries if queries is not None else [(0.0, NARRATE)]
     config = EngineConfig(max_frames_per_forward=8 if mode == "multiframe" else 1, threshold=threshold,
-                          max_new_tokens=max_new_tokens)
+                          max_new_tokens=max_new_tokens, decode=decode)
     session = StreamSession(model, fmt, config)
     frames = read_frames(video, fps=fps, size=encoder.image_size, resample=encoder.resample)
     said: list[ResponseEvent] = []

@@ -156,6 +156,9 @@ class TrainConfig:
             raise ConfigError(f"train.connector_lr must be positive (or 0 = train.lr), got {self.connector_lr}")
 
 
+DECODE_MODES = ("eager", "static", "compiled")  # EngineConfig.decode
+
+
 @dataclass
 class EngineConfig:
     threshold: float = 0.725  # stay silent while P(separator) >= threshold
@@ -166,12 +169,18 @@ class EngineConfig:
     max_frames_per_forward: int = 8
     window_frames: int = 0  # 0 = keep everything up to the context length, then slide
     realtime: bool = False
+    # How response tokens are decoded: "eager" one forward each on the growing cache; "static" through a
+    # static-shape step (a fixed-capacity cache, the whole buffer masked), the same events; "compiled" that
+    # step under torch.compile (CUDA graphs on a GPU: the decode loop stops being Python-bound).
+    decode: Literal["eager", "static", "compiled"] = "eager"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"engine.threshold must be in [0, 1], got {self.threshold}")
         if self.max_new_tokens <= 0:
             raise ConfigError(f"engine.max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.decode not in DECODE_MODES:
+            raise ConfigError(f"engine.decode must be one of {list(DECODE_MODES)}, got {self.decode!r}")
 
 
 Query = tuple[float, str]  # (stream time in seconds, text)

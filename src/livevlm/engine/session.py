@@ -22,13 +22,23 @@ words as they come or interleave several sessions between tokens.
 
 Tokens that are known but not yet needed in the cache (the prompt before the first frame, the eos that
 ends a response) wait in `_pending` and ride along with the next forward: no forward is spent on them.
+
+Decoding (`EngineConfig.decode`). "eager" feeds each response token through the same forward as everything
+else. On a GPU that loop is Python-bound (an 8B Llama decoded 30-41 tokens/s where the hardware allows
+~250): each step launches hundreds of small kernels, with new shapes every time. "static" runs the tokens
+through a static-shape step instead (`_static_step` on a `kv_cache.StaticStepCache`: the cache's buffers at
+their fixed capacity, the token written at a position tensor, the unfilled part masked); "compiled" wraps
+that step in `torch.compile` (CUDA graphs on a GPU), compiled at a session's first response token and then
+replayed. Frames, the prefill of a response's header and rebuilds keep the eager forward (their lengths
+vary), and so do the decision rule, sampling and events: the static step computes the same logits, only the
+attention runs over the padded buffer (the masked positions weigh exactly 0).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,7 +50,7 @@ from transformers.generation.logits_process import (
 )
 
 from livevlm.config import EngineConfig
-from livevlm.engine.kv_cache import clear_cache, growing_cache
+from livevlm.engine.kv_cache import GrowingLayer, StaticStepCache, clear_cache, growing_cache
 from livevlm.model import CACHE_KWARG, LiveModel, silent_decisions
 from livevlm.stream_format import Frames, Message, StreamFormat
 
@@ -176,6 +186,12 @@ class StreamSession:
         system_prompt: None = `fmt.config.system_prompt`.
         seed: seeds the sampling generator (used only when `config.temperature > 0`).
         max_cache_tokens: the KV budget in tokens; None = the LLM's `max_position_embeddings`.
+        compile_backend: the `torch.compile` backend of `config.decode="compiled"` ("inductor"; "aot_eager"
+            traces the same graph without generating code, as the CPU tests do).
+
+    Raises:
+        ValueError: `config.decode` "static" or "compiled" for an LLM with sliding-window layers, or a
+            `max_cache_tokens` too small for the prompt, a frame and a response.
 
     Bounded memory (endless streams). The session keeps a record of what the cache holds after the
     prompt: each frame (with its raw frame tokens: a replay derives the model's inputs from them as they
@@ -194,20 +210,30 @@ class StreamSession:
     of stream. Within the budget nothing is dropped, so the events equal those of an unbounded session.
     The cache itself is `engine.kv_cache.growing_cache`: buffers written in place and reused by the
     rebuilds, so an endless stream's memory stays flat (transformers' DynamicCache reallocates every layer
-    at every forward). The forwards' temporaries still grow with the cache and fragment glibc's heap; that is
-    a process-wide allocator setting (`livevlm.runtime.pin_mmap_threshold`), which the `livevlm` command
-    applies and a session never does on its own.
+    at every forward); with `config.decode` "static" or "compiled" they hold the whole budget from the first
+    forward (the static decode step needs the same buffers at every step). The forwards' temporaries still
+    grow with the cache and fragment glibc's heap; that is a process-wide allocator setting
+    (`livevlm.runtime.pin_mmap_threshold`), which the `livevlm` command applies and a session never does on
+    its own.
     """
 
     def __init__(self, model: LiveModel, fmt: StreamFormat, config: EngineConfig, system_prompt: str | None = None,
-                 seed: int = 0, max_cache_tokens: int | None = None, record_fed_ids: bool = False) -> None:
+                 seed: int = 0, max_cache_tokens: int | None = None, record_fed_ids: bool = False,
+                 compile_backend: str | Callable = "inductor") -> None:
         self.model = model
         self.fmt = fmt
         self.config = config
         self.system_prompt = fmt.config.system_prompt if system_prompt is None else system_prompt
         llm_config = getattr(model.llm, "config", None)
         self.max_cache_tokens = max_cache_tokens or int(getattr(llm_config, "max_position_embeddings", 4096))
-        self._cache = growing_cache(llm_config, self.max_cache_tokens)
+        # Static decode steps need the budget allocated at once (the same buffers and shapes at every step).
+        self._cache = growing_cache(llm_config, self.max_cache_tokens, fixed=config.decode != "eager")
+        self.compile_backend = compile_backend
+        self._step_cache: StaticStepCache | None = None  # made at the first static step
+        self._decode_step: Callable[..., torch.Tensor] | None = None
+        if config.decode != "eager" and not all(isinstance(layer, GrowingLayer) for layer in self._cache.layers):
+            raise ValueError(f"engine.decode={config.decode!r} needs an LLM of full-attention layers only; this one "
+                             "has sliding-window layers: use engine.decode='eager'")
         self._generator = torch.Generator().manual_seed(seed)
         self._cursor = _Cursor(fmt)
         self._head_ids = fmt.prompt_ids(self.system_prompt)  # what precedes the record in the cache
@@ -389,7 +415,7 @@ class StreamSession:
                 self._pending = [token]  # fed with the eos by the next forward: the cache stays in layout
                 break
             self.cache_ids.append(token)
-            logits = self._forward([token], None, keep=[0])[0]
+            logits = self._decode(token)
         self._record(out)
         self._pending += self._cursor.end_response()
         self._record([self.fmt.eos_id])
@@ -431,6 +457,29 @@ class StreamSession:
         out = self.model.llm(inputs_embeds=embeds, use_cache=True, logits_to_keep=torch.tensor(keep, device=device),
                              **{CACHE_KWARG: self._cache})
         return out.logits[0]
+
+    def _decode(self, token: int) -> torch.Tensor:
+        """Feed one generated token; → the logits `[V]` after it (the eager forward or the static step)."""
+        if self.config.decode == "eager":
+            return self._forward([token], None, keep=[0])[0]
+        return self._static_decode(token)
+
+    @torch.no_grad()
+    def _static_decode(self, token: int) -> torch.Tensor:
+        """`_decode` through the static step (`_static_step`, compiled with "compiled"); logits `[V]`."""
+        if self._step_cache is None:  # after the header's prefill: the layers exist and hold their buffers
+            self._step_cache = StaticStepCache(self._cache)
+            self._decode_step = _static_step
+            if self.config.decode == "compiled":
+                self._decode_step = compiled_step(self.model.device, self.compile_backend)
+        assert self._decode_step is not None
+        self._step_cache.prepare(self.cache_length)
+        input_ids = torch.tensor([[token]], device=self.model.device)
+        if self.config.decode == "compiled" and self.model.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits may be overwritten now
+        logits = self._decode_step(self.model.llm, self._step_cache, input_ids)  # [1, V]
+        self._step_cache.advance()
+        return logits[0]
 
     # -- bounded memory ------------------------------------------------------------------------------
 
@@ -556,3 +605,25 @@ class StreamSession:
                 tokens = inputs.reshape(-1, inputs.shape[-1])[used:used + count]
             used += count
             self._forward(chunk, tokens, keep=[len(chunk) - 1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# the static decode step
+
+
+def _static_step(llm: torch.nn.Module, cache: StaticStepCache, input_ids: torch.Tensor) -> torch.Tensor:
+    """One response token `input_ids [1, 1]` at `cache.position` → logits `[1, V]`, with the same shapes at
+    every step (what `torch.compile` captures). The token is never the frame placeholder (`_sample`), so its
+    embedding is the table's, as `LiveModel.embed_inputs` gives it."""
+    embeds = llm.get_input_embeddings()(input_ids)  # [1, 1, H]
+    out = llm(inputs_embeds=embeds, position_ids=cache.position[None], use_cache=True, logits_to_keep=1,
+              **{CACHE_KWARG: cache})
+    return out.logits[0]
+
+
+def compiled_step(device: torch.device, backend: str | Callable = "inductor") -> Callable[..., torch.Tensor]:
+    """`_static_step` under `torch.compile`: CUDA graphs ("reduce-overhead") on a GPU, the default mode
+    elsewhere. Compiling happens at the first call; dynamo keeps the result with `_static_step`'s code,
+    so later calls, and later sessions of the same model and cache shapes, replay it."""
+    mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+    return torch.compile(_static_step, backend=backend, mode=mode)
