@@ -21,6 +21,7 @@ from livevlm.cli import run
 from livevlm.config import ConfigError, FormatConfig, ModelConfig
 from livevlm.data.features import feature_name, load_features, save_features
 from livevlm.default_model import DEFAULT_MODEL_DIR
+from livevlm.evaluation.free_running import choose_free_running_threshold
 from livevlm.evaluation.stream_eval import choose_threshold, json_ready, sweep_edge_warning
 from livevlm.model import build_live_model
 
@@ -199,6 +200,46 @@ def test_free_running_resumes_from_its_results_file_and_refuses_other_settings(s
     assert full["dialogues"] == 3 and len(results.read_text().splitlines()) == 3
     assert run(["evaluate", *common, "--tolerance", "2"]) == 2
     assert "results.jsonl:1 was written with" in capsys.readouterr().err
+
+
+def test_free_running_choose_threshold_streams_once_per_theta_and_stores_the_best_f1(setup, capsys, tmp_path):
+    """Each θ is streamed (its own resumable results file) and scored; the stored θ is the one the rule picks
+    from those scores (the rule itself, by hand, is the next test but one)."""
+    ckpt, data, features = setup
+    model = Path(shutil.copytree(ckpt, tmp_path / "ckpt"))
+    results = tmp_path / "sweep.jsonl"
+    result = evaluate(capsys, "--model", str(model), "--data", str(data), "--features", str(features),
+                      "--free-running", "--choose-threshold", "--threshold", "0.5", "--threshold", "1",
+                      "--max-new-tokens", "3", "--results", str(results))
+    by_threshold = {float(t): scores for t, scores in result["by_threshold"].items()}
+    assert set(by_threshold) == {0.5, 1.0}
+    assert by_threshold[1.0]["trigger_f1"] == pytest.approx(2 / 9)  # every frame speaks (the test above)
+    assert result["chosen_threshold"] == choose_free_running_threshold(by_threshold)
+    assert read_recommended_threshold(model) == result["chosen_threshold"]
+    files = {p.name: len(p.read_text().splitlines()) for p in tmp_path.glob("sweep-theta*.jsonl")}
+    assert files == {"sweep-theta0.5.jsonl": 3, "sweep-theta1.jsonl": 3}
+
+
+def test_free_running_choose_threshold_needs_the_thetas_to_try(setup, capsys, tmp_path):
+    ckpt, data, features = setup
+    model = Path(shutil.copytree(ckpt, tmp_path / "ckpt"))
+    common = ["evaluate", "--model", str(model), "--data", str(data), "--features", str(features), "--free-running"]
+    assert run([*common, "--choose-threshold"]) == 2
+    assert "give the θs to try with --threshold" in capsys.readouterr().err
+    assert run([*common, "--threshold", "0.5", "--threshold", "0.7"]) == 2  # several θs only to choose among
+    assert "several only with --choose-threshold" in capsys.readouterr().err
+
+
+def test_the_free_running_choice_takes_the_best_f1_then_the_fewest_duplicates_then_the_engine_default():
+    def m(f1: float, duplicates: float, turns: int = 10) -> dict[str, float]:
+        return {"trigger_f1": f1, "duplicate_ratio": duplicates, "turns": turns}
+
+    assert choose_free_running_threshold({0.9: m(0.72, 0.28), 0.7: m(0.91, 0.03), 0.5: m(0.80, 0.0)}) == 0.7
+    assert choose_free_running_threshold({0.9: m(0.9, 0.10), 0.8: m(0.9, 0.05)}) == 0.8
+    assert choose_free_running_threshold({0.9: m(0.9, 0.05), 0.7: m(0.9, 0.05)}) == 0.7  # nearer 0.725
+    assert choose_free_running_threshold({0.0: m(math.nan, math.nan), 1.0: m(0.1, 0.5)}) == 1.0  # never spoke: F1 0
+    with pytest.raises(ValueError, match="no spontaneous turns"):
+        choose_free_running_threshold({0.7: m(math.nan, math.nan, turns=0)})
 
 
 def test_the_world_benchmark_renders_its_videos_once_and_scores_them(tiny_checkpoint, tmp_path):

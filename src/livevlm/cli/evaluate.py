@@ -37,7 +37,9 @@ class EvaluateArgs:
                 "it has one, the engine's 0.725 and 0, as the paper)"})
     choose_threshold: bool = field(default=False, metadata={
         "help": "store in the --model folder the θ (among --threshold) that times most turns of --data within "
-                "1 s (then the lowest TimeDiff) as the model's recommended θ; use a validation split"})
+                "1 s (then the lowest TimeDiff) as the model's recommended θ; with --free-running, the θ whose own "
+                "responses match the turns best (F1, then fewer duplicates), streaming once per θ; use a "
+                "validation split"})
     benchmark: str = field(default="", metadata={
         "help": "world = the synthetic proactive benchmark: held-out synthetic-world videos (--videos, --seed, "
                 "--duration; default the default model's held-out set) streamed free-running (no --data); "
@@ -161,9 +163,12 @@ def _evaluate(args: EvaluateArgs, judge=None) -> int:
                            f"{args.model} OUT` and evaluate OUT")
     for threshold in args.threshold:
         check_threshold(threshold, "--threshold")
-    if args.free_running and (args.choose_threshold or len(args.threshold) > 1):
-        raise CommandError("--free-running streams with one θ: give at most one --threshold (and choose θs with the "
-                           "teacher-forced evaluation, without --free-running)")
+    if args.free_running and len(args.threshold) > 1 and not args.choose_threshold:
+        raise CommandError("--free-running streams with one θ: give at most one --threshold (several only with "
+                           "--choose-threshold, which streams once per θ and keeps the best)")
+    if args.free_running and args.choose_threshold and not args.threshold:
+        raise CommandError("--free-running --choose-threshold streams once per θ: give the θs to try with "
+                           "--threshold (e.g. --threshold 0.6 --threshold 0.7 --threshold 0.8)")
     if args.tolerance < 0:
         raise CommandError(f"--tolerance {args.tolerance:g}: give seconds ≥ 0")
     from livevlm import runtime
@@ -182,6 +187,8 @@ def _evaluate(args: EvaluateArgs, judge=None) -> int:
                                       judge=judge)
         print(json.dumps(json_ready(result), indent=2, allow_nan=False))
         return 0
+    if args.free_running and args.choose_threshold:
+        return _choose_free_running(args, model, judge)
     if args.free_running:
         result = model.evaluate_free_running(args.data, args.features or None,
                                              threshold=args.threshold[0] if args.threshold else None,
@@ -198,6 +205,32 @@ def _evaluate(args: EvaluateArgs, judge=None) -> int:
         result["chosen_threshold"] = chosen
         if warning := sweep_edge_warning(chosen, [float(t) for t in thresholds]):
             log.warning(warning)
+    print(json.dumps(json_ready(result), indent=2, allow_nan=False))
+    return 0
+
+
+def _choose_free_running(args: EvaluateArgs, model, judge=None) -> int:
+    """--free-running --choose-threshold: stream --data once per --threshold and store the θ with the best
+    free-running F1 (`choose_free_running_threshold`) as the model's recommended θ. With --results, each θ keeps
+    its own file (`NAME-theta0.7.jsonl`), so an interrupted sweep resumes θ by θ."""
+    from livevlm.checkpoint import store_recommended_threshold
+    from livevlm.evaluation.free_running import choose_free_running_threshold
+    from livevlm.evaluation.stream_eval import json_ready, sweep_edge_warning
+
+    by_threshold = {}
+    for threshold in args.threshold:
+        results = Path(args.results) if args.results else None
+        if results is not None:
+            results = results.with_name(f"{results.stem}-theta{threshold:g}{results.suffix or '.jsonl'}")
+        by_threshold[threshold] = model.evaluate_free_running(
+            args.data, args.features or None, threshold=threshold, tolerance_s=args.tolerance,
+            max_new_tokens=args.max_new_tokens or 64, max_frames=args.max_frames, limit=args.limit,
+            results=results, progress=True, judge=judge)
+    chosen = choose_free_running_threshold(by_threshold)
+    store_recommended_threshold(args.model, chosen)
+    if warning := sweep_edge_warning(chosen, list(by_threshold)):
+        log.warning(warning)
+    result = {"chosen_threshold": chosen, "by_threshold": {f"{t:g}": r for t, r in by_threshold.items()}}
     print(json.dumps(json_ready(result), indent=2, allow_nan=False))
     return 0
 

@@ -394,6 +394,33 @@ def summarise(records: list[dict]) -> dict:
             "dialogues": len(records)} | judged_summary(records)
 
 
+def choose_free_running_threshold(by_threshold: dict[float, dict]) -> float:
+    """The θ whose own free-running responses best match the turns one to one: the highest trigger F1 over
+    the spontaneous turns (a missed turn and an extra or repeated response cost alike), ties to the fewer
+    duplicates, then to the θ nearest the engine's default.
+
+    Why free-running: the teacher-forced choice (`stream_eval.choose_threshold`) scores each turn's first
+    response on a context that holds the true dialogue, so it cannot see a model that keeps talking after it
+    answered. It chose θ 0.9 for a two-stage default-model candidate that, free-running at 0.9, repeated itself
+    in a third of its narration responses; at 0.7 it repeated 3 % (docs/experiments.md, 2026-12-04).
+
+    Args:
+        by_threshold: θ → `summarise`'s scores of one free-running run at that θ.
+    Raises:
+        ValueError: no run had a turn to match (the F1 is undefined).
+    """
+    from livevlm.config import EngineConfig
+
+    def nan_to_zero(value: float) -> float:  # a θ under which the model never spoke: F1 0, no duplicates
+        return 0.0 if math.isnan(value) else round(value, 9)
+
+    scored = {t: m for t, m in by_threshold.items() if m["turns"]}
+    if not scored:
+        raise ValueError("no spontaneous turns in --data: the free-running F1 is undefined, so no θ can be chosen")
+    return min(scored, key=lambda t: (-nan_to_zero(scored[t]["trigger_f1"]), nan_to_zero(scored[t]["duplicate_ratio"]),
+                                      abs(t - EngineConfig().threshold)))
+
+
 def judged_summary(records: list[dict]) -> dict:
     """`judge_score` (mean 1–5 over matched responses) and `pauc` (mean over turns, per ω) of judged records
     (`judge_record`); empty when none is judged."""
