@@ -53,6 +53,18 @@ def test_bad_input_is_refused_before_the_stream_starts(tiny, tmp_path):
         model.stream(tmp_path / "missing.mp4")
 
 
+def test_the_static_decode_step_says_what_the_eager_loop_says(tiny):
+    """`decode="static"` through the API: the whole stream's responses as the default eager decoding (the
+    engine's exactness tests are in test_static_decode.py); an unknown mode is refused before streaming."""
+    model, video = tiny
+    runs = {decode: [e for e in model.stream(video, queries=[(1.0, "Narrate.")], threshold=0.5, max_new_tokens=3,
+                                             decode=decode) if isinstance(e, ResponseEvent)]
+            for decode in ("eager", "static")}
+    assert runs["static"] == runs["eager"] and runs["eager"]
+    with pytest.raises(ConfigError, match="engine.decode must be one of"):
+        model.stream(video, decode="fast")
+
+
 def test_without_a_threshold_the_models_recommended_one_runs(tiny):
     model, _ = tiny
     assert model.threshold == 0.725  # the tiny checkpoint stores none: the engine's (the paper's) θ

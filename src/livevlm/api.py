@@ -103,16 +103,18 @@ class LiveVLM:
         return f"{self.model.device.type} {dtype}"
 
     def session(self, threshold: float | None = None, max_new_tokens: int = 64, max_frames_per_forward: int = 8,
-                realtime: bool = False, system_prompt: str | None = None) -> StreamSession:
-        """A fresh engine session (one stream, one state): feed it frame tokens yourself, e.g. from a server."""
+                realtime: bool = False, system_prompt: str | None = None, decode: str = "eager") -> StreamSession:
+        """A fresh engine session (one stream, one state): feed it frame tokens yourself, e.g. from a server.
+        `decode`: how response tokens are decoded, `EngineConfig.decode` ("compiled" on a GPU, docs/engine.md)."""
         check_threshold(threshold)
         config = EngineConfig(threshold=resolve_threshold(threshold, self.loaded), max_new_tokens=max_new_tokens,
-                              max_frames_per_forward=max_frames_per_forward, realtime=realtime)
+                              max_frames_per_forward=max_frames_per_forward, realtime=realtime,
+                              decode=decode)  # type: ignore[arg-type]
         return StreamSession(self.model, self.fmt, config, system_prompt=system_prompt)
 
     def stream(self, source: str | int | Path, queries: Iterable[Query] = (), *, threshold: float | None = None,
                realtime: bool = False, max_new_tokens: int = 64, max_frames_per_forward: int = 8,
-               system_prompt: str | None = None, open_timeout_s: float = 10.0) -> Stream:
+               system_prompt: str | None = None, open_timeout_s: float = 10.0, decode: str = "eager") -> Stream:
         """Watch `source` and speak when the model decides to.
 
         Args:
@@ -120,16 +122,17 @@ class LiveVLM:
             queries: `(time_s, text)` pairs asked at those stream times.
             threshold: θ, stay silent while P(separator) ≥ θ; None = `self.threshold`.
             realtime: release frames at wall-clock pace (a file played "live"); False: as fast as possible.
+            decode: how response tokens are decoded (`EngineConfig.decode`: "eager", "static", "compiled").
         Returns:
             a `Stream` to iterate. The source is opened here, so a bad one raises now.
         Raises:
             VideoError: the source cannot be opened (the message says why and what to do).
-            ConfigError: θ outside [0, 1], a query before 0 s or empty.
+            ConfigError: θ outside [0, 1], a query before 0 s or empty, an unknown `decode`.
         """
         from livevlm.video import read_frames
 
         checked = check_queries(queries)
-        session = self.session(threshold, max_new_tokens, max_frames_per_forward, realtime, system_prompt)
+        session = self.session(threshold, max_new_tokens, max_frames_per_forward, realtime, system_prompt, decode)
         source = str(source) if isinstance(source, Path) else source
         frames = read_frames(source, fps=self.fps, size=self.encoder.image_size, timeout_s=open_timeout_s,
                              resample=self.encoder.resample)
