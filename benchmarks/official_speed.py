@@ -16,6 +16,7 @@ token cap. Two workloads are measured:
     python benchmarks/official_speed.py                       # official size on the GPU (bf16)
     python benchmarks/official_speed.py --size tiny --device cpu --dtype float32   # a smoke run here
     python benchmarks/official_speed.py --decode compiled     # response tokens through the compiled static step
+    python benchmarks/official_speed.py --sessions 1 4 16     # K streams batched, instead of the modes
     python benchmarks/official_speed.py --loader --work /tmp/official-random     # through livevlm's loader
     python benchmarks/official_speed.py --model /models/videollm-online-8b-v1plus \
         --llm /models/Meta-Llama-3-8B-Instruct --vision /models/siglip-large-patch16-384   # the real weights
@@ -24,6 +25,11 @@ token cap. Two workloads are measured:
 the connector, a bf16 base LLM folder, a SigLIP folder; ~18 GB at the official size) and loads it back with
 `livevlm.load`, so the figures are those of the model `livevlm stream --model FOLDER` runs (LoRA merged).
 `--model` loads an existing folder (or hub id) instead. Either way the LM head gets the same silence bias.
+
+`--sessions K [K ...]` measures, instead of the modes, the aggregate frames-only FPS of K streams on the one
+model with their frames in one forward per step (`livevlm.engine.SessionBatch`: one frame of each stream a
+step, every stream fed the same video, encoded once beforehand, so only the LLM's frame path is timed),
+next to one `StreamSession` fed the same frame tokens alone.
 
 `--decode` chooses how response tokens are decoded (`EngineConfig.decode`): "eager" (one forward per token,
 Python-bound on a GPU), "static" (the static-shape step, uncompiled: a check) or "compiled" (that step under
@@ -176,6 +182,60 @@ def hf_decode_baseline(model, context: int = 1300, steps: int = 64) -> float:
     return steps / elapsed
 
 
+def batched_rows(model, fmt, encoder, video: str, fps: float, counts: list[int], decode: str) -> list[dict]:
+    """Frames-only FPS of one `StreamSession` alone, then of K sessions batched (`SessionBatch`) for each K in
+    `counts`, all fed the frame tokens of `video` (encoded once, on the model's device) one frame a step;
+    each preceded by an untimed pass over its first 8 frames. Prints each row as JSON; returns them."""
+    import torch
+
+    from livevlm.config import EngineConfig
+    from livevlm.engine import ResponseEvent, SessionBatch, StreamSession
+    from livevlm.video import read_frames
+
+    stream = list(read_frames(video, fps=fps, size=encoder.image_size, resample=encoder.resample))
+    tokens = encoder.encode(frame for _, frame in stream).to(model.device)  # [T, N, D]
+    times = [time_s for time_s, _ in stream]
+    cuda = model.device.type == "cuda"
+    config = EngineConfig(threshold=0.725, max_frames_per_forward=1, decode=decode)
+
+    def stepper(sessions: int | None):
+        """`step(i)`: frame i to every stream (None: one StreamSession alone) → each stream's events."""
+        if sessions is None:
+            alone = StreamSession(model, fmt, config)
+            return lambda i: [alone.step(tokens[i:i + 1], times[i:i + 1])]
+        batch = SessionBatch(model, fmt, rows=sessions)
+        for _ in range(sessions):
+            batch.add(config)
+        return lambda i: batch.step([tokens[i:i + 1]] * sessions, [times[i:i + 1]] * sessions)
+
+    def run(sessions: int | None, frames: int) -> tuple[float, int]:
+        step = stepper(sessions)
+        said = 0
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(frames):
+            said += sum(isinstance(e, ResponseEvent) for events in step(i) for e in events)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, said
+
+    rows = []
+    for sessions in [None, *counts]:
+        run(sessions, min(8, len(times)))  # warm-up: kernels and the caches' first allocations for these shapes
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        elapsed, said = run(sessions, len(times))
+        count = sessions or 1
+        row = {"sessions": count, "how": "alone" if sessions is None else "batched", "frames": count * len(times),
+               "fps": count * len(times) / elapsed, "fps_per_stream": len(times) / elapsed, "elapsed_s": elapsed,
+               "responses": said, "device": str(model.device), "gpu": torch.cuda.get_device_name() if cuda else "",
+               "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("official", "tiny"), default="official")
@@ -197,6 +257,8 @@ def main() -> None:
                         help="sys.setswitchinterval in seconds (0 = Python's default, 5 ms)")
     parser.add_argument("--hf-baseline", action="store_true",
                         help="also time the bare HF model's greedy decode (no engine)")
+    parser.add_argument("--sessions", type=int, nargs="+", default=[],
+                        help="instead of the modes: aggregate frames-only FPS of K streams batched, for each K")
     parser.add_argument("--json", default="", help="also write every row to this JSON file")
     parser.add_argument("--loader", action="store_true",
                         help="write the random model as an official checkpoint folder under --work and load it with "
@@ -232,6 +294,18 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     video = str(video_for(args.minutes, folder))
     cuda = torch.device(args.device).type == "cuda"
+    if args.sessions:
+        rows = batched_rows(model, fmt, encoder, video, fps, args.sessions, args.decode)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        print(f"\n{args.size} size ({path}), {args.dtype} on {rows[0]['gpu'] or args.device}, {args.minutes:g}-min "
+              f"synthetic video at {fps:g} fps, frames only (pre-encoded), one frame of each stream a step")
+        print("| streams | how | aggregate FPS | FPS per stream | × one session alone | peak GPU memory |")
+        print("|---|---|---|---|---|---|")
+        for row in rows:
+            print(f"| {row['sessions']} | {row['how']} | {row['fps']:.1f} | {row['fps_per_stream']:.1f} | "
+                  f"{row['fps'] / rows[0]['fps']:.2f}× | {row['peak_gpu_gb']:.1f} GB |")
+        return
     workloads = [("frames", [])]
     if args.answer_every > 0:
         times = [i * args.answer_every for i in range(int(args.minutes * 60 / args.answer_every))]

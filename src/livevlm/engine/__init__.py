@@ -1,7 +1,9 @@
-"""The streaming engine: one session per stream (KV cache, decisions, queries) and the async pipeline."""
+"""The streaming engine: one session per stream (KV cache, decisions, queries), batched sessions, the async
+pipeline."""
 
+from livevlm.engine.batch import SessionBatch
 from livevlm.engine.pipeline import StreamPipeline, StreamSummary
 from livevlm.engine.session import Event, FrameEvent, QueryEvent, ResponseEvent, StreamSession, TokenEvent
 
-__all__ = ["Event", "FrameEvent", "QueryEvent", "ResponseEvent", "StreamPipeline", "StreamSession", "StreamSummary",
-           "TokenEvent"]
+__all__ = ["Event", "FrameEvent", "QueryEvent", "ResponseEvent", "SessionBatch", "StreamPipeline", "StreamSession",
+           "StreamSummary", "TokenEvent"]

@@ -23,6 +23,12 @@ it. Here the same buffers serve both: a `GrowingLayer` made with `fixed=True` al
 step goes through a `StaticStepCache` view of the same layers, which writes at its `position` tensor and
 returns the full buffers; the session then moves the fill mark on by one (`advance`). The default layers
 (`fixed=False`) are untouched by any of this.
+
+Several sessions in one forward (`BatchedCache`, for `engine.batch.SessionBatch`). On a GPU one stream's
+frame forward (a dozen tokens) leaves the GPU idle; K streams' frames in one `[K, L]` forward use it. The
+K caches live in one set of buffers `[K, H, capacity, D]` per layer, and session k's own cache is made of
+`RowLayer`s viewing row k: alone (responses, queries, rebuilds, crops) a session works on its row exactly as
+on a fixed growing cache, and the batched forward writes each row's new keys at that row's fill mark.
 """
 
 from __future__ import annotations
@@ -223,3 +229,124 @@ class StaticStepCache(Cache):
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.layers[0 if layer_idx is None else layer_idx].capacity
+
+
+# ---------------------------------------------------------------------------------------------------
+# several sessions' caches in one set of buffers
+
+
+class RowLayer(GrowingLayer):
+    """Session k's layer in a `BatchedCache`: a fixed `GrowingLayer` whose buffers are row k `[1, H, capacity, D]`
+    of the shared `[K, H, capacity, D]` ones (views, so what the session writes alone the batched forward sees).
+
+    It never regrows (new buffers would leave the shared storage): a session's `max_cache_tokens` must not
+    exceed the row's capacity, which its bounded-memory policy then keeps it within.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__(keys.shape[-2], fixed=True)
+        self.lazy_initialization(keys, values)
+        self._key_buffer, self._value_buffer = keys, values
+        torch._dynamo.mark_static_address(keys)  # as a fixed layer's own buffers (static decode steps)
+        torch._dynamo.mark_static_address(values)
+        self._refresh_views()
+
+    def _grow(self, needed: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise RuntimeError(f"a row of a BatchedCache holds {self.capacity} tokens, {needed} were asked for: a "
+                           "session's max_cache_tokens must not exceed the BatchedCache's max_tokens")
+
+    def reset(self) -> None:
+        self.clear()  # keep the views of the shared buffers
+
+
+class BatchedCache(Cache):
+    """The KV caches of K sessions in one set of buffers, and the cache of their batched forward.
+
+    Layer i holds keys and values `[K, H, capacity, D]` (zeroed: the masked positions must hold numbers);
+    `rows[k]` is session k's own cache, a `DynamicCache` of `RowLayer`s viewing row k.
+
+    A batched forward of the first K' rows, inputs `[K', L, H]`: `prepare(counts)` gives its position ids
+    and which keys each query sees; then the LLM's `update` writes each row's real tokens at that row's fill
+    mark (one scatter per layer) and returns the buffers up to the longest row's end; `advance(counts)`
+    moves the fill marks on after it. Rows are left-padded (row k's real tokens are its last `counts[k]`), so
+    that the frame ends of rows fed as many frames fall at the same positions: one `logits_to_keep` serves
+    all rows. Pads are never written, and a pad query sees position 0 only (its softmax stays finite).
+
+    Args:
+        config: the LLM's config (the layers' kinds, KV heads and head width).
+        rows: K, the most sessions.
+        max_tokens: each row's capacity (each session's token budget).
+        device, dtype: the buffers' (the LLM's).
+    Raises:
+        ValueError: an LLM with layers other than full attention (sliding windows).
+    """
+
+    def __init__(self, config, rows: int, max_tokens: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        kinds = [type(layer) for layer in DynamicCache(config=config).layers]
+        if not kinds or any(kind is not DynamicLayer for kind in kinds):
+            raise ValueError(f"batched sessions need an LLM of full-attention layers only; this one has "
+                             f"{sorted({kind.__name__ for kind in kinds}) or 'no layers'}")
+        super().__init__(layers=[])  # the forward's cache is this object; the rows hold the layers
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (rows, heads, max_tokens, head_dim)
+        self.key_buffers = [torch.zeros(shape, device=device, dtype=dtype) for _ in kinds]  # [K, H, capacity, D]
+        self.value_buffers = [torch.zeros(shape, device=device, dtype=dtype) for _ in kinds]
+        self.rows: list[DynamicCache] = []
+        for row in range(rows):
+            cache = DynamicCache(config=config)
+            cache.layers = [RowLayer(keys[row:row + 1], values[row:row + 1])
+                            for keys, values in zip(self.key_buffers, self.value_buffers, strict=True)]
+            self.rows.append(cache)
+        self.max_tokens = max_tokens
+        self._write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, columns, positions)
+        self._shape = (0, 0)  # (K', kv_length) of the prepared forward
+
+    def prepare(self, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Before a forward of rows `[:K']` (K' = len(counts)), L = max(counts) positions each, row k's real
+        tokens being its last `counts[k]` (0: a row with nothing to forward).
+
+        Returns:
+            position_ids `[K', L]` (each row's fill mark onwards; 0 at pads) and `visible` `[K', 1, L, kv_length]`
+            bool: row k's real query at position p sees the keys at 0…p (its prefix and its own tokens up to
+            itself), kv_length being the longest row's end.
+        Raises:
+            ValueError: a row whose tokens would not fit in its capacity.
+        """
+        device = self.key_buffers[0].device
+        starts = torch.tensor([row.get_seq_length() for row in self.rows[:len(counts)]])  # [K'] fill marks
+        count = torch.tensor(counts)
+        ends = starts + count
+        if int(ends.max()) > self.max_tokens:
+            raise ValueError(f"rows would end at {ends.tolist()}, past the capacity {self.max_tokens}")
+        width = max(counts)
+        pads = width - count  # [K']
+        column = torch.arange(width)
+        positions = starts[:, None] + column - pads[:, None]  # [K', L], negative at pads
+        real = column >= pads[:, None]  # [K', L]
+        key = torch.arange(int(ends.max()))  # [kv_length]
+        visible = ((key <= positions[..., None]) & (key < ends[:, None, None])) | (key == 0)  # [K', L, kv_length]
+        rows, columns = real.nonzero(as_tuple=True)
+        self._write = (rows.to(device), columns.to(device), positions[real].to(device))
+        self._shape = (len(counts), key.numel())
+        return positions.clamp(min=0).to(device), visible[:, None].to(device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the real tokens of `[K', H, L, D]` at their rows' positions in layer `layer_idx`; → its buffers
+        `[K', H, kv_length, D]` (views)."""
+        assert self._write is not None, "prepare before the forward"
+        rows, columns, positions = self._write
+        keys, values = self.key_buffers[layer_idx], self.value_buffers[layer_idx]
+        keys[rows, :, positions] = key_states[rows, :, columns]  # [n, H, D] each side
+        values[rows, :, positions] = value_states[rows, :, columns]
+        batch, length = self._shape
+        return keys[:batch, :, :length], values[:batch, :, :length]
+
+    def advance(self, counts: list[int]) -> None:
+        """After the forward: rows `[:len(counts)]` hold `counts` more tokens (their views and lengths follow)."""
+        for row, count in zip(self.rows, counts, strict=False):
+            for layer in row.layers:
+                layer.advance(count)
+        self._write = None

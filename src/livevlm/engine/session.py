@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from transformers import DynamicCache
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -188,6 +189,9 @@ class StreamSession:
         max_cache_tokens: the KV budget in tokens; None = the LLM's `max_position_embeddings`.
         compile_backend: the `torch.compile` backend of `config.decode="compiled"` ("inductor"; "aot_eager"
             traces the same graph without generating code, as the CPU tests do).
+        cache: the KV cache to hold this stream instead of a fresh `growing_cache`: a row of a
+            `kv_cache.BatchedCache` (what `engine.batch.SessionBatch` gives its sessions), whose capacity must
+            hold `max_cache_tokens`.
 
     Raises:
         ValueError: `config.decode` "static" or "compiled" for an LLM with sliding-window layers, or a
@@ -219,7 +223,7 @@ class StreamSession:
 
     def __init__(self, model: LiveModel, fmt: StreamFormat, config: EngineConfig, system_prompt: str | None = None,
                  seed: int = 0, max_cache_tokens: int | None = None, record_fed_ids: bool = False,
-                 compile_backend: str | Callable = "inductor") -> None:
+                 compile_backend: str | Callable = "inductor", cache: DynamicCache | None = None) -> None:
         self.model = model
         self.fmt = fmt
         self.config = config
@@ -227,7 +231,8 @@ class StreamSession:
         llm_config = getattr(model.llm, "config", None)
         self.max_cache_tokens = max_cache_tokens or int(getattr(llm_config, "max_position_embeddings", 4096))
         # Static decode steps need the budget allocated at once (the same buffers and shapes at every step).
-        self._cache = growing_cache(llm_config, self.max_cache_tokens, fixed=config.decode != "eager")
+        self._cache = cache if cache is not None else growing_cache(llm_config, self.max_cache_tokens,
+                                                                    fixed=config.decode != "eager")
         self.compile_backend = compile_backend
         self._step_cache: StaticStepCache | None = None  # made at the first static step
         self._decode_step: Callable[..., torch.Tensor] | None = None
@@ -311,13 +316,17 @@ class StreamSession:
     def _step(self, frame_tokens: torch.Tensor, times: list[float]) -> Iterator[Event]:
         i = 0
         while i < len(times):
-            if self.frames_seen == 0 and self._queries:  # the stream must start with a frame
-                i += yield from self._forward_frames(frame_tokens[i:i + 1], times[i:i + 1], decide=False)
-                yield from self._answer_queries()
-                continue
-            yield from self._answer_queries()
-            count = self._make_room(min(self.config.max_frames_per_forward, len(times) - i))
-            i += yield from self._forward_frames(frame_tokens[i:i + count], times[i:i + count])
+            count, decide = yield from self._before_frames(len(times) - i)
+            i += yield from self._forward_frames(frame_tokens[i:i + count], times[i:i + count], decide)
+
+    def _before_frames(self, waiting: int) -> Iterator[Event]:
+        """What comes before the next frame forward: the queries due are answered and room is made (a rebuild).
+        Yields their events; returns (how many of the `waiting` frames go into the forward, whether their
+        decisions are acted on). `engine.batch.SessionBatch` calls it too, then forwards with other sessions."""
+        if self.frames_seen == 0 and self._queries:  # the stream must start with a frame; the queries follow it
+            return 1, False
+        yield from self._answer_queries()
+        return self._make_room(min(self.config.max_frames_per_forward, waiting)), True
 
     # -- frames --------------------------------------------------------------------------------------
 
@@ -338,13 +347,27 @@ class StreamSession:
                         decide: bool = True) -> Iterator[Event]:
         """Forward T frames at once; act on the first frame that speaks. Yields the events; returns the
         frames consumed."""
+        ids, ends, inputs = self._prepare_frames(frame_tokens)
+        logits = self._forward(ids, inputs, keep=[e - 1 for e in ends])  # [T, V]
+        return (yield from self._act_on_frames(ids, ends, logits, frame_tokens, times, decide))
+
+    def _prepare_frames(self, frame_tokens: torch.Tensor) -> tuple[list[int], list[int], torch.Tensor]:
+        """What the forward of T frames `[T, N, D]` takes: its ids (the pending ids, then the frames' layout),
+        the position in them just after each frame's last token, and the connector's inputs `[T, N, D']`.
+        Moves the cursor on: the forward must follow."""
         ids = list(self._pending)
-        ends = []  # position (in ids) just after each frame's last token
-        for _ in times:
+        ends = []
+        for _ in range(len(frame_tokens)):
             ids += self._cursor.frame()
             ends.append(len(ids))
-        inputs = self.model.frame_inputs(frame_tokens, self._last_frame)  # [T, N, D'], after the frames fed
-        logits = self._forward(ids, inputs, keep=[e - 1 for e in ends])  # [T, V]
+        return ids, ends, self.model.frame_inputs(frame_tokens, self._last_frame)  # after the frames fed
+
+    def _act_on_frames(self, ids: list[int], ends: list[int], logits: torch.Tensor, frame_tokens: torch.Tensor,
+                       times: list[float], decide: bool) -> Iterator[Event]:
+        """After the forward of `ids` (the cache holds them all): decide at each frame end from `logits`
+        `[T, V]`, keep the frames up to the first that speaks (the rest are cropped) and speak there; with
+        `decide=False` (the stream's first frame) answer the queries asked before it instead. Yields the
+        events; returns the frames consumed."""
         p_sep = torch.softmax(logits.float(), dim=-1)[:, self.fmt.separator_id].tolist()
         silent = silent_decisions(logits, self.fmt.separator_id, self.config.threshold).tolist()
         speak_at = next((k for k in range(len(times)) if decide and not silent[k]), None)
@@ -354,6 +377,8 @@ class StreamSession:
             yield FrameEvent(times[k], 1.0 - p_sep[k])
         if speak_at is not None:
             yield from self._generate(self._cursor.speak(), times[speak_at], answer=False)
+        if not decide:
+            yield from self._answer_queries()
         return consumed
 
     def _commit_frames(self, ids: list[int], keep: int, frame_tokens: torch.Tensor, times: list[float]) -> None:
