@@ -103,10 +103,12 @@ def test_merging_a_lora_on_a_tied_lm_head_keeps_the_input_embeddings(tmp_path, t
     assert torch.allclose(merged.model(ids, frames)[0], expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("finetune", ["connector", "lora"])
-def test_init_from_a_checkpoint_without_colour_or_changes_starts_as_it(tmp_path, llm_folder, tiny_tokenizer, finetune):
-    """`train.init_from` into a model with mean_rgb and frame_delta: the new inputs' connector columns start at
-    zero (`LiveModel.load_connector`), so the model gives the checkpoint's outputs on zero colours."""
+@pytest.mark.parametrize(("finetune", "hue_bins"), [("connector", 0), ("lora", 0), ("lora", 4)])
+def test_init_from_a_checkpoint_without_colour_or_changes_starts_as_it(tmp_path, llm_folder, tiny_tokenizer, finetune,
+                                                                       hue_bins):
+    """`train.init_from` into a model with mean_rgb (and hue_bins) and frame_delta: the new inputs' connector
+    columns start at zero (`LiveModel.load_connector`), so the model gives the checkpoint's outputs on zero
+    colours."""
     config = ModelConfig(llm=str(llm_folder), finetune=finetune, lora_r=4, lora_alpha=8)
     placeholder = register_placeholder(tiny_tokenizer)
     saved = build_live_model(config, build_tiny_llm(len(tiny_tokenizer) - 1), 8, placeholder)
@@ -116,11 +118,11 @@ def test_init_from_a_checkpoint_without_colour_or_changes_starts_as_it(tmp_path,
                 param.normal_(0, 0.5)
     save_checkpoint(saved, tiny_tokenizer, config, FormatConfig(), tmp_path / "ckpt")
     wider = ModelConfig(llm=str(llm_folder), finetune=finetune, lora_r=4, lora_alpha=8, mean_rgb=True,
-                        frame_delta=True)
-    model = build_live_model(wider, build_tiny_llm(len(tiny_tokenizer) - 1), 2 * (8 + 3), placeholder)
+                        hue_bins=hue_bins, frame_delta=True)
+    model = build_live_model(wider, build_tiny_llm(len(tiny_tokenizer) - 1), 2 * (8 + 3 + hue_bins), placeholder)
     load_trained_weights(model, tmp_path / "ckpt", wider)
     tokens = torch.randn(3, 2, 8, generator=torch.Generator().manual_seed(0))  # [T, N, D]
-    coloured = torch.cat([tokens, torch.zeros(3, 2, 3)], dim=-1)  # zero colours; the model derives the changes
+    coloured = torch.cat([tokens, torch.zeros(3, 2, 3 + hue_bins)], dim=-1)  # zero colours; the model derives changes
     ids = torch.tensor([[1, placeholder, placeholder, 5, placeholder, placeholder, 9, placeholder, placeholder]])
     with torch.no_grad():
         assert torch.allclose(model.eval()(ids, coloured)[0], saved.eval()(ids, tokens)[0], atol=1e-5, rtol=0)
@@ -135,3 +137,14 @@ def test_init_from_a_connector_of_another_width_names_both_and_the_fix(tmp_path,
     with pytest.raises(CheckpointError, match=r"train.init_from=.*ckpt: its connector takes 8-wide frame tokens, "
                                               r"this model's takes 10 \(from the feature cache\); encode the features"):
         load_trained_weights(model, tmp_path / "ckpt", config)
+
+
+def test_init_from_a_checkpoint_with_other_hue_bins_is_refused(tmp_path, llm_folder, tiny_tokenizer):
+    config = ModelConfig(llm=str(llm_folder), finetune="connector", mean_rgb=True, hue_bins=12)
+    placeholder = register_placeholder(tiny_tokenizer)
+    save_checkpoint(build_live_model(config, build_tiny_llm(len(tiny_tokenizer) - 1), 8 + 3 + 12, placeholder),
+                    tiny_tokenizer, config, FormatConfig(), tmp_path / "ckpt")
+    other = ModelConfig(llm=str(llm_folder), finetune="connector", mean_rgb=True, hue_bins=6)
+    model = build_live_model(other, build_tiny_llm(len(tiny_tokenizer) - 1), 8 + 3 + 6, placeholder)
+    with pytest.raises(CheckpointError, match="model.hue_bins: 12 in the checkpoint, 6 here"):
+        load_trained_weights(model, tmp_path / "ckpt", other)

@@ -136,6 +136,30 @@ def test_world_scene_lists_every_object_with_size_colour_and_shape_in_order_of_a
     assert world.describe_scene({}) == "Nothing, the screen is empty."
 
 
+def test_world_centres_follow_a_moving_object_between_its_events_and_beyond_at_the_videos_speed():
+    a, b = {"id": 0, "shape": "circle", "color": "red", "size": "small"}, {"id": 1, "shape": "star", "color": "blue",
+                                                                          "size": "large"}
+    events = world.parse_events([
+        {"time_s": 0.0, "kind": "appear", "text": "A.", "object": a, "center": [0.5, 0.5], "moving": False},
+        {"time_s": 0.0, "kind": "appear", "text": "B.", "object": b, "center": [0.8, 0.1], "moving": False},
+        {"time_s": 1.0, "kind": "move", "text": "A moves.", "object": a, "center": [0.5, 0.5], "moving": True,
+         "direction": "right"},
+        {"time_s": 3.0, "kind": "color", "text": "A turns.", "object": a, "center": [0.7, 0.5], "moving": True,
+         "direction": "right", "new_color": "green"}], "x")
+    assert world.centres_at(events, 0.5) == {0: (0.5, 0.5), 1: (0.8, 0.1)}
+    assert world.centres_at(events, 2.0)[0] == pytest.approx((0.6, 0.5))  # half-way between its events
+    assert world.centres_at(events, 4.0)[0] == pytest.approx((0.8, 0.5))  # on at 0.1 a second, the video's speed
+
+
+def test_world_scene_lists_objects_in_reading_order_where_every_centre_is_known():
+    """Top third first, then left to right: the order one frame shows (appearance order it does not)."""
+    centres = {0: (0.5, 0.5), 1: (0.8, 0.1), 2: (0.1, 0.2), 3: (0.05, 0.9)}
+    assert world.reading_order(centres) == [2, 1, 0, 3]
+    objects = {0: world.ObjState("circle", "red", "small"), 1: world.ObjState("star", "blue", "large")}
+    assert world.describe_scene(objects, [1, 0]) == "A large blue star and a small red circle."
+    assert world.describe_scene(objects, [1]) == "A small red circle and a large blue star."  # one centre unknown
+
+
 def test_world_scene_clips_are_one_frame_each_answered_from_the_timeline_at_that_frame(tmp_path):
     clips = run(tmp_path, "world-scene", world_file(tmp_path), scene_frames=5)
     events = world.parse_events(WORLD_EVENTS, "x")

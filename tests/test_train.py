@@ -19,7 +19,7 @@ from livevlm.cli import CommandError
 from livevlm.cli.arguments import add_dataclass_arguments, dataclass_from_namespace
 from livevlm.cli.train import TrainArgs
 from livevlm.cli.train import train as train_command
-from livevlm.config import ConfigError, load_recipe
+from livevlm.config import ConfigError, ModelConfig, load_recipe
 from livevlm.data.dataset import MissingFeaturesError
 from livevlm.data.features import feature_name, save_features
 from livevlm.train import bf16_supported, latest_checkpoint, read_metrics, train
@@ -392,6 +392,19 @@ def test_a_cache_without_colour_for_a_mean_rgb_model_is_named(workdir, tmp_path)
     recipe.model.mean_rgb = True
     with pytest.raises(ConfigError, match="model.mean_rgb=True but .* was encoded with mean_rgb=False"):
         train(recipe)
+
+
+def test_a_cache_without_hues_for_a_hue_bins_model_is_named(workdir, tmp_path):
+    recipe = load_recipe(write_recipe(workdir, tmp_path, max_steps=1))
+    recipe.model.hue_bins = 12
+    with pytest.raises(ConfigError, match="model.hue_bins=12 but .* was encoded with hue_bins=0; re-encode with "
+                                          "`livevlm data encode … --hue-bins 12`"):
+        train(recipe)
+
+
+def test_hue_bins_of_two_are_refused_in_the_recipe():
+    with pytest.raises(ConfigError, match="model.hue_bins must be 0 .* or at least 3 bins"):
+        ModelConfig(hue_bins=2)
 
 
 def test_more_processes_than_gpus_is_named_before_training(workdir, tmp_path, monkeypatch):

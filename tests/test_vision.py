@@ -15,7 +15,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from livevlm.vision import RGB_GAIN, VisionError, build_frame_encoder, load_frame_encoder
+from livevlm.vision import HUE_GAIN, RGB_GAIN, VisionError, build_frame_encoder, load_frame_encoder
 
 SMALL = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=4)
 
@@ -58,6 +58,31 @@ def test_mean_rgb_appends_each_tokens_pixel_colour(kind):
     assert torch.allclose(colours[0], torch.tensor([1.0, 2.0, 3.0]) / 9)  # the frame: 1 cell of 9
     assert torch.allclose(colours[1], torch.tensor([1.0, 2.0, 3.0]))
     assert torch.equal(colours[2:], torch.zeros(8, 3))
+
+
+def test_hue_bins_put_each_hue_on_its_own_channel_weighted_by_chroma():
+    """12 bins, 30° apart, bin 0 centred on red. Pure red (chroma 1) fills bin 0; hue 15° ((1, 0.25, 0): half-way
+    between red and orange) splits evenly between bins 0 and 1; grey (chroma 0) adds nothing."""
+    encoder = build_frame_encoder(tiny_tower("dinov2"), image_size=24, pooled_token=True, grid=3, mean_rgb=True,
+                                  hue_bins=12)
+    rgb = torch.full((1, 3, 24, 24), 0.5)  # grey everywhere
+    rgb[0, :, :8, :8] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]  # the top-left cell: red
+    rgb[0, :, :8, 8:16] = torch.tensor([1.0, 0.25, 0.0])[:, None, None]  # the top-middle cell: hue 15°
+    pixels = (rgb - encoder.mean) / encoder.std
+    tokens = encoder(pixels)
+    assert tokens.shape == (1, 10, 16 + 3 + 12) and encoder.feature_width == 31
+    assert torch.allclose(tokens[..., :19], build_frame_encoder(encoder.tower, 24, mean_rgb=True)(pixels), atol=1e-6)
+    hues = tokens[0, :, 19:] / HUE_GAIN  # [10, 12]
+    expected = torch.zeros(10, 12)
+    expected[1, 0] = 1.0
+    expected[2, :2] = 0.5
+    expected[0] = (expected[1] + expected[2]) / 9  # the frame: 2 cells of 9
+    assert torch.allclose(hues, expected, atol=1e-5)
+
+
+def test_hue_bins_of_one_or_two_are_refused():
+    with pytest.raises(VisionError, match="hue_bins=2: use 0"):
+        build_frame_encoder(tiny_tower("dinov2"), image_size=24, hue_bins=2)
 
 
 def test_grid_only_and_pooled_only_counts():

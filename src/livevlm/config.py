@@ -71,6 +71,7 @@ class ModelConfig:
     pooled_token: bool = True  # one pooled/CLS token per frame, before the grid
     grid: int = 3  # k: the patch grid is average-pooled to k x k tokens (0 = no grid tokens)
     mean_rgb: bool = False  # each frame token also carries its pixels' mean colour (D + 3; see vision.py)
+    hue_bins: int = 0  # each frame token also carries a histogram of its pixels' hues in K bins (+ K; vision.py)
     frame_delta: bool = False  # each frame token also carries its change since the frame before (2D; model.py)
     connector_hidden: int = 0  # hidden width of the 2-layer MLP connector; 0 = the LLM's hidden size
     connector_norm: bool = False  # the connector ends in an RMSNorm: frame tokens enter at the text's scale
@@ -86,6 +87,9 @@ class ModelConfig:
             raise ConfigError(f"model.grid must be >= 0, got {self.grid}")
         if not self.pooled_token and self.grid == 0:
             raise ConfigError("model: a frame needs at least one token: set model.pooled_token=true or grid>0")
+        if self.hue_bins < 0 or self.hue_bins in (1, 2):
+            raise ConfigError(f"model.hue_bins must be 0 (none) or at least 3 bins around the hue circle, got "
+                              f"{self.hue_bins}")
         if self.frame_size <= 0:
             raise ConfigError(f"model.frame_size must be positive, got {self.frame_size}")
         if self.lora_r <= 0 and self.finetune == "lora":

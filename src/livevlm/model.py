@@ -127,7 +127,7 @@ class LiveModel(nn.Module):
 
     @property
     def frame_width(self) -> int:
-        """D of the raw frame tokens a stream is fed with: the encoder's width (+ 3 with mean_rgb). With
+        """D of the raw frame tokens a stream is fed with: the encoder's width (+ 3 with mean_rgb, + hue_bins). With
         frame_delta the connector takes twice that, the changes the model appends (`frame_inputs`)."""
         return self.connector.fc1.in_features // (2 if self.frame_delta else 1)
 
@@ -267,7 +267,8 @@ class LiveModel(nn.Module):
                 saved with frame_delta (the tokens' columns, then their changes').
             saved_frame_delta: whether the checkpoint was trained with frame_delta; None = as this model.
             new_channels: channels each raw frame token has here and not in the checkpoint (mean_rgb's
-                colours, `vision.RGB_CHANNELS`), appended after the saved ones (and after each change's).
+                colours, `vision.RGB_CHANNELS`, then hue_bins'), appended after the saved ones (and after each
+                change's).
 
         Raises:
             ValueError: the checkpoint has frame_delta and this model not (inputs can be added, not taken

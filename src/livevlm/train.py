@@ -159,7 +159,7 @@ def feature_dim(dataset: StreamDataset, config: ModelConfig) -> int:
     dialogue's cache file header, twice that with `frame_delta`.
 
     Raises:
-        ConfigError: the cache was encoded with another `mean_rgb` than `config` asks for.
+        ConfigError: the cache was encoded with another `mean_rgb` or `hue_bins` than `config` asks for.
     """
     dialogue = dataset.dialogues[0]
     file = feature_file(dialogue, dataset.root, dataset.cache_dir)
@@ -171,6 +171,11 @@ def feature_dim(dataset: StreamDataset, config: ModelConfig) -> int:
             raise ConfigError(f"model.mean_rgb={config.mean_rgb} but {file} was encoded with mean_rgb={cached_rgb}; "
                               f"re-encode with `livevlm data encode … --{'' if config.mean_rgb else 'no-'}mean-rgb` "
                               "into another folder, or set model.mean_rgb to match")
+        cached_hues = int((handle.metadata() or {}).get("hue_bins", "0"))
+        if cached_hues != config.hue_bins:
+            raise ConfigError(f"model.hue_bins={config.hue_bins} but {file} was encoded with hue_bins={cached_hues}; "
+                              f"re-encode with `livevlm data encode … --hue-bins {config.hue_bins}` into another "
+                              "folder, or set model.hue_bins to match")
         cached = int(handle.get_slice("tokens").get_shape()[-1])
     return 2 * cached if config.frame_delta else cached
 

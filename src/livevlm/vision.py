@@ -6,7 +6,10 @@ grid is the patch grid average-pooled to k×k (24×24 → 3×3 for SigLIP-L/384,
 With `mean_rgb`, each token also carries the mean normalised colour of the pixels it pools (3 more
 channels: D + 3): towers trained with colour-jitter augmentation, DINOv2 above all, keep colour only
 weakly, and a linear probe reads an object's colour from its grid cell's mean RGB far better (97–99 %
-against 87 %) than from DINOv2's tokens.
+against 87 %) than from DINOv2's tokens. With `hue_bins` K, each token also carries a histogram of its
+pixels' hues (K more channels, after the mean colour): the mean colour mixes an object with what surrounds
+it in a cell, so neighbouring hues (red, orange, yellow) differ in it by small ratios; a hue histogram puts
+each hue on its own channel, whatever the object's share of the cell.
 The encoders' tokens are raw: a model's `frame_delta` (each token's change since the previous frame) is
 derived by the model itself (`LiveModel.frame_inputs`), in training and in the engine alike.
 Preprocessing is deterministic: letterbox to a square of `image_size` with black padding, scale to [0, 1],
@@ -46,6 +49,9 @@ RGB_CHANNELS = 3  # what `mean_rgb` adds to each frame token
 # normalised range, 5-10x less than it changes a DINOv2 feature, and AdamW moves every weight by about lr a
 # step whatever its input's scale, so unscaled colours would be learnt 5-10x slower than the features.
 RGB_GAIN = 10.0
+# `hue_bins` histograms are shares of a token's pixels (weighted by chroma, so at most 1 in all), scaled like
+# the mean colours: a small object fills about a fifth of a 3x3 grid cell.
+HUE_GAIN = 10.0
 
 
 _KINDS = {
@@ -78,17 +84,21 @@ class FrameEncoder(nn.Module):
         grid: k; the patch grid is average-pooled to k×k (0 = no grid tokens).
         mean_rgb: append to each token the mean normalised RGB of its pixels (the whole frame for the pooled
             token, the cell's patches for a grid token): tokens `[T, N, D + 3]`.
+        hue_bins: K > 0 appends to each token a K-bin histogram of its pixels' hues (`token_hues`), after the
+            mean colour: tokens `[T, N, D (+ 3) + K]`.
         onnx_tower: the same tower as an `OnnxTower` (CPU only), which then computes the hidden states in
             place of `tower`; `tower` still describes it (config, patch size).
     """
 
     def __init__(self, tower: nn.Module, kind: str, image_size: int, mean: Sequence[float], std: Sequence[float],
                  pooled_token: bool = True, grid: int = 3, mean_rgb: bool = False,
-                 onnx_tower: OnnxTower | None = None) -> None:
+                 onnx_tower: OnnxTower | None = None, hue_bins: int = 0) -> None:
         super().__init__()
         self.onnx_tower = onnx_tower
         if not pooled_token and grid <= 0:
             raise VisionError("a frame needs at least one token: pooled_token=True or grid > 0")
+        if hue_bins < 0 or hue_bins in (1, 2):
+            raise VisionError(f"hue_bins={hue_bins}: use 0 (no hue histogram) or 3 or more bins around the hue circle")
         self.tower = tower.eval().requires_grad_(False)
         self.kind = kind
         self.resample = _RESAMPLE[kind]  # the letterbox's filter: give it to `video.read_frames` too
@@ -96,6 +106,7 @@ class FrameEncoder(nn.Module):
         self.pooled_token = pooled_token
         self.grid = grid
         self.mean_rgb = mean_rgb
+        self.hue_bins = hue_bins
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         config = tower.config
@@ -112,8 +123,8 @@ class FrameEncoder(nn.Module):
 
     @property
     def feature_width(self) -> int:
-        """D of the frame tokens: the tower's width, + 3 with `mean_rgb`."""
-        return self.hidden_size + (RGB_CHANNELS if self.mean_rgb else 0)
+        """D of the frame tokens: the tower's width, + 3 with `mean_rgb`, + `hue_bins`."""
+        return self.hidden_size + (RGB_CHANNELS if self.mean_rgb else 0) + self.hue_bins
 
     @property
     def device(self) -> torch.device:
@@ -130,7 +141,7 @@ class FrameEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels `[T, 3, S, S]` → frame tokens `[T, N, D]` (`[T, N, D + 3]` with `mean_rgb`), float32."""
+        """Normalised pixels `[T, 3, S, S]` → frame tokens `[T, N, D]` (+ 3 with `mean_rgb`, + `hue_bins`), float32."""
         pooled, patches = self.tower_tokens(pixel_values)
         tokens = []
         if self.pooled_token:
@@ -140,21 +151,53 @@ class FrameEncoder(nn.Module):
         tokens = torch.cat(tokens, dim=1).float()
         if self.mean_rgb:
             tokens = torch.cat([tokens, self.token_colours(pixel_values)], dim=-1)
+        if self.hue_bins:
+            tokens = torch.cat([tokens, self.token_hues(pixel_values)], dim=-1)
         return tokens
 
     def token_colours(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised pixels `[T, 3, S, S]` → each token's mean pixel colour × `RGB_GAIN`, `[T, N, 3]`: the
-        frame's for the pooled token, the cell's for a grid token. Pixels are first averaged per patch, so a
-        grid cell covers exactly the patches that `pool_grid` averages (the pixels past the last whole patch
-        are left out, as the tower leaves them out)."""
-        per_patch = F.avg_pool2d(pixel_values.float(), self.patch_size)  # [T, 3, h, w]
-        colours = []
+        frame's for the pooled token, the cell's for a grid token (`_pool_to_tokens`)."""
+        return self._pool_to_tokens(pixel_values.float()) * RGB_GAIN
+
+    def token_hues(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels `[T, 3, S, S]` → each token's hue histogram × `HUE_GAIN`, `[T, N, K]`.
+
+        A pixel adds its chroma (max − min of its RGB in [0, 1]: 0 for black, grey and white, up to 1 for a
+        saturated colour) to the two bins around its hue, linearly by distance to their centres; bin k's centre
+        is hue k/K of the circle (bin 0 is red). A token's histogram is the mean over its pixels (pooled as
+        `token_colours` pools), so it reads "this share of the cell is this hue" and a grey background adds
+        nothing. The letterbox's black padding has no chroma.
+        """
+        rgb = (pixel_values.float() * self.std + self.mean).clamp(0, 1)  # [T, 3, S, S] back in [0, 1]
+        top, top_channel = rgb.max(dim=1)  # [T, S, S]
+        chroma = top - rgb.min(dim=1).values  # [T, S, S]
+        red, green, blue = rgb.unbind(dim=1)
+        safe = chroma.clamp_min(1e-6)
+        sextant = torch.where(top_channel == 0, ((green - blue) / safe) % 6,  # hue in sextants, [0, 6)
+                              torch.where(top_channel == 1, (blue - red) / safe + 2, (red - green) / safe + 4))
+        position = sextant * (self.hue_bins / 6)  # [0, K): bin k's centre at k
+        lower = position.floor()
+        upper_share = position - lower
+        lower_bin = lower.long() % self.hue_bins
+        bins = (F.one_hot(lower_bin, self.hue_bins) * (1 - upper_share)[..., None]
+                + F.one_hot((lower_bin + 1) % self.hue_bins, self.hue_bins) * upper_share[..., None])
+        histogram = (bins * chroma[..., None]).permute(0, 3, 1, 2)  # [T, K, S, S]
+        return self._pool_to_tokens(histogram) * HUE_GAIN
+
+    def _pool_to_tokens(self, per_pixel: torch.Tensor) -> torch.Tensor:
+        """Per-pixel channels `[T, C, S, S]` → their mean over each token's pixels `[T, N, C]`: the frame's for the
+        pooled token, the cell's for a grid token. Pixels are first averaged per patch, so a grid cell covers
+        exactly the patches that `pool_grid` averages (the pixels past the last whole patch are left out, as
+        the tower leaves them out)."""
+        per_patch = F.avg_pool2d(per_pixel, self.patch_size)  # [T, C, h, w]
+        pooled = []
         if self.pooled_token:
-            colours.append(per_patch.mean(dim=(2, 3))[:, None])  # [T, 1, 3]
+            pooled.append(per_patch.mean(dim=(2, 3))[:, None])  # [T, 1, C]
         if self.grid:
-            cells = F.adaptive_avg_pool2d(per_patch, self.grid)  # [T, 3, k, k]
-            colours.append(cells.flatten(2).transpose(1, 2))  # [T, k*k, 3]
-        return torch.cat(colours, dim=1) * RGB_GAIN
+            cells = F.adaptive_avg_pool2d(per_patch, self.grid)  # [T, C, k, k]
+            pooled.append(cells.flatten(2).transpose(1, 2))  # [T, k*k, C]
+        return torch.cat(pooled, dim=1)
 
     @torch.no_grad()
     def tower_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,19 +288,20 @@ def _mean_std(folder: Path, kind: str) -> tuple[list[float], list[float]]:
 
 def build_frame_encoder(tower: nn.Module, image_size: int | None = None, pooled_token: bool = True, grid: int = 3,
                         mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                        mean_rgb: bool = False) -> FrameEncoder:
+                        mean_rgb: bool = False, hue_bins: int = 0) -> FrameEncoder:
     """Wrap an already built tower (e.g. a tiny random one in tests); full CLIP/SigLIP models are unwrapped."""
     if hasattr(tower, "vision_model") and not hasattr(tower.config, "patch_size"):
         tower = tower.vision_model
     kind = tower_kind(tower.config.model_type)
     default_mean, default_std = _DEFAULT_MEAN_STD[kind]
     size = image_size or tower.config.image_size
-    return FrameEncoder(tower, kind, size, mean or default_mean, std or default_std, pooled_token, grid, mean_rgb)
+    return FrameEncoder(tower, kind, size, mean or default_mean, std or default_std, pooled_token, grid, mean_rgb,
+                        hue_bins=hue_bins)
 
 
 def load_frame_encoder(path: str | Path, image_size: int | None = None, pooled_token: bool = True, grid: int = 3,
                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                       mean_rgb: bool = False) -> FrameEncoder:
+                       mean_rgb: bool = False, hue_bins: int = 0) -> FrameEncoder:
     """Load a vision tower from a local folder (or a hub name where the network allows) as a FrameEncoder.
 
     Raises:
@@ -287,7 +331,7 @@ def load_frame_encoder(path: str | Path, image_size: int | None = None, pooled_t
     tower = loader.from_pretrained(path, dtype=dtype)
     mean, std = _mean_std(folder, kind) if folder.is_dir() else _DEFAULT_MEAN_STD[kind]
     size = image_size or getattr(tower.config, "image_size", 224)
-    return FrameEncoder(tower, kind, size, mean, std, pooled_token, grid, mean_rgb).to(device)
+    return FrameEncoder(tower, kind, size, mean, std, pooled_token, grid, mean_rgb, hue_bins=hue_bins).to(device)
 
 
 ONNX_FRAME_SIZE = 224  # the packaged DINOv2 graph's fixed input size
@@ -314,7 +358,7 @@ def model_frame_encoder(config: ModelConfig, device: torch.device | str = "cpu",
                           f"this model has vision={config.vision!r}, frame_size={config.frame_size} on {device} in "
                           f"{dtype}: use backend torch")
     encoder = load_frame_encoder(resolve_vision(config.vision), config.frame_size, config.pooled_token, config.grid,
-                                 device=device, dtype=dtype, mean_rgb=config.mean_rgb)
+                                 device=device, dtype=dtype, mean_rgb=config.mean_rgb, hue_bins=config.hue_bins)
     if backend == "onnx" or (backend == "auto" and onnx_fits and onnx_runtime_available()):
         from livevlm.backbones import materialize_dinov2_onnx
 

@@ -2,7 +2,7 @@
 
 One safetensors file per (video, fps), named after the video's path relative to the dialogue file
 (`videos/000.mp4` → `videos__000.mp4.safetensors`), holding `tokens` `[T, N, D]` (frames at 0, 1/fps, …)
-and metadata (fps, encoder, frame size, grid, pooled token, mean_rgb). Files are written to a temporary name
+and metadata (fps, encoder, frame size, grid, pooled token, mean_rgb, hue_bins). Files are written to a temporary name
 and renamed when complete, so a killed run never leaves a file that reads as valid; a rerun skips finished
 videos.
 """
@@ -107,7 +107,8 @@ def encode_dialogue_videos(dialogues_path: str | Path, encoder, out_dir: str | P
                 save_features(target, tokens, {"fps": str(rate), "video": video, "encoder": encoder_name,
                                                "frame_size": str(encoder.image_size), "grid": str(encoder.grid),
                                                "pooled_token": str(encoder.pooled_token),
-                                               "mean_rgb": str(encoder.mean_rgb)})
+                                               "mean_rgb": str(encoder.mean_rgb),
+                                               "hue_bins": str(encoder.hue_bins)})
                 progress.update()
     finally:
         if pool is not None:

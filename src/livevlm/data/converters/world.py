@@ -21,13 +21,15 @@ Per video (all clips are the whole video; every answer is computed from the even
 
 `--from world-scene` makes single-frame clips instead, for an alignment stage before the streams (LLaVA's
 stage 1 in miniature): `{stem}-scene-{k}` asks "What is on the screen?" at one random frame and answers with
-every object's size, colour and shape ("A small red circle and a large blue square."). Narration names a
+every object's size, colour and shape in reading order, top third first, then left to right ("A small red
+circle and a large blue square."), the order the frame itself shows. Narration names a
 new object's colour and shape once per appearance, far too rarely to learn to read them from the frame
 tokens; `--scene-frames` per video supply those readings cheaply (a frame and a sentence each).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,7 @@ _KIND_ALIASES = {"colour": "color", "change color": "color", "change colour": "c
                  "change size": "size", "grow": "size", "shrink": "size", "collision": "collide",
                  "exit": "leave", "vanish": "leave", "disappear": "leave", "start moving": "move"}
 MOVE_PHRASES = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
+_DIRECTION_VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # image axes: y grows down
 SCENE_QUESTION = "What is on the screen?"
 REMINDER_WINDOW_S = 60.0  # a reminder is asked at most this long before its event (bounds the search, too)
 _NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
@@ -232,8 +235,60 @@ def _count(n: int) -> str:
     return "There is one object." if n == 1 else f"There are {word} objects."
 
 
-def describe_scene(objects: dict[Any, ObjState]) -> str:
-    """The objects on screen, in order of appearance: "A small red circle and a large blue square."."""
+def centres_at(events: list[Event], time_s: float) -> dict[Any, tuple[float, float]]:
+    """Where each object on screen is at `time_s` ([x, y], fractions of the frame side), from the events'
+    "center" (where the object is at its event) and "moving" (whether it moves after it): a still object stays
+    at its last event's centre; a moving one is between its last and next events' centres, linearly (the world
+    moves an object at one speed in one direction between events); with no next event it goes on at the
+    video's speed (measured on its other movements) in its direction, and an object hit by another stops
+    there. Objects whose events give no centre are left out."""
+    tracks: dict[Any, list[Event]] = {}
+    stops: dict[Any, list[float]] = {}  # collisions stop the object hit, whose own events do not say so
+    for event in events:
+        if isinstance(event.raw.get("center"), list):
+            tracks.setdefault(event.oid, []).append(event)
+        other = event.raw.get("other")
+        if event.kind == "collide" and isinstance(other, dict):
+            stops.setdefault(other.get("id"), []).append(event.time_s)
+    speeds = []  # frame sides per second, from every movement that ends in a later event
+    for track in tracks.values():
+        for before, after in zip(track, track[1:], strict=False):
+            if before.raw.get("moving") and after.time_s > before.time_s:
+                (x0, y0), (x1, y1) = before.raw["center"], after.raw["center"]
+                speeds.append(math.hypot(x1 - x0, y1 - y0) / (after.time_s - before.time_s))
+    speed = sorted(speeds)[len(speeds) // 2] if speeds else 0.0
+    centres = {}
+    for oid in state_at(events, time_s):
+        track = tracks.get(oid, [])
+        past = [e for e in track if e.time_s <= time_s + FRAME_EPS]
+        if not past:
+            continue
+        last, later = past[-1], track[len(past):]
+        x, y = last.raw["center"]
+        if last.raw.get("moving"):
+            hit = [t for t in stops.get(oid, []) if last.time_s < t <= time_s + FRAME_EPS]
+            until = min([time_s, *hit])
+            if later and later[0].time_s > last.time_s and not hit:
+                share = (until - last.time_s) / (later[0].time_s - last.time_s)
+                x, y = x + share * (later[0].raw["center"][0] - x), y + share * (later[0].raw["center"][1] - y)
+            elif last.raw.get("direction") in _DIRECTION_VECTORS:
+                dx, dy = _DIRECTION_VECTORS[last.raw["direction"]]
+                x, y = x + dx * speed * (until - last.time_s), y + dy * speed * (until - last.time_s)
+        centres[oid] = (float(x), float(y))
+    return centres
+
+
+def reading_order(centres: dict[Any, tuple[float, float]]) -> list[Any]:
+    """Object ids as a reader meets them: by third of the frame from the top (the 3x3 grid's rows), then
+    from left to right."""
+    return sorted(centres, key=lambda oid: (min(2, max(0, int(centres[oid][1] * 3))), centres[oid][0]))
+
+
+def describe_scene(objects: dict[Any, ObjState], order: list[Any] | None = None) -> str:
+    """The objects on screen: "A small red circle and a large blue square.". In `order` (object ids, e.g.
+    `reading_order`, which one frame shows) where it names every object; otherwise in order of appearance."""
+    if order is not None and sorted(map(str, order)) == sorted(map(str, objects)):
+        objects = {oid: objects[oid] for oid in order}
     names = [with_article(" ".join(part for part in (o.size, o.color, o.shape) if part)) for o in objects.values()]
     if not names:
         return "Nothing, the screen is empty."
@@ -249,7 +304,8 @@ def scene_frames(video: WorldVideo, fps: float, count: int, rng: random.Random) 
     for k, frame in enumerate(sorted(rng.sample(range(n_frames), min(count, n_frames)))):
         time_s = frame / fps
         builder = StreamBuilder(fps, time_s, time_s + 1 / fps)
-        builder.ask(time_s, SCENE_QUESTION, describe_scene(state_at(video.events, time_s)))
+        order = reading_order(centres_at(video.events, time_s))
+        builder.ask(time_s, SCENE_QUESTION, describe_scene(state_at(video.events, time_s), order))
         clips.append(video.dialogue(f"scene-{k}", builder, "scene"))
     return clips
 
