@@ -33,6 +33,18 @@ def test_jsonl_events_and_summary(tiny_checkpoint, capsys, tmp_path):
     assert (tmp_path / "t.png").stat().st_size > 0
 
 
+def test_decode_static_says_what_the_eager_loop_says(tiny_checkpoint, capsys):
+    """`--decode` reaches the engine: the static-shape step gives the eager loop's responses, word for word."""
+    ckpt, video = tiny_checkpoint
+    said = {}
+    for decode in ("eager", "static"):
+        assert run(["stream", str(video), "--model", str(ckpt), "--jsonl", "--no-frames", "--threshold", "0",
+                    "--max-new-tokens", "4", "--decode", decode]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        said[decode] = [(line["time_s"], line["text"]) for line in lines if line["type"] == "response"]
+    assert said["eager"] and said["static"] == said["eager"]
+
+
 def test_the_models_recommended_threshold_is_used_when_none_is_given(tiny_checkpoint, capsys, tmp_path):
     ckpt, video = tiny_checkpoint
     shutil.copytree(ckpt, tmp_path / "ckpt")

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from livevlm.cli import CommandError, on_interrupt_raise
 from livevlm.devices import DtypeName
@@ -56,6 +56,10 @@ class StreamArgs:
     frames: bool = field(default=True, metadata={"help": "with --jsonl, also print every frame's p_speak"})
     plot: str = field(default="", metadata={"help": "save a timeline plot (PNG) of p(speak), responses, queries"})
     max_frames_per_forward: int = field(default=8, metadata={"help": "frames per LLM forward when catching up"})
+    decode: Literal["eager", "static", "compiled"] = field(default="eager", metadata={
+        "help": "how response tokens are decoded: eager (one forward each); compiled (a static-shape step under "
+                "torch.compile, CUDA graphs on a GPU: for GPUs, where the eager loop is Python-bound); static "
+                "(the same step uncompiled). The same responses (docs/engine.md)"})
     open_timeout: float = field(default=10.0, metadata={"help": "seconds to wait for a camera or URL to open"})
     device: str = field(default="auto", metadata={"help": "where the encoder and the LLM run: auto (a GPU when "
                                                            "there is one), cpu, cuda, cuda:1, …"})
@@ -204,7 +208,7 @@ def stream(args: StreamArgs) -> int:
     model = _load(args)
     stream = model.stream(source, queries, threshold=args.threshold, realtime=realtime,
                           max_new_tokens=args.max_new_tokens, max_frames_per_forward=args.max_frames_per_forward,
-                          open_timeout_s=args.open_timeout)
+                          open_timeout_s=args.open_timeout, decode=args.decode)
     view = _View(args.jsonl, args.frames, tokenizer=model.fmt.tokenizer)
     threading.Thread(target=_read_stdin, args=(stream,), daemon=True, name="livevlm-stdin").start()
     on_interrupt_raise()  # from here Ctrl-C prints what was said (below) instead of leaving at once
