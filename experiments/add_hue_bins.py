@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from livevlm.data.features import _stream_video, feature_name, load_features, save_features
+from livevlm.data.features import feature_name, load_features, save_features
 from livevlm.data.schema import read_dialogues
 from livevlm.default_model import resolve_vision
+from livevlm.video import read_frames
 from livevlm.vision import load_frame_encoder
 
 
@@ -44,8 +45,8 @@ def main() -> None:
                                          int(metadata["frame_size"]), metadata["pooled_token"] == "True",
                                          int(metadata["grid"]), mean_rgb=metadata.get("mean_rgb") == "True",
                                          hue_bins=args.hue_bins)
-        frames = list(_stream_video(dialogues_path.parent / video, float(metadata["fps"]), encoder.image_size,
-                                    encoder.resample))
+        frames = [frame for _, frame in read_frames(dialogues_path.parent / video, fps=float(metadata["fps"]),
+                                                    size=encoder.image_size, resample=encoder.resample)]
         if len(frames) != tokens.shape[0]:
             raise SystemExit(f"{video}: {len(frames)} frames decoded, {tokens.shape[0]} in {source}")
         hues = torch.cat([encoder.token_hues(encoder.preprocess(frames[i:i + 32])) for i in range(0, len(frames), 32)])

@@ -166,12 +166,13 @@ def feature_dim(dataset: StreamDataset, config: ModelConfig) -> int:
     if file is None:  # StreamDataset has already checked the cache; this is an encoder-only dataset
         raise ConfigError("train.features: training reads cached features; run `livevlm data encode` first")
     with safe_open(str(file), framework="pt") as handle:
-        cached_rgb = (handle.metadata() or {}).get("mean_rgb", "False") == "True"
+        metadata = handle.metadata() or {}
+        cached_rgb = metadata.get("mean_rgb", "False") == "True"
         if cached_rgb != config.mean_rgb:
             raise ConfigError(f"model.mean_rgb={config.mean_rgb} but {file} was encoded with mean_rgb={cached_rgb}; "
                               f"re-encode with `livevlm data encode … --{'' if config.mean_rgb else 'no-'}mean-rgb` "
                               "into another folder, or set model.mean_rgb to match")
-        cached_hues = int((handle.metadata() or {}).get("hue_bins", "0"))
+        cached_hues = int(metadata.get("hue_bins", "0"))
         if cached_hues != config.hue_bins:
             raise ConfigError(f"model.hue_bins={config.hue_bins} but {file} was encoded with hue_bins={cached_hues}; "
                               f"re-encode with `livevlm data encode … --hue-bins {config.hue_bins}` into another "

@@ -287,7 +287,7 @@ def reading_order(centres: dict[Any, tuple[float, float]]) -> list[Any]:
 def describe_scene(objects: dict[Any, ObjState], order: list[Any] | None = None) -> str:
     """The objects on screen: "A small red circle and a large blue square.". In `order` (object ids, e.g.
     `reading_order`, which one frame shows) where it names every object; otherwise in order of appearance."""
-    if order is not None and sorted(map(str, order)) == sorted(map(str, objects)):
+    if order is not None and len(order) == len(objects) and set(order) == set(objects):
         objects = {oid: objects[oid] for oid in order}
     names = [with_article(" ".join(part for part in (o.size, o.color, o.shape) if part)) for o in objects.values()]
     if not names:
