@@ -262,3 +262,32 @@ def test_queries_beyond_queue_queries_are_refused_until_they_are_answered(server
         while not messages or messages[-1]["type"] != "summary":
             messages.append(recv_json(ws))
     assert [m["text"] for m in messages if m["type"] == "query"] == ["First?", "Q0?", "Q1?", "Q2?"]
+
+
+def test_static_decode_serves_what_eager_decode_says(tiny_model, monkeypatch):
+    """`livevlm serve --decode static`: every session decodes through the static-shape step, and the
+    messages are those of the eager engine run here (the step is exact on the CPU, docs/engine.md)."""
+    from livevlm.engine import session as engine_session
+
+    static_steps = []
+    real_init = engine_session.StaticStepCache.__init__
+
+    def counting_init(self, *args, **kwargs):
+        static_steps.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine_session.StaticStepCache, "__init__", counting_init)
+    frames = make_frames(10)
+    with LiveServer(tiny_model, ServerOptions(limits=FAST, decode="static")) as live:
+        result = run_session(live.ws, [png(f) for f in frames], start={"threshold": 0.5, "max_new_tokens": 6,
+                                                                         "query": "Narrate."},
+                             queries={4: "What now?"})
+    assert result.close_code == 1000 and result.of("response") and static_steps
+    assert as_triples(result.messages) == local_messages(tiny_model, frames, 0.5, 6, "Narrate.", {4: "What now?"})
+
+
+def test_an_unknown_decode_mode_is_refused_before_serving(tiny_model):
+    from livevlm.server.app import create_app
+
+    with pytest.raises(ValueError, match="decode='fast'.*eager"):
+        create_app(tiny_model, ServerOptions(decode="fast"))

@@ -17,6 +17,7 @@ import os
 import socket
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal
 
 from livevlm.cli import CommandError, on_interrupt_raise
 from livevlm.devices import DtypeName
@@ -49,6 +50,10 @@ class ServeArgs:
     max_query_chars: int = field(default=2000, metadata={"help": f"longest query or system prompt ({_D})"})
     queue_queries: int = field(default=4, metadata={"help": f"queries a session may have waiting ({_D})"})
     max_frames_per_forward: int = field(default=8, metadata={"help": "frames per LLM forward when catching up"})
+    decode: Literal["eager", "static", "compiled"] = field(default="eager", metadata={
+        "help": "how every session's response tokens are decoded: eager (one forward each); compiled (a "
+                "static-shape step under torch.compile, CUDA graphs on a GPU, compiled once for all sessions); "
+                "static (the same step uncompiled). The same responses (docs/engine.md)"})
     device: str = field(default="auto", metadata={"help": "auto (a GPU when there is one), cpu, cuda, cuda:1, …"})
     dtype: DtypeName = field(default="auto", metadata={
         "help": "weight precision; auto = bfloat16 on a GPU, float32 on the CPU"})
@@ -86,7 +91,8 @@ def _run(model, limits, api_key: str | None, args: ServeArgs, sock: socket.socke
     # Images above max_image_pixels are refused from their header; Pillow's own warning would only repeat it.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     app = create_app(model, ServerOptions(limits=limits, model_name=args.model or "default", api_key=api_key,
-                                          max_frames_per_forward=args.max_frames_per_forward))
+                                          max_frames_per_forward=args.max_frames_per_forward,
+                                          decode=args.decode))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     line = (f"serving {args.model or 'the default model'} on {model.runs_on}: http://{shown}:{port}/ (page), "

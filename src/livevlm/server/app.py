@@ -56,6 +56,7 @@ class ServerOptions:
     model_name: shown by /health ("default" or the checkpoint folder).
     api_key: required on /health and /v1/stream when set (None: no key).
     max_frames_per_forward: frames of one session per LLM forward when it catches up.
+    decode: how every session decodes response tokens (`EngineConfig.decode`: eager, static, compiled).
     decode_threads: threads that decode images (PIL releases the GIL while it decodes).
     worker_threads: torch threads of each worker thread (None: half the usable cores).
     """
@@ -64,6 +65,7 @@ class ServerOptions:
     model_name: str = "default"
     api_key: str | None = None
     max_frames_per_forward: int = 8
+    decode: str = "eager"
     decode_threads: int = 2
     worker_threads: int | None = None
 
@@ -72,7 +74,7 @@ def create_app(model: LiveVLM, options: ServerOptions = ServerOptions()) -> Fast
     """The app serving `model` (loaded; its frame encoder is loaded here). The worker threads run while the
     app's lifespan does (uvicorn starts and stops them)."""
     worker = ModelWorker(model, options.limits, max_frames_per_forward=options.max_frames_per_forward,
-                         threads=options.worker_threads)
+                         threads=options.worker_threads, decode=options.decode)
     decoder = ThreadPoolExecutor(max_workers=options.decode_threads, thread_name_prefix="livevlm-serve-decode")
 
     @asynccontextmanager

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from livevlm.config import DECODE_MODES
 from livevlm.detokenize import TextDeltas
 from livevlm.engine.session import Event, FrameEvent, QueryEvent, ResponseEvent, StreamSession, TokenEvent
 from livevlm.server import protocol
@@ -124,10 +125,12 @@ class ModelWorker:
         max_frames_per_forward: frames of one session in one LLM forward when it catches up.
         max_batch: the most frames of one session encoded in one call.
         threads: torch intra-op threads of each of the two threads (None: half the usable cores, at least 1).
+        decode: how every session decodes response tokens (`EngineConfig.decode`); checked here, not at the
+            first session's start.
     """
 
     def __init__(self, model: LiveVLM, limits: protocol.ServerLimits, *, max_frames_per_forward: int = 8,
-                 max_batch: int = 16, threads: int | None = None) -> None:
+                 max_batch: int = 16, threads: int | None = None, decode: str = "eager") -> None:
         from livevlm.runtime import usable_cores
 
         self.model = model
@@ -136,6 +139,9 @@ class ModelWorker:
         self.limits = limits
         self.max_frames_per_forward = max_frames_per_forward
         self.max_batch = max_batch
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode={decode!r}: give one of {list(DECODE_MODES)}")
+        self.decode = decode
         self.threads = threads or max(1, usable_cores() // 2)
         self._cond = threading.Condition()
         self._sessions: dict[str, WorkerSession] = {}
@@ -169,7 +175,7 @@ class ModelWorker:
         """
         engine = self.model.session(threshold=start.threshold, max_new_tokens=start.max_new_tokens or 64,
                                     max_frames_per_forward=self.max_frames_per_forward, realtime=False,
-                                    system_prompt=start.system)
+                                    system_prompt=start.system, decode=self.decode)
         if start.query is not None:
             engine.add_query(start.query)  # validated here; answered after the first frame
         with self._cond:
