@@ -289,5 +289,5 @@ def test_static_decode_serves_what_eager_decode_says(tiny_model, monkeypatch):
 def test_an_unknown_decode_mode_is_refused_before_serving(tiny_model):
     from livevlm.server.app import create_app
 
-    with pytest.raises(ValueError, match="decode='fast'.*eager"):
+    with pytest.raises(ValueError, match="engine.decode must be one of.*eager.*got 'fast'"):
         create_app(tiny_model, ServerOptions(decode="fast"))

@@ -160,7 +160,8 @@ class TrainConfig:
             raise ConfigError(f"train.connector_lr must be positive (or 0 = train.lr), got {self.connector_lr}")
 
 
-DECODE_MODES = ("eager", "static", "compiled")  # EngineConfig.decode
+DecodeMode = Literal["eager", "static", "compiled"]  # EngineConfig.decode
+DECODE_MODES: tuple[str, ...] = typing.get_args(DecodeMode)
 
 
 @dataclass
@@ -176,7 +177,7 @@ class EngineConfig:
     # How response tokens are decoded: "eager" one forward each on the growing cache; "static" through a
     # static-shape step (a fixed-capacity cache, the whole buffer masked), the same events; "compiled" that
     # step under torch.compile (CUDA graphs on a GPU: the decode loop stops being Python-bound).
-    decode: Literal["eager", "static", "compiled"] = "eager"
+    decode: DecodeMode = "eager"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:

@@ -17,9 +17,9 @@ import os
 import socket
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
 
 from livevlm.cli import CommandError, on_interrupt_raise
+from livevlm.config import DecodeMode
 from livevlm.devices import DtypeName
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,9 @@ class ServeArgs:
     max_query_chars: int = field(default=2000, metadata={"help": f"longest query or system prompt ({_D})"})
     queue_queries: int = field(default=4, metadata={"help": f"queries a session may have waiting ({_D})"})
     max_frames_per_forward: int = field(default=8, metadata={"help": "frames per LLM forward when catching up"})
-    decode: Literal["eager", "static", "compiled"] = field(default="eager", metadata={
+    decode: DecodeMode = field(default="eager", metadata={
         "help": "how every session's response tokens are decoded: eager (one forward each); compiled (a "
-                "static-shape step under torch.compile, CUDA graphs on a GPU, compiled once for all sessions); "
+                "static-shape step under torch.compile, CUDA graphs on a GPU); "
                 "static (the same step uncompiled). The same responses (docs/engine.md)"})
     device: str = field(default="auto", metadata={"help": "auto (a GPU when there is one), cpu, cuda, cuda:1, …"})
     dtype: DtypeName = field(default="auto", metadata={

@@ -20,9 +20,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from livevlm.cli import CommandError, on_interrupt_raise
+from livevlm.config import DecodeMode
 from livevlm.devices import DtypeName
 
 
@@ -56,7 +57,7 @@ class StreamArgs:
     frames: bool = field(default=True, metadata={"help": "with --jsonl, also print every frame's p_speak"})
     plot: str = field(default="", metadata={"help": "save a timeline plot (PNG) of p(speak), responses, queries"})
     max_frames_per_forward: int = field(default=8, metadata={"help": "frames per LLM forward when catching up"})
-    decode: Literal["eager", "static", "compiled"] = field(default="eager", metadata={
+    decode: DecodeMode = field(default="eager", metadata={
         "help": "how response tokens are decoded: eager (one forward each); compiled (a static-shape step under "
                 "torch.compile, CUDA graphs on a GPU: for GPUs, where the eager loop is Python-bound); static "
                 "(the same step uncompiled). The same responses (docs/engine.md)"})

@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.websockets import WebSocketState
 
+from livevlm.config import DecodeMode
 from livevlm.server import protocol
 from livevlm.server.worker import CloseConnection, ModelWorker, ServerFull, WorkerSession
 
@@ -65,7 +66,7 @@ class ServerOptions:
     model_name: str = "default"
     api_key: str | None = None
     max_frames_per_forward: int = 8
-    decode: str = "eager"
+    decode: DecodeMode = "eager"
     decode_threads: int = 2
     worker_threads: int | None = None
 

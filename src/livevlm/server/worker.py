@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from livevlm.config import DECODE_MODES
+from livevlm.config import DecodeMode, EngineConfig
 from livevlm.detokenize import TextDeltas
 from livevlm.engine.session import Event, FrameEvent, QueryEvent, ResponseEvent, StreamSession, TokenEvent
 from livevlm.server import protocol
@@ -130,7 +130,7 @@ class ModelWorker:
     """
 
     def __init__(self, model: LiveVLM, limits: protocol.ServerLimits, *, max_frames_per_forward: int = 8,
-                 max_batch: int = 16, threads: int | None = None, decode: str = "eager") -> None:
+                 max_batch: int = 16, threads: int | None = None, decode: DecodeMode = "eager") -> None:
         from livevlm.runtime import usable_cores
 
         self.model = model
@@ -139,9 +139,7 @@ class ModelWorker:
         self.limits = limits
         self.max_frames_per_forward = max_frames_per_forward
         self.max_batch = max_batch
-        if decode not in DECODE_MODES:
-            raise ValueError(f"decode={decode!r}: give one of {list(DECODE_MODES)}")
-        self.decode = decode
+        self.decode = EngineConfig(decode=decode).decode  # EngineConfig's own check: ConfigError on a bad mode
         self.threads = threads or max(1, usable_cores() // 2)
         self._cond = threading.Condition()
         self._sessions: dict[str, WorkerSession] = {}
