@@ -416,6 +416,21 @@ def test_more_processes_than_gpus_is_named_before_training(workdir, tmp_path, mo
     assert not (tmp_path / "run").exists()
 
 
+def test_the_train_command_destroys_the_process_group_before_it_returns(workdir, tmp_path, monkeypatch):
+    """A live gloo group at interpreter exit can abort a finished run (SIGABRT): the command ends it."""
+    import torch.distributed as dist
+
+    import livevlm.train
+
+    def train_in_a_group(recipe, **_):  # what a torchrun/accelerate launch leaves behind: an initialised group
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        return tmp_path / "run" / "model"
+
+    monkeypatch.setattr(livevlm.train, "train", train_in_a_group)
+    assert train_command(TrainArgs(recipe=str(write_recipe(workdir, tmp_path)))) == 0
+    assert not dist.is_initialized()
+
+
 def test_command_line_takes_overrides_after_the_recipe():
     import argparse
 

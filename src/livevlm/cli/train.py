@@ -46,6 +46,23 @@ def train(args: TrainArgs) -> int:
                                "--num_processes), or set CUDA_VISIBLE_DEVICES= to train on the CPU")
     else:  # one process per core group under a CPU launcher
         torch.set_num_threads(max(1, runtime.usable_cores() // local_world))
-    folder = train_model(recipe, resume=args.resume, keep_checkpoints=args.keep_checkpoints)
+    try:
+        folder = train_model(recipe, resume=args.resume, keep_checkpoints=args.keep_checkpoints)
+    finally:
+        end_process_group()
     print(f"livevlm checkpoint: {folder}")
     return 0
+
+
+def end_process_group() -> None:
+    """Destroy the process group a multi-process launch made (the Trainer's accelerate creates it), if any.
+
+    Why: a process that exits with a live gloo group can abort in interpreter shutdown ("terminate called
+    without an active exception", SIGABRT) when gloo's worker threads outlive Python; a training that
+    finished and wrote its checkpoint would then exit non-zero. The command owns the process, so it ends
+    the group; the library's `train()` leaves it alone for callers that train again in one process.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
