@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from livevlm.checkpoint import LoadedModel, load_checkpoint, resolve_threshold
-from livevlm.config import EngineConfig, Query, check_queries, check_threshold
+from livevlm.config import DecodeMode, EngineConfig, Query, check_queries, check_threshold
 from livevlm.devices import resolve_device, resolve_dtype
 from livevlm.engine.pipeline import StreamPipeline, StreamSummary
 from livevlm.engine.session import Event, StreamSession
@@ -103,18 +103,18 @@ class LiveVLM:
         return f"{self.model.device.type} {dtype}"
 
     def session(self, threshold: float | None = None, max_new_tokens: int = 64, max_frames_per_forward: int = 8,
-                realtime: bool = False, system_prompt: str | None = None, decode: str = "eager") -> StreamSession:
+                realtime: bool = False, system_prompt: str | None = None,
+                decode: DecodeMode = "eager") -> StreamSession:
         """A fresh engine session (one stream, one state): feed it frame tokens yourself, e.g. from a server.
         `decode`: how response tokens are decoded, `EngineConfig.decode` ("compiled" on a GPU, docs/engine.md)."""
         check_threshold(threshold)
         config = EngineConfig(threshold=resolve_threshold(threshold, self.loaded), max_new_tokens=max_new_tokens,
-                              max_frames_per_forward=max_frames_per_forward, realtime=realtime,
-                              decode=decode)  # type: ignore[arg-type]
+                              max_frames_per_forward=max_frames_per_forward, realtime=realtime, decode=decode)
         return StreamSession(self.model, self.fmt, config, system_prompt=system_prompt)
 
     def stream(self, source: str | int | Path, queries: Iterable[Query] = (), *, threshold: float | None = None,
                realtime: bool = False, max_new_tokens: int = 64, max_frames_per_forward: int = 8,
-               system_prompt: str | None = None, open_timeout_s: float = 10.0, decode: str = "eager") -> Stream:
+               system_prompt: str | None = None, open_timeout_s: float = 10.0, decode: DecodeMode = "eager") -> Stream:
         """Watch `source` and speak when the model decides to.
 
         Args:
