@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Rebuild livevlm's shipped default model (v0.5) from scratch: synthetic-world videos, frame features with
-# their mean colours, recipes/default.yaml (two epochs from fresh weights), θ chosen on the validation
-# split, a held-out evaluation, and the packaged copy under src/livevlm/assets/default_model.
-# About 75 minutes on 2 CPU cores (56 of them training; `livevlm train` uses a GPU when there is one).
-# Every step skips work already done, so rerunning continues where it stopped.
-# (v0.4, the model before, took four stages and about five hours; its recipes are in the git history.)
+# Rebuild livevlm's shipped default model (v0.6) from scratch: synthetic-world videos, frame features with
+# their mean colours and hue histograms, two stages of training — single frames read in reading order
+# (recipes/default-align.yaml), then the streams (recipes/default.yaml, from stage 1) — θ chosen
+# free-running on the validation split, the held-out targets, and the packaged copy under
+# src/livevlm/assets/default_model. About 2 hours on 2 CPU cores (about 100 minutes of them training;
+# `livevlm train` uses a GPU when there is one). Every step skips work already done, so rerunning continues
+# where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=data
@@ -15,12 +16,16 @@ data=data
 for split in train5 val heldout; do
   [ -f $data/world-$split/dialogue.jsonl ] || \
     livevlm data convert --from world $data/world-$split/annotations.jsonl $data/world-$split/dialogue.jsonl
-  livevlm data encode $data/world-$split/dialogue.jsonl --out $data/world-$split/features-rgb --mean-rgb
+  livevlm data encode $data/world-$split/dialogue.jsonl --out $data/world-$split/features-hue12 --mean-rgb --hue-bins 12
 done
-livevlm train recipes/default.yaml
-# The recommended θ: the one that times most validation turns within 1 s (stored in the model's livevlm.yaml).
-livevlm evaluate --model runs/default/model --data $data/world-val/dialogue.jsonl --features $data/world-val/features-rgb \
-  --choose-threshold $(for t in 0.7 0.725 0.75 0.775 0.8 0.825 0.85 0.875 0.9 0.95; do echo --threshold $t; done)
-livevlm evaluate --model runs/default/model --data $data/world-heldout/dialogue.jsonl \
-  --features $data/world-heldout/features-rgb | tee runs/default/heldout_metrics.json
+[ -f $data/world-train5/scene.jsonl ] || \
+  livevlm data convert --from world-scene $data/world-train5/annotations.jsonl $data/world-train5/scene.jsonl
+livevlm train recipes/default-align.yaml  # stage 1: single frames
+livevlm train recipes/default.yaml        # stage 2: the streams, from stage 1
+# The recommended θ: the one whose own responses, free-running, match the validation turns best (F1, then
+# fewer duplicates); stored in the model's livevlm.yaml.
+livevlm evaluate --model runs/default/model --data $data/world-val/dialogue.jsonl --features $data/world-val/features-hue12 \
+  --free-running --choose-threshold --threshold 0.7 --threshold 0.8 --results runs/default/val_free_running.jsonl
+python benchmarks/default_model_targets.py --model runs/default/model --data $data/world-heldout/dialogue.jsonl \
+  --features $data/world-heldout/features-hue12 --results runs/default/heldout_free_running.jsonl | tee runs/default/targets.md
 livevlm assets package-default runs/default/model

@@ -22,7 +22,7 @@ def default_stream(tmp_path_factory):
     video = tmp_path_factory.mktemp("default") / "heldout.mp4"
     render_video(WorldSpec(seed=1, index=3, duration=30.0), video)  # seed 1: never seen in training
     frames = [frame for _, frame in read_frames(video, fps=2.0, size=encoder.image_size)]
-    tokens = encoder.encode(frames)  # [60, 10, 387]
+    tokens = encoder.encode(frames)  # [60, 10, 399]
     return loaded.model, fmt, tokens, [i / 2 for i in range(len(frames))], frames
 
 
