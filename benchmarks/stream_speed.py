@@ -76,12 +76,14 @@ def run_mode(mode: str, model, fmt, encoder, video: str, fps: float, threads: in
     count = 0
     if mode == "sequential":
         pending = sorted(queries)
+        previous = None  # the frame before, for a model with change_hues
         for time_s, frame in frames:
             while pending and query_is_due(pending[0][0], time_s):  # the pipeline's rule
                 when, text = pending.pop(0)
                 session.add_query(text, when)
             began = time.perf_counter()
-            tokens = encoder.encode(frame[None])
+            tokens = encoder.encode(frame[None], previous=previous)
+            previous = frame
             encoded = time.perf_counter()
             record(session.step(tokens, [time_s]))
             stages["encoder"] += encoded - began

@@ -128,6 +128,37 @@ def test_init_from_a_checkpoint_without_colour_or_changes_starts_as_it(tmp_path,
         assert torch.allclose(model.eval()(ids, coloured)[0], saved.eval()(ids, tokens)[0], atol=1e-5, rtol=0)
 
 
+def test_init_from_a_hue_checkpoint_into_a_change_hues_model_starts_as_it(tmp_path, llm_folder, tiny_tokenizer):
+    """`model.change_hues` added to a checkpoint with hues and frame changes: its columns (and their changes')
+    start at zero, so the model gives the checkpoint's outputs whatever the changed pixels' hues are."""
+    config = ModelConfig(llm=str(llm_folder), finetune="connector", mean_rgb=True, hue_bins=4, frame_delta=True)
+    placeholder = register_placeholder(tiny_tokenizer)
+    saved = build_live_model(config, build_tiny_llm(len(tiny_tokenizer) - 1), 2 * (8 + 3 + 4), placeholder)
+    save_checkpoint(saved, tiny_tokenizer, config, FormatConfig(), tmp_path / "ckpt")
+    wider = ModelConfig(llm=str(llm_folder), finetune="connector", mean_rgb=True, hue_bins=4, change_hues=True,
+                        frame_delta=True)
+    model = build_live_model(wider, build_tiny_llm(len(tiny_tokenizer) - 1), 2 * (8 + 3 + 4 + 4), placeholder)
+    load_trained_weights(model, tmp_path / "ckpt", wider)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 2, 8 + 3 + 4, generator=generator)  # [T, N, D]
+    changed = torch.cat([tokens, torch.rand(3, 2, 4, generator=generator) * 10], dim=-1)  # any changed hues
+    ids = torch.tensor([[1, placeholder, placeholder, 5, placeholder, placeholder, 9, placeholder, placeholder]])
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(ids, changed)[0], saved.eval()(ids, tokens)[0], atol=1e-5, rtol=0)
+
+
+def test_init_from_a_change_hues_checkpoint_into_a_model_without_them_is_refused(tmp_path, llm_folder,
+                                                                                tiny_tokenizer):
+    config = ModelConfig(llm=str(llm_folder), finetune="connector", hue_bins=4, change_hues=True)
+    placeholder = register_placeholder(tiny_tokenizer)
+    save_checkpoint(build_live_model(config, build_tiny_llm(len(tiny_tokenizer) - 1), 8 + 8, placeholder),
+                    tiny_tokenizer, config, FormatConfig(), tmp_path / "ckpt")
+    other = ModelConfig(llm=str(llm_folder), finetune="connector", hue_bins=4)
+    model = build_live_model(other, build_tiny_llm(len(tiny_tokenizer) - 1), 8 + 4, placeholder)
+    with pytest.raises(CheckpointError, match="model.change_hues: True in the checkpoint, False here"):
+        load_trained_weights(model, tmp_path / "ckpt", other)
+
+
 def test_init_from_a_connector_of_another_width_names_both_and_the_fix(tmp_path, llm_folder, tiny_tokenizer):
     config = ModelConfig(llm=str(llm_folder), finetune="connector")
     placeholder = register_placeholder(tiny_tokenizer)

@@ -152,3 +152,30 @@ def test_encode_with_decode_workers_writes_the_same_features(tmp_path):
     assert [f.name for f in one] == [f.name for f in two]
     for a, b in zip(one, two, strict=True):
         assert torch.equal(load_features(a)[0], load_features(b)[0])
+
+
+def test_a_clip_encoded_on_the_fly_has_the_tokens_of_the_whole_videos_cache(tmp_path, fmt):
+    """A clip that starts mid-video, encoded on the fly by a `change_hues` encoder, compares its first frame with
+    the frame before the clip, as the whole video's cache does: training reads the same tokens either way."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from livevlm.data.features import encode_dialogue_videos
+    from livevlm.vision import build_frame_encoder
+    from livevlm.world import WorldSpec, render_video
+
+    render_video(WorldSpec(seed=5, index=0, duration=6.0, size=64), tmp_path / "videos" / "000.mp4")
+    clip = {**narration(0, duration=6.0), "start_s": 3.0, "end_s": 6.0,  # an object moves at 3.0 s
+            "turns": [{"role": "user", "time_s": 3.0, "text": "Narrate."},
+                      {"role": "assistant", "time_s": 3.0, "text": "Sure."},
+                      {"role": "assistant", "time_s": 4.0, "text": "A red circle appears."}]}
+    write_dialogues(tmp_path / "d.jsonl", [clip])
+    torch.manual_seed(0)
+    tower = Dinov2Model(Dinov2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     patch_size=8, image_size=32))
+    encoder = build_frame_encoder(tower, image_size=32, grid=1, hue_bins=6, change_hues=True)
+    encode_dialogue_videos(tmp_path / "d.jsonl", encoder, tmp_path / "cache")
+    cached = StreamDataset(tmp_path / "d.jsonl", fmt, cache_dir=tmp_path / "cache")[0].frame_tokens
+    on_the_fly = StreamDataset(tmp_path / "d.jsonl", fmt, encoder=encoder)[0].frame_tokens
+    assert cached.shape == (6, 2, 16 + 6 + 6)  # 3-6 s at 2 fps; CLS + 1x1 grid
+    assert cached[0, :, -6:].sum() > 0  # the clip's first frame changed since the one before
+    assert torch.allclose(on_the_fly, cached, atol=1e-5)

@@ -124,6 +124,23 @@ def test_realtime_pipeline_paces_frames_and_catches_up_without_dropping(model, f
     assert_stopped(pipeline)
 
 
+def test_the_pipeline_gives_each_batch_the_frame_before_it(fmt, tiny_llm, video):
+    """A `change_hues` encoder compares each frame with the one before: the pipeline, encoding 2 frames at a
+    time, must pass each batch the last frame of the batch before to give the sequential loop's events."""
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                          image_size=SIZE, patch_size=14)
+    encoder = build_frame_encoder(Dinov2Model(config).eval(), image_size=SIZE, pooled_token=True, grid=1,
+                                  hue_bins=3, change_hues=True)
+    torch.manual_seed(1)
+    model = bias_separator(LiveModel(tiny_llm, 8 + 3 + 3, fmt.placeholder_id).eval(), fmt.separator_id, 3.0)
+    engine = mixed_config(model, fmt, encoder, video)
+    expected = reference_events(model, fmt, engine, encoder, video, [(0.0, "Narrate.")])
+    pipeline = StreamPipeline(StreamSession(model, fmt, engine), encoder, source(video), queries=[(0.0, "Narrate.")],
+                              max_batch=2)
+    assert_same_events(list(pipeline.events()), expected)
+
+
 def test_ask_from_another_thread_is_answered(model, fmt, encoder, video):
     config = EngineConfig(threshold=0.0, max_new_tokens=3)
     pipeline = StreamPipeline(StreamSession(model, fmt, config), encoder, source(video))

@@ -205,9 +205,9 @@ def test_frames_beyond_the_queue_drop_the_oldest_waiting(tiny_model):
             image_size = worker.encoder.image_size
             resample = worker.encoder.resample
 
-            def encode(self, frames):
+            def encode(self, frames, previous=None):
                 time.sleep(0.05)
-                return encode(frames)
+                return encode(frames, previous=previous)
 
         worker.encoder = Slow()
         result = run_session(live.ws, [png(f) for f in make_frames(20)], start={"threshold": 1.0}, window=100)
@@ -291,3 +291,34 @@ def test_an_unknown_decode_mode_is_refused_before_serving(tiny_model):
 
     with pytest.raises(ValueError, match="engine.decode must be one of.*eager.*got 'fast'"):
         create_app(tiny_model, ServerOptions(decode="fast"))
+
+
+@pytest.fixture(scope="module")
+def change_hues_model(tiny_checkpoint, tmp_path_factory):
+    """The tiny model with `model.change_hues`: each frame's tokens depend on the frame before it."""
+    import torch
+
+    import livevlm
+    from conftest import save_tiny_llm
+    from livevlm.checkpoint import save_checkpoint
+    from livevlm.config import FormatConfig, ModelConfig
+    from livevlm.model import build_live_model
+
+    root = tmp_path_factory.mktemp("change_hues")
+    tokenizer, placeholder, llm = save_tiny_llm(root / "llm")
+    config = ModelConfig(llm=str(root / "llm"), vision=str(tiny_checkpoint[0].parent / "vision"), frame_size=32,
+                         grid=2, hue_bins=3, change_hues=True, finetune="connector")
+    torch.manual_seed(0)
+    model = build_live_model(config, llm, vision_dim=16 + 3 + 3, placeholder_id=placeholder)
+    save_checkpoint(model, tokenizer, config, FormatConfig(), root / "ckpt")
+    return livevlm.load(root / "ckpt", device="cpu", dtype="float32")
+
+
+def test_each_frame_is_compared_with_the_one_before_it_across_encoder_batches(change_hues_model):
+    """40 frames are more than one encoder call takes (max_batch 16): each call must be given the last frame
+    of the call before, or the first frame of each would show no change and the events would differ."""
+    frames = make_frames(40)
+    with LiveServer(change_hues_model, ServerOptions(limits=FAST, model_name="tiny")) as live:
+        result = run_session(live.ws, [png(f) for f in frames], start={"threshold": 0.5, "max_new_tokens": 4})
+    assert result.close_code == 1000
+    assert as_triples(result.messages) == local_messages(change_hues_model, frames, 0.5, 4)

@@ -402,6 +402,23 @@ def test_a_cache_without_hues_for_a_hue_bins_model_is_named(workdir, tmp_path):
         train(recipe)
 
 
+def test_a_cache_without_change_hues_for_a_change_hues_model_is_named(workdir, tmp_path):
+    for i in range(NUM_DIALOGUES):  # a cache with hues, encoded without --change-hues
+        save_features(tmp_path / "hues" / feature_name(f"videos/{i:03d}.mp4"),
+                      torch.zeros(FRAMES, TOKENS_PER_FRAME, VISION_DIM + 12), {"fps": "2.0", "hue_bins": "12"})
+    recipe = load_recipe(write_recipe(workdir, tmp_path, max_steps=1, features=str(tmp_path / "hues")))
+    recipe.model.hue_bins = 12
+    recipe.model.change_hues = True
+    with pytest.raises(ConfigError, match="model.change_hues=True but .* was encoded with change_hues=False; "
+                                          "re-encode with `livevlm data encode … --change-hues`"):
+        train(recipe)
+
+
+def test_change_hues_without_hue_bins_are_refused_in_the_recipe():
+    with pytest.raises(ConfigError, match="model.change_hues needs model.hue_bins"):
+        ModelConfig(change_hues=True)
+
+
 def test_hue_bins_of_two_are_refused_in_the_recipe():
     with pytest.raises(ConfigError, match="model.hue_bins must be 0 .* or at least 3 bins"):
         ModelConfig(hue_bins=2)

@@ -80,6 +80,43 @@ def test_hue_bins_put_each_hue_on_its_own_channel_weighted_by_chroma():
     assert torch.allclose(hues, expected, atol=1e-5)
 
 
+def test_change_hues_count_the_changed_pixels_hues_in_both_frames():
+    """A red block appears in the top-left cell, then turns green (hue 120°: bin 4 of 12). Frame 1's changed
+    pixels are the block (red now, grey before: bin 0 only); frame 2's are the block again (green now, red
+    before: bins 0 and 4); the first frame has no frame before, so no change; the grey never counts."""
+    encoder = build_frame_encoder(tiny_tower("dinov2"), image_size=24, pooled_token=True, grid=3, hue_bins=12,
+                                  change_hues=True)
+    rgb = torch.full((3, 3, 24, 24), 0.5)  # grey everywhere
+    rgb[1, :, :8, :8] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]  # frame 1: a red block fills the cell
+    rgb[2, :, :8, :8] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]  # frame 2: it is green
+    pixels = (rgb - encoder.mean) / encoder.std
+    tokens = encoder(pixels)
+    assert tokens.shape == (3, 10, 16 + 12 + 12) and encoder.feature_width == 40
+    assert torch.allclose(tokens[..., :28], build_frame_encoder(encoder.tower, 24, hue_bins=12)(pixels), atol=1e-6)
+    changes = tokens[..., 28:] / HUE_GAIN  # [3, 10, 12]
+    expected = torch.zeros(3, 10, 12)
+    expected[1, 1, 0] = 1.0  # the top-left cell: all its pixels changed, red in frame 1
+    expected[2, 1, 0] = expected[2, 1, 4] = 1.0  # red before, green now
+    expected[:, 0] = expected[:, 1] / 9  # the frame: 1 cell of 9
+    assert torch.allclose(changes, expected, atol=1e-5)
+
+
+def test_change_hues_compare_the_first_frame_with_the_previous_one_given():
+    """A stream encoded in several calls gives the tokens of one call when each passes the frame before."""
+    encoder = build_frame_encoder(tiny_tower("dinov2"), image_size=24, hue_bins=6, change_hues=True)
+    frames = np.random.default_rng(0).integers(0, 255, (5, 24, 24, 3), dtype=np.uint8)
+    whole = encoder.encode(frames)
+    parts = torch.cat([encoder.encode(frames[:2]), encoder.encode(frames[2:], previous=frames[1])])
+    assert torch.allclose(parts, whole, atol=1e-6)
+    assert torch.allclose(encoder.encode(frames, batch_size=2), whole, atol=1e-6)
+    assert not torch.allclose(encoder.encode(frames[2:]), whole[2:], atol=1e-3)  # without it: no change at frame 2
+
+
+def test_change_hues_without_hue_bins_are_refused():
+    with pytest.raises(VisionError, match="change_hues needs hue_bins"):
+        build_frame_encoder(tiny_tower("dinov2"), image_size=24, change_hues=True)
+
+
 def test_hue_bins_of_one_or_two_are_refused():
     with pytest.raises(VisionError, match="hue_bins=2: use 0"):
         build_frame_encoder(tiny_tower("dinov2"), image_size=24, hue_bins=2)

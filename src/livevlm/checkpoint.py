@@ -268,7 +268,7 @@ def load_trained_weights(model: LiveModel, folder: str | Path, model_config: Mod
     saved, _ = read_checkpoint_config(folder)
     differ = [f"model.{name}: {getattr(saved, name)!r} in the checkpoint, {getattr(model_config, name)!r} here"
               for name in WEIGHT_SETTINGS if getattr(saved, name) != getattr(model_config, name)]
-    for name in ("mean_rgb", "frame_delta"):  # inputs can be added to a checkpoint, not taken away
+    for name in ("mean_rgb", "frame_delta", "change_hues"):  # inputs can be added to a checkpoint, not taken away
         if getattr(saved, name) and not getattr(model_config, name):
             differ.append(f"model.{name}: True in the checkpoint, False here")
     if saved.hue_bins and saved.hue_bins != model_config.hue_bins:  # hues can be added, not changed or taken away
@@ -278,9 +278,11 @@ def load_trained_weights(model: LiveModel, folder: str | Path, model_config: Mod
     if differ:
         raise CheckpointError(f"train.init_from={folder} was trained with other model settings; set them as "
                               "it has them, or start from scratch: " + "; ".join(differ))
-    # Inputs added to a model trained without them (colour, hues, frame changes) start unused: `load_connector`.
+    # Inputs added to a model trained without them (colour, hues, changed hues, frame changes) start unused:
+    # `load_connector`.
     new_channels = ((RGB_CHANNELS if model_config.mean_rgb and not saved.mean_rgb else 0)
-                    + (model_config.hue_bins if not saved.hue_bins else 0))
+                    + (model_config.hue_bins if not saved.hue_bins else 0)
+                    + (model_config.hue_bins if model_config.change_hues and not saved.change_hues else 0))
     try:
         model.load_connector(_load_connector(folder), saved.frame_delta, new_channels)
     except ValueError as exc:  # the model's width is the feature cache's

@@ -72,6 +72,7 @@ class ModelConfig:
     grid: int = 3  # k: the patch grid is average-pooled to k x k tokens (0 = no grid tokens)
     mean_rgb: bool = False  # each frame token also carries its pixels' mean colour (D + 3; see vision.py)
     hue_bins: int = 0  # each frame token also carries a histogram of its pixels' hues in K bins (+ K; vision.py)
+    change_hues: bool = False  # ... and the same histogram of only its pixels changed since the frame before (+ K)
     frame_delta: bool = False  # each frame token also carries its change since the frame before (2D; model.py)
     connector_hidden: int = 0  # hidden width of the 2-layer MLP connector; 0 = the LLM's hidden size
     connector_norm: bool = False  # the connector ends in an RMSNorm: frame tokens enter at the text's scale
@@ -90,6 +91,8 @@ class ModelConfig:
         if self.hue_bins < 0 or self.hue_bins in (1, 2):
             raise ConfigError(f"model.hue_bins must be 0 (none) or at least 3 bins around the hue circle, got "
                               f"{self.hue_bins}")
+        if self.change_hues and not self.hue_bins:
+            raise ConfigError("model.change_hues needs model.hue_bins (its histogram has that many bins); set both")
         if self.frame_size <= 0:
             raise ConfigError(f"model.frame_size must be positive, got {self.frame_size}")
         if self.lora_r <= 0 and self.finetune == "lora":

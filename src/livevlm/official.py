@@ -622,7 +622,8 @@ def load_official_weights(model: LiveModel, folder: Path, model_config: ModelCon
                               "other model settings; set them as it has them: " + "; ".join(differ))
     try:
         model.load_connector(adapter.connector, False,
-                             (RGB_CHANNELS if model_config.mean_rgb else 0) + model_config.hue_bins)
+                             (RGB_CHANNELS if model_config.mean_rgb else 0)
+                             + model_config.hue_bins * (2 if model_config.change_hues else 1))
     except ValueError as exc:
         raise CheckpointError(f"train.init_from={folder}: {exc} (from the feature cache); encode the features with "
                               f"{OFFICIAL_VISION} at {FRAME_SIZE} px") from None
@@ -733,9 +734,10 @@ def _check_exportable(folder: Path, model_config: ModelConfig, format_config: Fo
         reasons.append(f"model.finetune is {model_config.finetune!r}, the official format holds a LoRA")
     if (model_config.pooled_token, model_config.grid, model_config.frame_size) != (True, 3, FRAME_SIZE):
         reasons.append("the frame tokens are not the official pooled token + 3×3 grid at 384 px")
-    if model_config.mean_rgb or model_config.hue_bins or model_config.frame_delta or model_config.connector_norm:
-        reasons.append("mean_rgb / hue_bins / frame_delta / connector_norm are livevlm's own inputs, unknown to the "
-                       "public code")
+    if (model_config.mean_rgb or model_config.hue_bins or model_config.change_hues or model_config.frame_delta
+            or model_config.connector_norm):
+        reasons.append("mean_rgb / hue_bins / change_hues / frame_delta / connector_norm are livevlm's own inputs, "
+                       "unknown to the public code")
     official = FormatConfig()
     if replace(format_config, system_prompt=official.system_prompt) != official:
         reasons.append("the stream layout is not the official v1+ one")

@@ -159,7 +159,8 @@ def feature_dim(dataset: StreamDataset, config: ModelConfig) -> int:
     dialogue's cache file header, twice that with `frame_delta`.
 
     Raises:
-        ConfigError: the cache was encoded with another `mean_rgb` or `hue_bins` than `config` asks for.
+        ConfigError: the cache was encoded with another `mean_rgb`, `hue_bins` or `change_hues` than `config` asks
+            for.
     """
     dialogue = dataset.dialogues[0]
     file = feature_file(dialogue, dataset.root, dataset.cache_dir)
@@ -177,6 +178,12 @@ def feature_dim(dataset: StreamDataset, config: ModelConfig) -> int:
             raise ConfigError(f"model.hue_bins={config.hue_bins} but {file} was encoded with hue_bins={cached_hues}; "
                               f"re-encode with `livevlm data encode … --hue-bins {config.hue_bins}` into another "
                               "folder, or set model.hue_bins to match")
+        cached_changes = metadata.get("change_hues", "False") == "True"
+        if cached_changes != config.change_hues:
+            raise ConfigError(f"model.change_hues={config.change_hues} but {file} was encoded with change_hues="
+                              f"{cached_changes}; re-encode with `livevlm data encode … --"
+                              f"{'' if config.change_hues else 'no-'}change-hues` into another folder, or set "
+                              "model.change_hues to match")
         cached = int(handle.get_slice("tokens").get_shape()[-1])
     return 2 * cached if config.frame_delta else cached
 

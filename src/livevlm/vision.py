@@ -9,7 +9,13 @@ weakly, and a linear probe reads an object's colour from its grid cell's mean RG
 against 87 %) than from DINOv2's tokens. With `hue_bins` K, each token also carries a histogram of its
 pixels' hues (K more channels, after the mean colour): the mean colour mixes an object with what surrounds
 it in a cell, so neighbouring hues (red, orange, yellow) differ in it by small ratios; a hue histogram puts
-each hue on its own channel, whatever the object's share of the cell.
+each hue on its own channel, whatever the object's share of the cell. With `change_hues` as well, each token
+also carries the same histogram over only its pixels that changed since the frame before (K more channels):
+what moved, appeared, left or changed colour, and nothing else. The whole-frame hue histogram of a scene
+where one of three objects starts moving does not change at all, and a cell's changes only when the object
+crosses into another cell, so the tokens alone barely say *which* object an event is about; the colours of
+the changed pixels say it directly. It makes the encoder look at the frame before the ones it is given
+(`encode`'s `previous`): streaming callers keep the last frame they encoded.
 The encoders' tokens are raw: a model's `frame_delta` (each token's change since the previous frame) is
 derived by the model itself (`LiveModel.frame_inputs`), in training and in the engine alike.
 Preprocessing is deterministic: letterbox to a square of `image_size` with black padding, scale to [0, 1],
@@ -52,6 +58,9 @@ RGB_GAIN = 10.0
 # `hue_bins` histograms are shares of a token's pixels (weighted by chroma, so at most 1 in all), scaled like
 # the mean colours: a small object fills about a fifth of a 3x3 grid cell.
 HUE_GAIN = 10.0
+# `change_hues`: a pixel has changed when one of its RGB channels moved by more than this (in [0, 1]): well above
+# video compression's noise on a still background, well below the step between any two of the world's colours.
+CHANGE_THRESHOLD = 0.1
 
 
 _KINDS = {
@@ -86,19 +95,23 @@ class FrameEncoder(nn.Module):
             token, the cell's patches for a grid token): tokens `[T, N, D + 3]`.
         hue_bins: K > 0 appends to each token a K-bin histogram of its pixels' hues (`token_hues`), after the
             mean colour: tokens `[T, N, D (+ 3) + K]`.
+        change_hues: also append each token's hue histogram of the pixels that changed since the frame before
+            (`token_change_hues`, K more channels after the hues; needs hue_bins).
         onnx_tower: the same tower as an `OnnxTower` (CPU only), which then computes the hidden states in
             place of `tower`; `tower` still describes it (config, patch size).
     """
 
     def __init__(self, tower: nn.Module, kind: str, image_size: int, mean: Sequence[float], std: Sequence[float],
                  pooled_token: bool = True, grid: int = 3, mean_rgb: bool = False,
-                 onnx_tower: OnnxTower | None = None, hue_bins: int = 0) -> None:
+                 onnx_tower: OnnxTower | None = None, hue_bins: int = 0, change_hues: bool = False) -> None:
         super().__init__()
         self.onnx_tower = onnx_tower
         if not pooled_token and grid <= 0:
             raise VisionError("a frame needs at least one token: pooled_token=True or grid > 0")
         if hue_bins < 0 or hue_bins in (1, 2):
             raise VisionError(f"hue_bins={hue_bins}: use 0 (no hue histogram) or 3 or more bins around the hue circle")
+        if change_hues and not hue_bins:
+            raise VisionError("change_hues needs hue_bins: the changed pixels' histogram has hue_bins bins")
         self.tower = tower.eval().requires_grad_(False)
         self.kind = kind
         self.resample = _RESAMPLE[kind]  # the letterbox's filter: give it to `video.read_frames` too
@@ -107,6 +120,7 @@ class FrameEncoder(nn.Module):
         self.grid = grid
         self.mean_rgb = mean_rgb
         self.hue_bins = hue_bins
+        self.change_hues = change_hues
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         config = tower.config
@@ -123,8 +137,9 @@ class FrameEncoder(nn.Module):
 
     @property
     def feature_width(self) -> int:
-        """D of the frame tokens: the tower's width, + 3 with `mean_rgb`, + `hue_bins`."""
-        return self.hidden_size + (RGB_CHANNELS if self.mean_rgb else 0) + self.hue_bins
+        """D of the frame tokens: the tower's width, + 3 with `mean_rgb`, + `hue_bins` (twice with `change_hues`)."""
+        hues = self.hue_bins * (2 if self.change_hues else 1)
+        return self.hidden_size + (RGB_CHANNELS if self.mean_rgb else 0) + hues
 
     @property
     def device(self) -> torch.device:
@@ -140,8 +155,10 @@ class FrameEncoder(nn.Module):
         return (pixels - self.mean) / self.std
 
     @torch.no_grad()
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels `[T, 3, S, S]` → frame tokens `[T, N, D]` (+ 3 with `mean_rgb`, + `hue_bins`), float32."""
+    def forward(self, pixel_values: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised pixels `[T, 3, S, S]` → frame tokens `[T, N, D]` (+ 3 with `mean_rgb`, + `hue_bins`, + `hue_bins`
+        with `change_hues`), float32. previous: the normalised frame before them, `[1, 3, S, S]`, for
+        `change_hues` (None: the first frame of a stream, which has no change)."""
         pooled, patches = self.tower_tokens(pixel_values)
         tokens = []
         if self.pooled_token:
@@ -153,6 +170,8 @@ class FrameEncoder(nn.Module):
             tokens = torch.cat([tokens, self.token_colours(pixel_values)], dim=-1)
         if self.hue_bins:
             tokens = torch.cat([tokens, self.token_hues(pixel_values)], dim=-1)
+        if self.change_hues:
+            tokens = torch.cat([tokens, self.token_change_hues(pixel_values, previous)], dim=-1)
         return tokens
 
     def token_colours(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -169,7 +188,31 @@ class FrameEncoder(nn.Module):
         `token_colours` pools), so it reads "this share of the cell is this hue" and a grey background adds
         nothing. The letterbox's black padding has no chroma.
         """
-        rgb = (pixel_values.float() * self.std + self.mean).clamp(0, 1)  # [T, 3, S, S] back in [0, 1]
+        return self._pool_to_tokens(self._pixel_hues(self._rgb(pixel_values))) * HUE_GAIN
+
+    def token_change_hues(self, pixel_values: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised pixels `[T, 3, S, S]` (and the frame before them, `[1, 3, S, S]`, or None) → each token's hue
+        histogram of its changed pixels × `HUE_GAIN`, `[T, N, K]`.
+
+        A pixel has changed when a channel moved by more than `CHANGE_THRESHOLD` since the frame before; it adds
+        its hue histogram (`token_hues`) in both frames, so an object that moves, appears, leaves or changes
+        colour adds its colour (and a recoloured one both), while the grey it uncovers or covers adds nothing.
+        Frame t is compared with frame t - 1 of the batch, the first with `previous` (None: with itself, no
+        change).
+        """
+        rgb = self._rgb(pixel_values)  # [T, 3, S, S]
+        first = rgb[:1] if previous is None else self._rgb(previous.to(rgb.device))
+        before = torch.cat([first, rgb[:-1]])  # [T, 3, S, S]: each frame's predecessor
+        changed = ((rgb - before).abs().amax(dim=1) > CHANGE_THRESHOLD)[:, None]  # [T, 1, S, S]
+        histogram = (self._pixel_hues(rgb) + self._pixel_hues(before)) * changed  # [T, K, S, S]
+        return self._pool_to_tokens(histogram) * HUE_GAIN
+
+    def _rgb(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels `[T, 3, S, S]` → RGB in [0, 1] (the letterbox's padding is black)."""
+        return (pixel_values.float() * self.std + self.mean).clamp(0, 1)
+
+    def _pixel_hues(self, rgb: torch.Tensor) -> torch.Tensor:
+        """RGB `[T, 3, S, S]` in [0, 1] → each pixel's chroma-weighted hue bins `[T, K, S, S]` (`token_hues`)."""
         top, top_channel = rgb.max(dim=1)  # [T, S, S]
         chroma = top - rgb.min(dim=1).values  # [T, S, S]
         red, green, blue = rgb.unbind(dim=1)
@@ -182,8 +225,7 @@ class FrameEncoder(nn.Module):
         lower_bin = lower.long() % self.hue_bins
         bins = (F.one_hot(lower_bin, self.hue_bins) * (1 - upper_share)[..., None]
                 + F.one_hot((lower_bin + 1) % self.hue_bins, self.hue_bins) * upper_share[..., None])
-        histogram = (bins * chroma[..., None]).permute(0, 3, 1, 2)  # [T, K, S, S]
-        return self._pool_to_tokens(histogram) * HUE_GAIN
+        return (bins * chroma[..., None]).permute(0, 3, 1, 2)  # [T, K, S, S]
 
     def _pool_to_tokens(self, per_pixel: torch.Tensor) -> torch.Tensor:
         """Per-pixel channels `[T, C, S, S]` → their mean over each token's pixels `[T, N, C]`: the frame's for the
@@ -223,14 +265,22 @@ class FrameEncoder(nn.Module):
         pooled = F.adaptive_avg_pool2d(grid, k)  # [T, D, k, k]
         return pooled.flatten(2).transpose(1, 2)  # [T, k*k, D]
 
-    def encode(self, frames: np.ndarray | Iterable[np.ndarray], batch_size: int = 32) -> torch.Tensor:
+    def encode(self, frames: np.ndarray | Iterable[np.ndarray], batch_size: int = 32,
+               previous: np.ndarray | None = None) -> torch.Tensor:
         """uint8 frames `[T, H, W, 3]`, or any iterable of `[H, W, 3]` frames (a decoder's stream) → frame
         tokens `[T, N, D]` on CPU, encoded `batch_size` at a time as they come: only one batch of pixels is
-        held, so an hour-long video streams through in constant memory."""
+        held, so an hour-long video streams through in constant memory.
+
+        previous: the uint8 frame shown before `frames[0]`, which `change_hues` compares it with: a stream
+        encoded in several calls passes each call the last frame of the call before (None: `frames[0]` starts
+        the stream). Encoders without `change_hues` ignore it."""
         frames = iter(frames)
         outputs = []
+        before = self.preprocess([previous]) if previous is not None and self.change_hues else None
         while batch := list(islice(frames, batch_size)):
-            outputs.append(self(self.preprocess(batch)).cpu())
+            pixels = self.preprocess(batch)  # [B, 3, S, S]
+            outputs.append(self(pixels, before).cpu())
+            before = pixels[-1:]
         if not outputs:
             return torch.zeros(0, self.tokens_per_frame, self.feature_width)
         return torch.cat(outputs)
@@ -288,7 +338,7 @@ def _mean_std(folder: Path, kind: str) -> tuple[list[float], list[float]]:
 
 def build_frame_encoder(tower: nn.Module, image_size: int | None = None, pooled_token: bool = True, grid: int = 3,
                         mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                        mean_rgb: bool = False, hue_bins: int = 0) -> FrameEncoder:
+                        mean_rgb: bool = False, hue_bins: int = 0, change_hues: bool = False) -> FrameEncoder:
     """Wrap an already built tower (e.g. a tiny random one in tests); full CLIP/SigLIP models are unwrapped."""
     if hasattr(tower, "vision_model") and not hasattr(tower.config, "patch_size"):
         tower = tower.vision_model
@@ -296,12 +346,12 @@ def build_frame_encoder(tower: nn.Module, image_size: int | None = None, pooled_
     default_mean, default_std = _DEFAULT_MEAN_STD[kind]
     size = image_size or tower.config.image_size
     return FrameEncoder(tower, kind, size, mean or default_mean, std or default_std, pooled_token, grid, mean_rgb,
-                        hue_bins=hue_bins)
+                        hue_bins=hue_bins, change_hues=change_hues)
 
 
 def load_frame_encoder(path: str | Path, image_size: int | None = None, pooled_token: bool = True, grid: int = 3,
                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                       mean_rgb: bool = False, hue_bins: int = 0) -> FrameEncoder:
+                       mean_rgb: bool = False, hue_bins: int = 0, change_hues: bool = False) -> FrameEncoder:
     """Load a vision tower from a local folder (or a hub name where the network allows) as a FrameEncoder.
 
     Raises:
@@ -331,7 +381,8 @@ def load_frame_encoder(path: str | Path, image_size: int | None = None, pooled_t
     tower = loader.from_pretrained(path, dtype=dtype)
     mean, std = _mean_std(folder, kind) if folder.is_dir() else _DEFAULT_MEAN_STD[kind]
     size = image_size or getattr(tower.config, "image_size", 224)
-    return FrameEncoder(tower, kind, size, mean, std, pooled_token, grid, mean_rgb, hue_bins=hue_bins).to(device)
+    return FrameEncoder(tower, kind, size, mean, std, pooled_token, grid, mean_rgb, hue_bins=hue_bins,
+                        change_hues=change_hues).to(device)
 
 
 ONNX_FRAME_SIZE = 224  # the packaged DINOv2 graph's fixed input size
@@ -358,7 +409,8 @@ def model_frame_encoder(config: ModelConfig, device: torch.device | str = "cpu",
                           f"this model has vision={config.vision!r}, frame_size={config.frame_size} on {device} in "
                           f"{dtype}: use backend torch")
     encoder = load_frame_encoder(resolve_vision(config.vision), config.frame_size, config.pooled_token, config.grid,
-                                 device=device, dtype=dtype, mean_rgb=config.mean_rgb, hue_bins=config.hue_bins)
+                                 device=device, dtype=dtype, mean_rgb=config.mean_rgb, hue_bins=config.hue_bins,
+                                 change_hues=config.change_hues)
     if backend == "onnx" or (backend == "auto" and onnx_fits and onnx_runtime_available()):
         from livevlm.backbones import materialize_dinov2_onnx
 

@@ -78,6 +78,9 @@ class EncodeArgs:
                                                             "model with model.mean_rgb: true)"})
     hue_bins: int = field(default=0, metadata={"help": "append each token's histogram of pixel hues in this many bins "
                                                        "(for a model with model.hue_bins set; 0 = none)"})
+    change_hues: bool = field(default=False, metadata={"help": "append each token's hue histogram of the pixels "
+                                                               "changed since the frame before (for a model with "
+                                                               "model.change_hues: true; needs --hue-bins)"})
     batch_size: int = field(default=16, metadata={"help": "frames per encoder forward"})
     fps: float = field(default=0.0, metadata={"help": "sampling rate; 0 = each dialogue's own fps"})
     device: str = field(default="auto", metadata={"help": "where the encoder runs: auto (cuda if available), "
@@ -97,7 +100,8 @@ def encode(args: EncodeArgs) -> int:
     device = resolve_device(args.device)
     runtime.use_all_cores()
     encoder = load_frame_encoder(resolve_vision(args.encoder), args.frame_size, args.pooled_token, args.grid,
-                                 device=device, mean_rgb=args.mean_rgb, hue_bins=args.hue_bins)
+                                 device=device, mean_rgb=args.mean_rgb, hue_bins=args.hue_bins,
+                                 change_hues=args.change_hues)
     out = Path(args.out) if args.out else Path(args.dialogues).parent / "features"
     files = encode_dialogue_videos(args.dialogues, encoder, out, args.fps or None, args.batch_size, args.encoder,
                                    workers=args.workers)

@@ -90,14 +90,16 @@ class StreamDataset(Dataset):
 
         limit = min(dialogue.num_frames(), self.max_frames)
         frames = []
+        previous = None  # the frame before the clip, which `change_hues` compares its first with (as a cache does)
         for time_s, frame in read_frames(self.root / dialogue.video, fps=dialogue.fps, size=self.encoder.image_size,
                                          resample=self.encoder.resample):
             if time_s + 1e-6 < dialogue.start_s:
+                previous = frame
                 continue
             frames.append(frame)
             if len(frames) == limit:
                 break
-        return self.encoder.encode(frames)
+        return self.encoder.encode(frames, previous=previous)
 
     def __getitem__(self, index: int) -> StreamSample:
         dialogue = self.dialogues[index]

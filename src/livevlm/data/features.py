@@ -108,7 +108,8 @@ def encode_dialogue_videos(dialogues_path: str | Path, encoder, out_dir: str | P
                                                "frame_size": str(encoder.image_size), "grid": str(encoder.grid),
                                                "pooled_token": str(encoder.pooled_token),
                                                "mean_rgb": str(encoder.mean_rgb),
-                                               "hue_bins": str(encoder.hue_bins)})
+                                               "hue_bins": str(encoder.hue_bins),
+                                               "change_hues": str(encoder.change_hues)})
                 progress.update()
     finally:
         if pool is not None:

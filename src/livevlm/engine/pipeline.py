@@ -74,7 +74,9 @@ class StreamPipeline:
 
     Args:
         session: a fresh StreamSession (its config gives max_frames_per_forward).
-        encoder: a `vision.FrameEncoder` (its `encode` is used) or any callable frames → `[T, N, D]`.
+        encoder: a `vision.FrameEncoder` (its `encode` is used, given the last frame of the batch before, which
+            `change_hues` compares the batch's first frame with) or any callable frames → `[T, N, D]` (that
+            encodes each frame on its own).
         source: an iterable of `(time_s, frame [H, W, 3] uint8)`, e.g. `video.read_frames(path, fps, size)`;
             closed (if it has `close`) when the run ends.
         realtime: release frames at wall-clock pace (for files played "live"); False: as fast as possible.
@@ -96,7 +98,9 @@ class StreamPipeline:
         if max_batch <= 0 or queue_size <= 0:
             raise ValueError(f"max_batch and queue_size must be positive, got {max_batch} and {queue_size}")
         self.session = session
-        self._encode: Encode = encoder.encode if hasattr(encoder, "encode") else encoder
+        # FrameEncoder.encode(frames, previous=...) or an Encode
+        self._encode: Callable[..., torch.Tensor] = encoder.encode if hasattr(encoder, "encode") else encoder
+        self._encode_takes_previous = hasattr(encoder, "encode")
         self._source = source
         self.realtime = realtime
         self.on_event = on_event
@@ -220,6 +224,7 @@ class StreamPipeline:
         torch.set_num_threads(self.encoder_threads)  # this thread's own count
         try:
             done = False
+            previous: np.ndarray | None = None  # the last frame encoded, for the next batch's first
             while not done and not self._stop.is_set():
                 item = self._get(self._frames)
                 batch: list[tuple[float, np.ndarray]] = []
@@ -235,8 +240,11 @@ class StreamPipeline:
                     except queue.Empty:
                         break
                 if batch:
+                    frames = np.stack([frame for _, frame in batch])  # [T, H, W, 3]
                     with torch.no_grad():
-                        tokens = self._encode(np.stack([frame for _, frame in batch]))
+                        tokens = (self._encode(frames, previous=previous) if self._encode_takes_previous
+                                  else self._encode(frames))
+                    previous = frames[-1]
                     if not self._put(self._tokens, ([t for t, _ in batch], tokens)):
                         return
                 if done:

@@ -342,7 +342,7 @@ class StreamSession:
             raise ValueError(f"frame_tokens are D={frame_tokens.shape[2]} wide but the model takes {width}"
                              f"{' (before frame_delta doubles it)' if self.model.frame_delta else ''}; encode with "
                              "the model's vision settings (model.mean_rgb adds 3 colour channels, model.hue_bins its "
-                             "bins)")
+                             "bins, model.change_hues as many again)")
 
     def _forward_frames(self, frame_tokens: torch.Tensor, times: list[float],
                         decide: bool = True) -> Iterator[Event]:

@@ -37,7 +37,8 @@ def evaluate_stream_model(loaded, dataset, thresholds: list[float], limit: int =
         if frame_tokens is not None and frame_tokens.shape[-1] != width:
             raise ValueError(f"dialogue {sample.id!r}: its frame tokens are {frame_tokens.shape[-1]} wide, the model "
                              f"takes {width} (model.mean_rgb={loaded.model_config.mean_rgb}, hue_bins="
-                             f"{loaded.model_config.hue_bins}, frame_delta={loaded.model_config.frame_delta}); give "
+                             f"{loaded.model_config.hue_bins}, change_hues={loaded.model_config.change_hues}, "
+                             f"frame_delta={loaded.model_config.frame_delta}); give "
                              "--features a "
                              "cache encoded as the model was trained, or leave it out to encode the videos")
         with torch.no_grad():

@@ -104,6 +104,7 @@ class WorkerSession:
         self.encoded: deque[_Encoded | _Query] = deque()
         self.encoded_frames = 0
         self.encoding = False
+        self.last_pixels: np.ndarray | None = None  # the last frame encoded: the encoder's `previous` (change_hues)
         self.events: Iterator[Event] | None = None  # the engine step in progress
         self.in_step: deque[tuple[int, float]] = deque()  # (index, arrival) of the frames being stepped
         self.ended = self.finished = self.closed = False
@@ -317,8 +318,10 @@ class ModelWorker:
             if not frames:
                 continue
             try:
-                with torch.no_grad():
-                    tokens = self.encoder.encode(np.stack([frame.pixels for frame in frames]))  # [T, N, D]
+                with torch.no_grad():  # frames [T, H, W, 3] → tokens [T, N, D]
+                    tokens = self.encoder.encode(np.stack([frame.pixels for frame in frames]),
+                                                 previous=session.last_pixels)
+                session.last_pixels = frames[-1].pixels
             except Exception as error:  # noqa: BLE001  (one session fails, the server goes on)
                 self._fail(session, "frame encoding", error)
                 continue
