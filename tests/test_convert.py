@@ -171,6 +171,19 @@ def test_world_scene_clips_are_one_frame_each_answered_from_the_timeline_at_that
                                ("assistant", clip.start_s, world.describe_scene(world.state_at(events, clip.start_s)))]
 
 
+def test_world_changes_clips_show_the_frame_before_and_the_frame_that_narrates_each_event(tmp_path):
+    """At 2 fps: 2.2 s and 2.4 s are both narrated at 2.5 s (one clip, both sentences), 5.0 at 5.0, 6.3 at 6.5,
+    7.1 at 7.5, 8.9 at 9.0; the appearances at 0.0 have no frame before and make no clip."""
+    clips = run(tmp_path, "world-changes", world_file(tmp_path))
+    assert [c.id for c in clips] == [f"000-change-{k}" for k in range(5)]
+    assert [(c.start_s, c.end_s) for c in clips] == [(2.0, 3.0), (4.5, 5.5), (6.0, 7.0), (7.0, 8.0), (8.5, 9.5)]
+    assert turns(clips[0]) == [("user", 2.5, "What just changed?"), ("assistant", 2.5, "The red circle starts moving "
+                                                                     "to the right. The blue square shrinks.")]
+    assert [turns(c)[1][2] for c in clips[1:]] == ["The red circle bumps into the blue square.",
+                                                   "The blue square turns green.", "The red circle teleports.",
+                                                   "The red circle vanishes on the left."]
+
+
 def test_world_scene_without_frames_says_which_option_to_raise(tmp_path):
     with pytest.raises(AnnotationError, match="--scene-frames 0"):
         run(tmp_path, "world-scene", world_file(tmp_path), scene_frames=0)
@@ -427,9 +440,9 @@ def test_segments_missing_field_names_the_record(tmp_path):
 
 
 def test_the_registry_lists_every_converter_and_rejects_unknown_names():
-    assert list(CONVERTERS) == ["world", "world-scene", "ego4d-narration", "coin", "segments"]
+    assert list(CONVERTERS) == ["world", "world-scene", "world-changes", "ego4d-narration", "coin", "segments"]
     with pytest.raises(AnnotationError, match="unknown source format 'epic'; choose one with --from: world, "
-                                              "world-scene, ego4d-narration, coin, segments"):
+                                              "world-scene, world-changes, ego4d-narration, coin, segments"):
         get_converter("epic")
 
 

@@ -29,8 +29,8 @@ class ConvertOptions:
     input: str = field(metadata={"help": "annotation file to convert (its format depends on --from)"})
     output: str = field(metadata={"help": "dialogue JSONL to write (paths in it are relative to its folder)"})
     # The command line spells it `--from KIND`: "aliases" is for the CLI builder (`from` is a keyword).
-    kind: str = field(default="", metadata={"help": "source format: world, world-scene, ego4d-narration, coin, "
-                                                    "segments", "aliases": ["--from"]})
+    kind: str = field(default="", metadata={"help": "source format: world, world-scene, world-changes, "
+                                                    "ego4d-narration, coin, segments", "aliases": ["--from"]})
     fps: float = field(default=2.0, metadata={"help": "frame rate of the streams; assistant turns are put "
                                                      "on this grid"})
     seed: int = field(default=0, metadata={"help": "seed of the random choices (prompts, query times)"})

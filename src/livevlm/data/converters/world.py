@@ -25,6 +25,12 @@ every object's size, colour and shape in reading order, top third first, then le
 circle and a large blue square."), the order the frame itself shows. Narration names a
 new object's colour and shape once per appearance, far too rarely to learn to read them from the frame
 tokens; `--scene-frames` per video supply those readings cheaply (a frame and a sentence each).
+
+`--from world-changes` makes two-frame clips, the same idea for events: `{stem}-change-{k}` shows the frame
+before an event and the frame that narrates it, asks "What just changed?" at the second and answers with
+the event's sentences ("The red circle starts moving to the left."). An event on an object already in the
+scene is narrated once, and its subject is the hard part (which of the objects moved); these clips teach the
+subject from the change between two frames.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ _KIND_ALIASES = {"colour": "color", "change color": "color", "change colour": "c
 MOVE_PHRASES = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
 _DIRECTION_VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # image axes: y grows down
 SCENE_QUESTION = "What is on the screen?"
+CHANGE_QUESTION = "What just changed?"
 REMINDER_WINDOW_S = 60.0  # a reminder is asked at most this long before its event (bounds the search, too)
 _NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
@@ -310,6 +317,22 @@ def scene_frames(video: WorldVideo, fps: float, count: int, rng: random.Random) 
     return clips
 
 
+def change_frames(video: WorldVideo, fps: float) -> list[Dialogue]:
+    """One two-frame clip per frame that narrates events (but the first, which has no frame before): the frame
+    before and that frame, "What just changed?" asked at the second and answered with its events' sentences,
+    in the order narration says them."""
+    said: dict[int, list[str]] = {}
+    for event in video.events:  # narrated at the first frame at or after it, as `narration` says it
+        said.setdefault(math.ceil(event.time_s * fps - FRAME_EPS), []).append(event.text)
+    last_frame = count_frames(0.0, video.duration_s, fps) - 1
+    clips = []
+    for k, (frame, texts) in enumerate(sorted((f, t) for f, t in said.items() if 1 <= f <= last_frame)):
+        builder = StreamBuilder(fps, (frame - 1) / fps, (frame + 1) / fps)
+        builder.ask(frame / fps, CHANGE_QUESTION, " ".join(texts))
+        clips.append(video.dialogue(f"change-{k}", builder, "change"))
+    return clips
+
+
 def question_options(events: list[Event], time_s: float) -> dict[str, list[tuple[str, str]]]:
     """Every (question, answer) computable from the events up to `time_s`, by tense: past, present, ongoing."""
     seen = [e for e in events if e.time_s <= time_s + FRAME_EPS]
@@ -385,6 +408,11 @@ def convert_world(args: ConvertOptions) -> list[Dialogue]:
         if asked is not None:
             dialogues.append(asked)
     return dialogues
+
+
+def convert_world_changes(args: ConvertOptions) -> list[Dialogue]:
+    """annotations.jsonl (`args.input`) → a two-frame "What just changed?" clip per narrated frame per video."""
+    return [clip for video in parse_world(args) for clip in change_frames(video, args.fps)]
 
 
 def convert_world_scene(args: ConvertOptions) -> list[Dialogue]:
