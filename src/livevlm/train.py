@@ -168,22 +168,17 @@ def feature_dim(dataset: StreamDataset, config: ModelConfig) -> int:
         raise ConfigError("train.features: training reads cached features; run `livevlm data encode` first")
     with safe_open(str(file), framework="pt") as handle:
         metadata = handle.metadata() or {}
-        cached_rgb = metadata.get("mean_rgb", "False") == "True"
-        if cached_rgb != config.mean_rgb:
-            raise ConfigError(f"model.mean_rgb={config.mean_rgb} but {file} was encoded with mean_rgb={cached_rgb}; "
-                              f"re-encode with `livevlm data encode … --{'' if config.mean_rgb else 'no-'}mean-rgb` "
-                              "into another folder, or set model.mean_rgb to match")
-        cached_hues = int(metadata.get("hue_bins", "0"))
-        if cached_hues != config.hue_bins:
-            raise ConfigError(f"model.hue_bins={config.hue_bins} but {file} was encoded with hue_bins={cached_hues}; "
-                              f"re-encode with `livevlm data encode … --hue-bins {config.hue_bins}` into another "
-                              "folder, or set model.hue_bins to match")
-        cached_changes = metadata.get("change_hues", "False") == "True"
-        if cached_changes != config.change_hues:
-            raise ConfigError(f"model.change_hues={config.change_hues} but {file} was encoded with change_hues="
-                              f"{cached_changes}; re-encode with `livevlm data encode … --"
-                              f"{'' if config.change_hues else 'no-'}change-hues` into another folder, or set "
-                              "model.change_hues to match")
+        cached_inputs = {"mean_rgb": metadata.get("mean_rgb", "False") == "True",  # what `data encode` wrote
+                         "hue_bins": int(metadata.get("hue_bins", "0")),
+                         "change_hues": metadata.get("change_hues", "False") == "True"}
+        for name, cached_value in cached_inputs.items():
+            wanted = getattr(config, name)
+            if cached_value != wanted:
+                option = (f"--hue-bins {wanted}" if name == "hue_bins"
+                          else f"--{'' if wanted else 'no-'}{name.replace('_', '-')}")
+                raise ConfigError(f"model.{name}={wanted} but {file} was encoded with {name}={cached_value}; "
+                                  f"re-encode with `livevlm data encode … {option}` into another folder, or set "
+                                  f"model.{name} to match")
         cached = int(handle.get_slice("tokens").get_shape()[-1])
     return 2 * cached if config.frame_delta else cached
 
