@@ -169,9 +169,11 @@ class FrameEncoder(nn.Module):
         if self.mean_rgb:
             tokens = torch.cat([tokens, self.token_colours(pixel_values)], dim=-1)
         if self.hue_bins:
-            tokens = torch.cat([tokens, self.token_hues(pixel_values)], dim=-1)
-        if self.change_hues:
-            tokens = torch.cat([tokens, self.token_change_hues(pixel_values, previous)], dim=-1)
+            rgb = self._rgb(pixel_values)  # [T, 3, S, S]
+            hues = self._pixel_hues(rgb)  # [T, K, S, S], once for both histograms
+            tokens = torch.cat([tokens, self._pool_to_tokens(hues) * HUE_GAIN], dim=-1)
+            if self.change_hues:
+                tokens = torch.cat([tokens, self._changed_hues(rgb, hues, previous)], dim=-1)
         return tokens
 
     def token_colours(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -200,12 +202,21 @@ class FrameEncoder(nn.Module):
         Frame t is compared with frame t - 1 of the batch, the first with `previous` (None: with itself, no
         change).
         """
-        rgb = self._rgb(pixel_values)  # [T, 3, S, S]
-        first = rgb[:1] if previous is None else self._rgb(previous.to(rgb.device))
-        before = torch.cat([first, rgb[:-1]])  # [T, 3, S, S]: each frame's predecessor
-        changed = ((rgb - before).abs().amax(dim=1) > CHANGE_THRESHOLD)[:, None]  # [T, 1, S, S]
-        histogram = (self._pixel_hues(rgb) + self._pixel_hues(before)) * changed  # [T, K, S, S]
-        return self._pool_to_tokens(histogram) * HUE_GAIN
+        rgb = self._rgb(pixel_values)
+        return self._changed_hues(rgb, self._pixel_hues(rgb), previous)
+
+    def _changed_hues(self, rgb: torch.Tensor, hues: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """`token_change_hues` from the frames' RGB `[T, 3, S, S]` and pixel hues `[T, K, S, S]`: each frame's
+        predecessor is the frame before it in the batch, so only `previous` has its hues computed here."""
+        if previous is None:
+            first_rgb, first_hues = rgb[:1], hues[:1]
+        else:
+            first_rgb = self._rgb(previous.to(rgb.device))
+            first_hues = self._pixel_hues(first_rgb)
+        before_rgb = torch.cat([first_rgb, rgb[:-1]])  # [T, 3, S, S]: each frame's predecessor
+        before_hues = torch.cat([first_hues, hues[:-1]])  # [T, K, S, S]
+        changed = ((rgb - before_rgb).abs().amax(dim=1) > CHANGE_THRESHOLD)[:, None]  # [T, 1, S, S]
+        return self._pool_to_tokens((hues + before_hues) * changed) * HUE_GAIN
 
     def _rgb(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalised pixels `[T, 3, S, S]` → RGB in [0, 1] (the letterbox's padding is black)."""
