@@ -98,9 +98,9 @@ class StreamPipeline:
         if max_batch <= 0 or queue_size <= 0:
             raise ValueError(f"max_batch and queue_size must be positive, got {max_batch} and {queue_size}")
         self.session = session
-        # FrameEncoder.encode(frames, previous=...) or an Encode
-        self._encode: Callable[..., torch.Tensor] = encoder.encode if hasattr(encoder, "encode") else encoder
-        self._encode_takes_previous = hasattr(encoder, "encode")
+        # (frames [T, H, W, 3], the frame before them) → tokens: FrameEncoder.encode, or an Encode (frames alone)
+        self._encode: Callable[..., torch.Tensor] = (encoder.encode if hasattr(encoder, "encode")
+                                                     else lambda frames, previous: encoder(frames))
         self._source = source
         self.realtime = realtime
         self.on_event = on_event
@@ -242,8 +242,7 @@ class StreamPipeline:
                 if batch:
                     frames = np.stack([frame for _, frame in batch])  # [T, H, W, 3]
                     with torch.no_grad():
-                        tokens = (self._encode(frames, previous=previous) if self._encode_takes_previous
-                                  else self._encode(frames))
+                        tokens = self._encode(frames, previous=previous)
                     previous = frames[-1]
                     if not self._put(self._tokens, ([t for t, _ in batch], tokens)):
                         return
