@@ -318,17 +318,15 @@ def scene_frames(video: WorldVideo, fps: float, count: int, rng: random.Random) 
 
 
 def change_frames(video: WorldVideo, fps: float) -> list[Dialogue]:
-    """One two-frame clip per frame that narrates events (but the first, which has no frame before): the frame
-    before and that frame, "What just changed?" asked at the second and answered with its events' sentences,
-    in the order narration says them."""
-    said: dict[int, list[str]] = {}
-    for event in video.events:  # narrated at the first frame at or after it, as `narration` says it
-        said.setdefault(math.ceil(event.time_s * fps - FRAME_EPS), []).append(event.text)
-    last_frame = count_frames(0.0, video.duration_s, fps) - 1
+    """One two-frame clip per turn of the video's narration (but at the first frame, which has no frame
+    before): the frame before and the turn's frame, "What just changed?" asked at the second and answered with
+    the turn's sentences: what narration says there, and where."""
+    narrated = narration(video, fps, random.Random(0))  # its prompt and acknowledgement are not used
+    frames = [(narrated.frame_index(turn.time_s), turn.text) for turn in narrated.turns if turn.role == "assistant"]
     clips = []
-    for k, (frame, texts) in enumerate(sorted((f, t) for f, t in said.items() if 1 <= f <= last_frame)):
+    for k, (frame, text) in enumerate((frame, text) for frame, text in frames if frame >= 1):
         builder = StreamBuilder(fps, (frame - 1) / fps, (frame + 1) / fps)
-        builder.ask(frame / fps, CHANGE_QUESTION, " ".join(texts))
+        builder.ask(frame / fps, CHANGE_QUESTION, text)
         clips.append(video.dialogue(f"change-{k}", builder, "change"))
     return clips
 
