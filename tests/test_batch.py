@@ -183,3 +183,45 @@ def test_a_batch_holds_as_many_sessions_as_rows(fmt, random_model):  # noqa: F81
     batch.add(EngineConfig())
     with pytest.raises(ValueError, match="all 1 rows of this batch hold a session"):
         batch.add(EngineConfig())
+
+
+def test_a_removed_sessions_row_serves_the_next_session_as_a_fresh_one(fmt, random_model):  # noqa: F811
+    """A server's sessions come and go: the row of a removed session (its cache holding 15 frames and a
+    response) is taken by the next `add`, and that session says what it says alone; the session on the
+    other row, batched with both in turn, goes on as if alone."""
+    first, second, third = three_streams(random_model, fmt, 30)
+    second.query_at = 15  # on a step boundary (5 frames a step)
+    batch = SessionBatch(random_model, fmt, rows=2)
+    old, other = batch.add(first.config), batch.add(third.config)
+    got_old, got_other = batch.step([first.tokens[:15], third.tokens[:15]], [first.times[:15], third.times[:15]])
+    assert spoken(got_old) >= 1
+    batch.remove(old)
+    assert batch.sessions == [None, other] and batch.free_rows == 1
+    new = batch.add(second.config)
+    assert batch.sessions == [new, other] and new.cache_length == 0
+    got_new = []
+    for start in range(0, 30, 5):  # the new stream 5 frames a step, the other 3 (none once it has ended)
+        if start == second.query_at:
+            new.add_query(QUERY)
+        later = slice(15 + start * 3 // 5, min(30, 15 + start * 3 // 5 + 3))
+        got = batch.step([second.tokens[start:start + 5], third.tokens[later]],
+                         [second.times[start:start + 5], third.times[later]])
+        got_new += got[0]
+        got_other += got[1]
+    assert_same_events(got_new, run_alone(random_model, fmt, second, chunk=5)[0])
+    alone = StreamSession(random_model, fmt, third.config)
+    expected_other = alone.step(third.tokens[:15], third.times[:15])
+    for start in range(15, 30, 3):
+        expected_other += alone.step(third.tokens[start:start + 3], third.times[start:start + 3])
+    assert_same_events(got_other, expected_other)
+    assert spoken(got_new) >= 1 and any(isinstance(e, QueryEvent) for e in got_new)
+
+
+def test_removing_a_session_that_is_not_in_the_batch_is_refused(fmt, random_model):  # noqa: F811
+    batch = SessionBatch(random_model, fmt, rows=1)
+    session = batch.add(EngineConfig())
+    batch.remove(session)
+    with pytest.raises(ValueError, match="not in the batch"):
+        batch.remove(session)
+    with pytest.raises(ValueError, match="frames given for row 0, which holds no session"):
+        batch.step_events([torch.zeros(1, fmt.tokens_per_frame, 8)], [[0.0]])

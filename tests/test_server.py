@@ -248,6 +248,61 @@ def test_sessions_share_one_model_but_no_state(server, tiny_model):
         assert as_triples(results[k].messages) == expected
 
 
+def assert_same_triples(got, expected):
+    """as_triples' lists, p_speak within 1e-6: a batched forward may sum in another order (tests/test_batch.py)."""
+    assert [(kind, time_s) for kind, time_s, _ in got] == [(kind, time_s) for kind, time_s, _ in expected]
+    for (kind, _, value), (_, _, wanted) in zip(got, expected, strict=True):
+        assert value == pytest.approx(wanted, abs=2e-5) if kind == "frame" else value == wanted
+
+
+def test_batched_sessions_say_what_each_says_alone(tiny_model):
+    """`batch_sessions`: two sessions' frames share LLM forwards (rows of one batch), with different settings
+    and a query mid-stream, and each gets the messages of the engine run alone here. A slow one-row forward
+    (0.2 s) lets the second session's frames queue up beside the first's."""
+    frames = [make_frames(24, seed=1), make_frames(24, seed=2)]
+    settings = [{"threshold": 0.5, "max_new_tokens": 5, "query": "Narrate."}, {"threshold": 0.3, "max_new_tokens": 3}]
+    queries = [{}, {10: "What now?"}]
+    rows = []
+
+    def slow_single_rows(module, args, kwargs):
+        rows.append(kwargs["inputs_embeds"].shape[0])
+        if rows[-1] == 1 and kwargs["inputs_embeds"].shape[1] > 1:
+            time.sleep(0.2)
+
+    results = [None, None]
+    with LiveServer(tiny_model, ServerOptions(limits=FAST, batch_sessions=True)) as live:
+        hook = tiny_model.model.llm.register_forward_pre_hook(slow_single_rows, with_kwargs=True)
+        try:
+            threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, run_session(
+                live.ws, [png(f) for f in frames[k]], start=settings[k], queries=queries[k]))) for k in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+        finally:
+            hook.remove()
+        assert live.worker.batch.free_rows == FAST.max_sessions  # both rows freed at their ends
+    assert 2 in rows
+    for k in range(2):
+        assert results[k].close_code == 1000
+        expected = local_messages(tiny_model, frames[k], settings[k]["threshold"], settings[k]["max_new_tokens"],
+                                  settings[k].get("query"), queries[k])
+        assert_same_triples(as_triples(results[k].messages), expected)
+    assert results[0].of("response") and results[1].of("response")
+
+
+def test_a_batched_sessions_row_is_taken_by_the_next_session(tiny_model):
+    """One row: the second session waits for the first's row to be freed, then says what it says alone."""
+    frames = make_frames(6)
+    expected = local_messages(tiny_model, frames, 0.5, 4)
+    limits = ServerLimits(max_fps=1000.0, max_sessions=1)
+    with LiveServer(tiny_model, ServerOptions(limits=limits, batch_sessions=True)) as live:
+        for _ in range(2):
+            result = run_session(live.ws, [png(f) for f in frames], start={"threshold": 0.5, "max_new_tokens": 4})
+            assert result.close_code == 1000
+            assert_same_triples(as_triples(result.messages), expected)
+
+
 def test_queries_beyond_queue_queries_are_refused_until_they_are_answered(server):
     with connect(server.ws) as ws:
         ws.send(json.dumps({"type": "start", "max_new_tokens": 2, "query": "First?"}))

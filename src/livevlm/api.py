@@ -107,10 +107,16 @@ class LiveVLM:
                 decode: DecodeMode = "eager") -> StreamSession:
         """A fresh engine session (one stream, one state): feed it frame tokens yourself, e.g. from a server.
         `decode`: how response tokens are decoded, `EngineConfig.decode` ("compiled" on a GPU, docs/engine.md)."""
-        check_threshold(threshold)
-        config = EngineConfig(threshold=resolve_threshold(threshold, self.loaded), max_new_tokens=max_new_tokens,
-                              max_frames_per_forward=max_frames_per_forward, realtime=realtime, decode=decode)
+        config = self.engine_config(threshold, max_new_tokens, max_frames_per_forward, realtime, decode)
         return StreamSession(self.model, self.fmt, config, system_prompt=system_prompt)
+
+    def engine_config(self, threshold: float | None = None, max_new_tokens: int = 64, max_frames_per_forward: int = 8,
+                      realtime: bool = False, decode: DecodeMode = "eager") -> EngineConfig:
+        """What `session` gives its session (θ None = `self.threshold`), for sessions made elsewhere (a
+        `SessionBatch` row). Raises ConfigError: θ outside [0, 1], an unknown `decode`."""
+        check_threshold(threshold)
+        return EngineConfig(threshold=resolve_threshold(threshold, self.loaded), max_new_tokens=max_new_tokens,
+                            max_frames_per_forward=max_frames_per_forward, realtime=realtime, decode=decode)
 
     def stream(self, source: str | int | Path, queries: Iterable[Query] = (), *, threshold: float | None = None,
                realtime: bool = False, max_new_tokens: int = 64, max_frames_per_forward: int = 8,

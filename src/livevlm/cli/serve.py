@@ -54,6 +54,9 @@ class ServeArgs:
         "help": "how every session's response tokens are decoded: eager (one forward each); compiled (a "
                 "static-shape step under torch.compile, CUDA graphs on a GPU); "
                 "static (the same step uncompiled). The same responses (docs/engine.md)"})
+    batch_sessions: bool = field(default=False, metadata={
+        "help": "forward the frames of all sessions together, one batched LLM forward (for a GPU serving many "
+                "streams; each session's KV budget is allocated at start). The same responses"})
     device: str = field(default="auto", metadata={"help": "auto (a GPU when there is one), cpu, cuda, cuda:1, …"})
     dtype: DtypeName = field(default="auto", metadata={
         "help": "weight precision; auto = bfloat16 on a GPU, float32 on the CPU"})
@@ -92,7 +95,7 @@ def _run(model, limits, api_key: str | None, args: ServeArgs, sock: socket.socke
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     app = create_app(model, ServerOptions(limits=limits, model_name=args.model or "default", api_key=api_key,
                                           max_frames_per_forward=args.max_frames_per_forward,
-                                          decode=args.decode))
+                                          decode=args.decode, batch_sessions=args.batch_sessions))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     line = (f"serving {args.model or 'the default model'} on {model.runs_on}: http://{shown}:{port}/ (page), "

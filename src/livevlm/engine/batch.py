@@ -19,6 +19,7 @@ than one row's `[L, H]`; `tests/test_batch.py` compares at 1e-5).
     sessions = [batch.add(EngineConfig()) for _ in range(16)]
     for k, event in batch.step_events([tokens_k, ...], [times_k, ...]):  # [T_k, N, D] and T_k times each
         ...
+    batch.remove(sessions[3])  # its row is emptied, and the next `add` takes it (a server's sessions come and go)
 """
 
 from __future__ import annotations
@@ -81,22 +82,42 @@ class SessionBatch:
         self.max_cache_tokens = max_cache_tokens or int(getattr(llm_config, "max_position_embeddings", 4096))
         dtype = next(model.llm.parameters()).dtype
         self.cache = BatchedCache(llm_config, rows, self.max_cache_tokens, model.device, dtype)
-        self.sessions: list[StreamSession] = []
+        self.sessions: list[StreamSession | None] = [None] * rows  # row k's session; None: a free row
+
+    @property
+    def free_rows(self) -> int:
+        return self.sessions.count(None)
 
     def add(self, config: EngineConfig, **kwargs) -> StreamSession:
-        """A new session on the next free row. `kwargs`: `StreamSession`'s (system_prompt, seed,
-        record_fed_ids, compile_backend). Its queries are added to it (`add_query`), its frames go through
-        `step_events`; alone it may `flush` (nothing of it is batched).
+        """A new session on the first free row (`sessions.index(session)` is its row). `kwargs`:
+        `StreamSession`'s (system_prompt, seed, record_fed_ids, compile_backend). Its queries are added to it
+        (`add_query`), its frames go through `step_events`; alone it may `flush` (nothing of it is batched).
 
         Raises:
             ValueError: every row holds a session.
         """
-        if len(self.sessions) == len(self.cache.rows):
+        if not self.free_rows:
             raise ValueError(f"all {len(self.cache.rows)} rows of this batch hold a session")
+        row = self.sessions.index(None)
         session = StreamSession(self.model, self.fmt, config, max_cache_tokens=self.max_cache_tokens,
-                                cache=self.cache.rows[len(self.sessions)], **kwargs)
-        self.sessions.append(session)
+                                cache=self.cache.rows[row], **kwargs)
+        self.sessions[row] = session
         return session
+
+    def remove(self, session: StreamSession) -> None:
+        """Free the session's row for the next `add`: its cache is emptied (the fill mark back to 0; what the
+        buffers held is never seen again, as a row sees only keys below its fill mark). Not during a
+        `step_events` that feeds the session frames.
+
+        Raises:
+            ValueError: a session that is not in this batch.
+        """
+        rows = [k for k, held in enumerate(self.sessions) if held is session]
+        if not rows:
+            raise ValueError("this session is not in the batch (removed already, or added to another)")
+        for layer in self.cache.rows[rows[0]].layers:
+            layer.reset()
+        self.sessions[rows[0]] = None
 
     def step_events(self, frame_tokens: list[torch.Tensor], times: list[list[float]]) -> Iterator[tuple[int, Event]]:
         """Feed each session its waiting frames, the sessions' frame forwards batched; yield `(k, event)` for
@@ -105,34 +126,43 @@ class SessionBatch:
         As `StreamSession.step_events`: the work happens as the iterator is consumed (to the end); the
         arguments are checked here.
 
+        Sessions added or removed while the iterator runs are not part of it (a removed one must not be fed in
+        it); the sessions of other rows may meanwhile run alone (`flush_events`) between its events.
+
         Args:
-            frame_tokens: one `[T_k, N, D]` per session (T_k may differ, and be 0: no frame for it).
-            times: one list of T_k stream times per session.
+            frame_tokens: one `[T_k, N, D]` per row, k = the row (T_k may differ, and be 0: no frame for it;
+                a free row's must be 0). Fewer entries than rows: the rows after them get none.
+            times: one list of T_k stream times per row.
         Raises:
-            ValueError: not one entry per session, or a session's frames that do not match its times or format.
+            ValueError: more entries than rows, frames and times of different lengths, frames for a free row,
+                or a session's frames that do not match its times or format.
         """
-        if len(frame_tokens) != len(self.sessions) or len(times) != len(self.sessions):
-            raise ValueError(f"step_events takes the frames and times of each of the {len(self.sessions)} sessions; "
+        if len(frame_tokens) != len(times) or len(times) > len(self.sessions):
+            raise ValueError(f"step_events takes the frames and times of each row, at most {len(self.sessions)}; "
                              f"got {len(frame_tokens)} and {len(times)}")
-        for session, tokens, when in zip(self.sessions, frame_tokens, times, strict=True):
-            if when or len(tokens):
+        sessions = self.sessions[:len(times)]  # the rows' sessions as they are now
+        for k, (session, tokens, when) in enumerate(zip(sessions, frame_tokens, times, strict=True)):
+            if session is None and (when or len(tokens)):
+                raise ValueError(f"frames given for row {k}, which holds no session")
+            if session is not None and (when or len(tokens)):
                 session._check_frames(tokens, when)
-        return self._step(frame_tokens, times)
+        return self._step(sessions, frame_tokens, times)
 
     def step(self, frame_tokens: list[torch.Tensor], times: list[list[float]]) -> list[list[Event]]:
-        """`step_events` run to the end: each session's events, without TokenEvents."""
-        events: list[list[Event]] = [[] for _ in self.sessions]
+        """`step_events` run to the end: each row's events, without TokenEvents."""
+        events: list[list[Event]] = [[] for _ in times]
         for k, event in self.step_events(frame_tokens, times):
             if not isinstance(event, TokenEvent):
                 events[k].append(event)
         return events
 
-    def _step(self, frame_tokens: list[torch.Tensor], times: list[list[float]]) -> Iterator[tuple[int, Event]]:
-        fed = [0] * len(self.sessions)
+    def _step(self, sessions: list[StreamSession | None], frame_tokens: list[torch.Tensor], times: list[list[float]]
+              ) -> Iterator[tuple[int, Event]]:
+        fed = [0] * len(sessions)
         while any(done < len(when) for done, when in zip(fed, times, strict=True)):
             parts: dict[int, _Part] = {}
-            for k, session in enumerate(self.sessions):
-                if fed[k] == len(times[k]):
+            for k, session in enumerate(sessions):
+                if session is None or fed[k] == len(times[k]):
                     continue
                 count, decide = yield from _tagged(k, session._before_frames(len(times[k]) - fed[k]))
                 tokens, when = frame_tokens[k][fed[k]:fed[k] + count], times[k][fed[k]:fed[k] + count]
@@ -140,7 +170,7 @@ class SessionBatch:
                 parts[k] = _Part(ids, ends, inputs, tokens, when, decide)
             logits = self._forward(parts)
             for k, part in parts.items():
-                fed[k] += yield from _tagged(k, self.sessions[k]._act_on_frames(
+                fed[k] += yield from _tagged(k, sessions[k]._act_on_frames(
                     part.ids, part.ends, logits[k], part.frame_tokens, part.times, part.decide))
 
     @torch.no_grad()

@@ -60,6 +60,8 @@ class ServerOptions:
     decode: how every session decodes response tokens (`EngineConfig.decode`: eager, static, compiled).
     decode_threads: threads that decode images (PIL releases the GIL while it decodes).
     worker_threads: torch threads of each worker thread (None: half the usable cores).
+    batch_sessions: the sessions' frames in one batched LLM forward (`ModelWorker`; for a GPU serving many
+        streams); every session's KV budget is allocated at start.
     """
 
     limits: protocol.ServerLimits = protocol.ServerLimits()
@@ -69,13 +71,15 @@ class ServerOptions:
     decode: DecodeMode = "eager"
     decode_threads: int = 2
     worker_threads: int | None = None
+    batch_sessions: bool = False
 
 
 def create_app(model: LiveVLM, options: ServerOptions = ServerOptions()) -> FastAPI:
     """The app serving `model` (loaded; its frame encoder is loaded here). The worker threads run while the
     app's lifespan does (uvicorn starts and stops them)."""
     worker = ModelWorker(model, options.limits, max_frames_per_forward=options.max_frames_per_forward,
-                         threads=options.worker_threads, decode=options.decode)
+                         threads=options.worker_threads, decode=options.decode,
+                         batch_sessions=options.batch_sessions)
     decoder = ThreadPoolExecutor(max_workers=options.decode_threads, thread_name_prefix="livevlm-serve-decode")
 
     @asynccontextmanager

@@ -11,6 +11,14 @@ overlaps the LLM, as it does in `livevlm stream`):
                     response is interleaved, token by token, with the other sessions' frames
     events → protocol messages → `session.send` (thread-safe: it hands them to the connection)
 
+With `batch_sessions` the LLM thread forwards the frames of every session that has some in one batched
+forward (`engine.batch.SessionBatch`: each session a row of one KV cache): a round takes each ready
+session's encoded frames and runs them together, a session's response is still decoded alone (token by
+token, interleaved with the sessions outside the round: their queries and ends), and the next round starts
+when this one is done. Each session says what it says alone (p_speak up to summation order). A GPU serving
+many cameras gains the most (one small forward costs about what K do); the rows hold every session's full
+KV budget from the start (~380 MB a session for the default model in float32, at SmolLM2's 8k tokens).
+
 Overflow policy: a session may have `queue_frames` frames waiting to be encoded; a frame arriving past that
 drops the oldest waiting frame, which is counted and reported (`dropped`). Queries travel in the same queue
 as frames, so a query enters the stream after the frames that arrived before it, and one that arrives
@@ -35,6 +43,7 @@ import torch
 
 from livevlm.config import DecodeMode, EngineConfig
 from livevlm.detokenize import TextDeltas
+from livevlm.engine.batch import SessionBatch
 from livevlm.engine.session import Event, FrameEvent, QueryEvent, ResponseEvent, StreamSession, TokenEvent
 from livevlm.server import protocol
 
@@ -45,6 +54,7 @@ log = logging.getLogger(__name__)
 
 _WAIT_S = 0.5  # how often an idle worker thread checks the stop flag
 _JOIN_S = 10.0
+_ROW_WAIT_S = 30.0  # how long a new batched session waits for the row of a closed one to be freed
 
 
 class ServerFull(RuntimeError):
@@ -107,6 +117,7 @@ class WorkerSession:
         self.last_pixels: np.ndarray | None = None  # the last frame encoded: the encoder's `previous` (change_hues)
         self.events: Iterator[Event] | None = None  # the engine step in progress
         self.in_step: deque[tuple[int, float]] = deque()  # (index, arrival) of the frames being stepped
+        self.in_round = False  # batch_sessions: its frames are in the batched round in progress
         self.ended = self.finished = self.closed = False
         self.frames = self.responses = self.dropped = 0
         self.max_lag_s = 0.0
@@ -128,10 +139,16 @@ class ModelWorker:
         threads: torch intra-op threads of each of the two threads (None: half the usable cores, at least 1).
         decode: how every session decodes response tokens (`EngineConfig.decode`); checked here, not at the
             first session's start.
+        batch_sessions: the sessions' frame forwards batched (see the module docstring); their rows, one per
+            `limits.max_sessions`, are allocated here.
+    Raises:
+        ConfigError: an unknown `decode`. ValueError: `batch_sessions` with an LLM that cannot batch them
+            (sliding-window layers, an attention without 4D masks).
     """
 
     def __init__(self, model: LiveVLM, limits: protocol.ServerLimits, *, max_frames_per_forward: int = 8,
-                 max_batch: int = 16, threads: int | None = None, decode: DecodeMode = "eager") -> None:
+                 max_batch: int = 16, threads: int | None = None, decode: DecodeMode = "eager",
+                 batch_sessions: bool = False) -> None:
         from livevlm.runtime import usable_cores
 
         self.model = model
@@ -145,8 +162,15 @@ class ModelWorker:
         self._cond = threading.Condition()
         self._sessions: dict[str, WorkerSession] = {}
         self._stop = threading.Event()
+        # batch_sessions: the rows; the round in progress (its events tagged by row) and its sessions by row;
+        # the sessions holding a row (a closed one until the LLM thread frees it).
+        self.batch = SessionBatch(model.model, model.fmt, rows=limits.max_sessions) if batch_sessions else None
+        self._round: Iterator[tuple[int, Event]] | None = None
+        self._round_sessions: dict[int, WorkerSession] = {}
+        self._holding: list[WorkerSession] = []
+        llm_loop = self._batched_llm_loop if batch_sessions else self._llm_loop
         self._threads = [threading.Thread(target=self._encoder_loop, name="livevlm-serve-encoder", daemon=True),
-                         threading.Thread(target=self._llm_loop, name="livevlm-serve-llm", daemon=True)]
+                         threading.Thread(target=llm_loop, name="livevlm-serve-llm", daemon=True)]
 
     # -- the connection's side -----------------------------------------------------------------------
 
@@ -172,11 +196,16 @@ class ModelWorker:
         Raises:
             ValueError (ConfigError, StreamFormatError): a value the model cannot take.
         """
-        engine = self.model.session(threshold=start.threshold, max_new_tokens=start.max_new_tokens or 64,
-                                    max_frames_per_forward=self.max_frames_per_forward, realtime=False,
-                                    system_prompt=start.system, decode=self.decode)
+        config = self.model.engine_config(start.threshold, start.max_new_tokens or 64, self.max_frames_per_forward,
+                                          realtime=False, decode=self.decode)
         if start.query is not None:
-            engine.add_query(start.query)  # validated here; answered after the first frame
+            self.model.fmt.query_ids(start.query, run_open=False)  # checked before a row is taken
+        if self.batch is None:
+            engine = StreamSession(self.model.model, self.model.fmt, config, system_prompt=start.system)
+        else:
+            engine = self._add_to_batch(session, config, start.system)
+        if start.query is not None:
+            engine.add_query(start.query)  # answered after the first frame
         with self._cond:
             session.fps = start.fps or self.model.fps
             session.threshold = engine.config.threshold
@@ -236,7 +265,7 @@ class ModelWorker:
         """Whether the session has work waiting or running (it is not idle, whatever its client sends)."""
         with self._cond:
             return bool(session.waiting or session.encoded or session.encoding or session.events is not None
-                        or (session.ended and not session.finished))
+                        or session.in_round or (session.ended and not session.finished))
 
     def close(self, session: WorkerSession) -> None:
         """The connection is gone: unlink the session now (idempotent). Its state is freed once no thread
@@ -368,16 +397,20 @@ class ModelWorker:
                 last = session.id
                 events = session.events
                 work = self._take_encoded(session) if events is None else None
-            try:
-                if work is _FINISH:
-                    self._finish(session)
-                    continue
-                if work is not None:
-                    events = self._begin_step(session, work)
-                if events is not None:
-                    self._advance(session, events)
-            except Exception as error:  # noqa: BLE001  (one session fails, the server goes on)
-                self._fail(session, "the model", error)
+            self._serve_alone(session, events, work)
+
+    def _serve_alone(self, session: WorkerSession, events: Iterator[Event] | None, work: Any) -> None:
+        """One step of one session: its end, or one event of its step in progress, or of the step `work` begins."""
+        try:
+            if work is _FINISH:
+                self._finish(session)
+                return
+            if work is not None:
+                events = self._begin_step(session, work)
+            if events is not None:
+                self._advance(session, events)
+        except Exception as error:  # noqa: BLE001  (one session fails, the server goes on)
+            self._fail(session, "the model", error)
 
     def _take_encoded(self, session: WorkerSession) -> Any:
         """The next work item: a query, every encoded frame up to the next query (merged), or _FINISH."""
@@ -448,6 +481,115 @@ class ModelWorker:
                 session.waiting_queries -= 1
             return protocol.query(event.time_s, event.text)
         raise TypeError(f"unknown engine event {event!r}")
+
+    # -- the LLM thread, batch_sessions ----------------------------------------------------------------
+
+    def _add_to_batch(self, session: WorkerSession, config: EngineConfig, system_prompt: str | None) -> StreamSession:
+        """The session's engine on a free row. A closed session's row is freed by the LLM thread (within one
+        round), so a new connection may wait for it."""
+        assert self.batch is not None
+        deadline = time.monotonic() + _ROW_WAIT_S
+        with self._cond:
+            while not self.batch.free_rows:
+                if self._stop.is_set() or time.monotonic() > deadline:
+                    raise ServerFull(f"every one of the {len(self.batch.sessions)} batched rows is held by a session "
+                                     "that is still finishing; try again later")
+                self._cond.wait(_WAIT_S)
+            engine = self.batch.add(config, system_prompt=system_prompt)
+            self._holding.append(session)
+            return engine
+
+    def _alone_ready(self, session: WorkerSession) -> bool:
+        """Work of its own: a step in progress, a query to answer, or its end (its frames go to rounds)."""
+        if session.closed or session.finished or session.engine is None or session.in_round:
+            return False
+        if session.events is not None:
+            return True
+        if session.encoded:
+            return isinstance(session.encoded[0], _Query)
+        return session.ended and not (session.waiting or session.encoding)
+
+    def _round_ready(self, session: WorkerSession) -> bool:
+        return (not (session.closed or session.finished or session.in_round) and session.engine is not None
+                and session.events is None and bool(session.encoded) and isinstance(session.encoded[0], _Encoded))
+
+    def _batched_llm_loop(self) -> None:
+        torch.set_num_threads(self.threads)
+        last = None
+        while True:
+            with self._cond:
+                while True:
+                    if self._stop.is_set():
+                        return
+                    self._free_rows()
+                    if self._round is None:
+                        self._start_round()
+                    session = self._next(self._alone_ready, last)
+                    if self._round is not None or session is not None:
+                        break
+                    self._cond.wait(_WAIT_S)
+                if session is not None:
+                    last = session.id
+                    events = session.events
+                    work = self._take_encoded(session) if events is None else None
+            if self._round is not None:
+                self._advance_round()
+            if session is not None:
+                self._serve_alone(session, events, work)
+
+    def _free_rows(self) -> None:
+        """The rows of closed and finished sessions back to the batch (not mid-round). Under the lock."""
+        assert self.batch is not None
+        for session in [s for s in self._holding if (s.closed or s.finished) and not s.in_round]:
+            assert session.engine is not None
+            self.batch.remove(session.engine)
+            self._holding.remove(session)
+            self._cond.notify_all()  # a new session may be waiting for the row
+
+    def _start_round(self) -> None:
+        """Every session with encoded frames ahead of its next query: all of them, one batched step. Under the lock."""
+        assert self.batch is not None
+        ready = [s for s in self._sessions.values() if self._round_ready(s)]
+        if not ready:
+            return
+        rows = len(self.batch.sessions)
+        tokens: list[torch.Tensor] = [torch.empty(0)] * rows
+        times: list[list[float]] = [[] for _ in range(rows)]
+        for session in ready:
+            work = self._take_encoded(session)
+            row = self.batch.sessions.index(session.engine)
+            tokens[row], times[row] = work.tokens, work.times
+            session.in_step.extend(zip(work.indices, work.arrived, strict=True))
+            session.in_round = True
+            self._round_sessions[row] = session
+        self._round = self.batch.step_events(tokens, times)
+
+    def _advance_round(self) -> None:
+        """One event of the round in progress (at most one forward), sent to its session."""
+        assert self._round is not None
+        try:
+            row, event = next(self._round)
+        except StopIteration:
+            self._end_round()
+            return
+        except Exception as error:  # noqa: BLE001  (the round's sessions fail, the server goes on)
+            failed = list(self._round_sessions.values())
+            self._end_round()
+            for session in failed:  # a forward failed midway: none of their caches can be trusted
+                self._fail(session, "the model", error)
+            return
+        session = self._round_sessions[row]
+        if not session.closed:
+            message = self._message(session, event)
+            if message is not None:
+                session.send(message)
+
+    def _end_round(self) -> None:
+        with self._cond:
+            for session in self._round_sessions.values():
+                session.in_round = False
+            self._round, self._round_sessions = None, {}
+            self._cond.notify_all()
 
     def _finish(self, session: WorkerSession) -> None:
         elapsed = time.monotonic() - session.began if session.began is not None else 0.0
