@@ -32,7 +32,7 @@ from livevlm.config import ConfigError, EngineConfig, FormatConfig, ModelConfig,
 from livevlm.files import fsync_dir, fsync_tree, write_text_atomically
 from livevlm.model import LiveModel
 from livevlm.stream_format import register_placeholder
-from livevlm.vision import RGB_CHANNELS
+from livevlm.vision import added_channels
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "livevlm.yaml"
@@ -279,10 +279,9 @@ def load_trained_weights(model: LiveModel, folder: str | Path, model_config: Mod
         raise CheckpointError(f"train.init_from={folder} was trained with other model settings; set them as "
                               "it has them, or start from scratch: " + "; ".join(differ))
     # Inputs added to a model trained without them (colour, hues, changed hues, frame changes) start unused:
-    # `load_connector`.
-    new_channels = ((RGB_CHANNELS if model_config.mean_rgb and not saved.mean_rgb else 0)
-                    + (model_config.hue_bins if not saved.hue_bins else 0)
-                    + (model_config.hue_bins if model_config.change_hues and not saved.change_hues else 0))
+    # `load_connector`. Inputs are only added (checked above), so the new ones are the difference.
+    new_channels = (added_channels(model_config.mean_rgb, model_config.hue_bins, model_config.change_hues)
+                    - added_channels(saved.mean_rgb, saved.hue_bins, saved.change_hues))
     try:
         model.load_connector(_load_connector(folder), saved.frame_delta, new_channels)
     except ValueError as exc:  # the model's width is the feature cache's

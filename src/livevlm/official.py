@@ -605,7 +605,7 @@ def load_official_weights(model: LiveModel, folder: Path, model_config: ModelCon
     from peft import set_peft_model_state_dict
 
     from livevlm.checkpoint import WEIGHT_SETTINGS
-    from livevlm.vision import RGB_CHANNELS
+    from livevlm.vision import added_channels
 
     adapter = read_adapter(folder)
     saved = model_config_of(adapter, model_config.llm, model_config.vision, torch.float32)
@@ -622,8 +622,7 @@ def load_official_weights(model: LiveModel, folder: Path, model_config: ModelCon
                               "other model settings; set them as it has them: " + "; ".join(differ))
     try:
         model.load_connector(adapter.connector, False,
-                             (RGB_CHANNELS if model_config.mean_rgb else 0)
-                             + model_config.hue_bins * (2 if model_config.change_hues else 1))
+                             added_channels(model_config.mean_rgb, model_config.hue_bins, model_config.change_hues))
     except ValueError as exc:
         raise CheckpointError(f"train.init_from={folder}: {exc} (from the feature cache); encode the features with "
                               f"{OFFICIAL_VISION} at {FRAME_SIZE} px") from None

@@ -63,6 +63,13 @@ HUE_GAIN = 10.0
 CHANGE_THRESHOLD = 0.1
 
 
+def added_channels(mean_rgb: bool, hue_bins: int, change_hues: bool) -> int:
+    """What livevlm's own inputs add to each frame token after the tower's features, in this order: 3 with
+    `mean_rgb`, `hue_bins`, `hue_bins` more with `change_hues`. The one count of them (a feature cache's width,
+    the connector's added columns)."""
+    return (RGB_CHANNELS if mean_rgb else 0) + hue_bins * (2 if change_hues else 1)
+
+
 _KINDS = {
     "siglip": "siglip", "siglip_vision_model": "siglip",
     "clip": "clip", "clip_vision_model": "clip",
@@ -138,8 +145,7 @@ class FrameEncoder(nn.Module):
     @property
     def feature_width(self) -> int:
         """D of the frame tokens: the tower's width, + 3 with `mean_rgb`, + `hue_bins` (twice with `change_hues`)."""
-        hues = self.hue_bins * (2 if self.change_hues else 1)
-        return self.hidden_size + (RGB_CHANNELS if self.mean_rgb else 0) + hues
+        return self.hidden_size + added_channels(self.mean_rgb, self.hue_bins, self.change_hues)
 
     @property
     def device(self) -> torch.device:
