@@ -303,6 +303,23 @@ def test_a_batched_sessions_row_is_taken_by_the_next_session(tiny_model):
             assert_same_triples(as_triples(result.messages), expected)
 
 
+def test_a_start_with_no_free_row_is_refused_with_1013(tiny_model, monkeypatch):
+    """`batch_sessions`: a new session waits for a closing session's row, and past the wait gets an `error`
+    and close code 1013 (try again later), as a full server does. Here the one row is held by hand."""
+    from livevlm.config import EngineConfig
+    from livevlm.server import worker
+
+    monkeypatch.setattr(worker, "_ROW_WAIT_S", 0.5)
+    with LiveServer(tiny_model, ServerOptions(limits=ServerLimits(max_fps=1000.0, max_sessions=1),
+                                              batch_sessions=True)) as live:
+        live.worker.batch.add(EngineConfig())
+        with connect(live.ws) as ws:
+            ws.send(json.dumps({"type": "start"}))
+            message = recv_json(ws, timeout=10)
+            assert message["type"] == "error" and "every one of the 1 batched rows" in message["message"]
+            assert close_code(ws) == 1013
+
+
 def test_queries_beyond_queue_queries_are_refused_until_they_are_answered(server):
     with connect(server.ws) as ws:
         ws.send(json.dumps({"type": "start", "max_new_tokens": 2, "query": "First?"}))

@@ -233,7 +233,12 @@ class _Connection:
         if isinstance(message, protocol.Start):
             if session.started:
                 raise protocol.ProtocolError("the session has already started (one start per connection)")
-            await self.loop.run_in_executor(self.decoder, self.worker.begin, session, message)
+            try:
+                await self.loop.run_in_executor(self.decoder, self.worker.begin, session, message)
+            except ServerFull as exc:  # --batch-sessions: every row still held by a finishing session
+                self.outbox.put_nowait(protocol.error(str(exc)))
+                self.outbox.put_nowait(CloseConnection(TRY_LATER, "no free row"))
+                return
             encoder = self.worker.encoder
             self.outbox.put_nowait(protocol.ready(session.id, session.fps, session.threshold, encoder.image_size,
                                                   encoder.resample, self.worker.device, self.limits))
