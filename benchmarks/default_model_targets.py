@@ -18,7 +18,7 @@ videos of 30 s, never seen in training), the table of the default model's card:
 
     python benchmarks/default_model_targets.py [--model runs/default/model] [--results runs/targets.jsonl]
     python benchmarks/default_model_targets.py --data data/world-heldout/dialogue.jsonl \
-        --features data/world-heldout/features-hue12   # the same videos, from the build's feature cache
+        --features data/world-heldout/features-chg12   # the same videos, from the build's feature cache
 
 Prints the table (or one JSON object with --json); asserts nothing. About 20 minutes on 2 CPU cores (about
 10 with the feature cache).

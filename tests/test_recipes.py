@@ -119,3 +119,32 @@ def test_the_shipped_recipes_share_their_base(tmp_path):
     (tmp_path / "b.yaml").write_text("base: r.yaml\n")
     with pytest.raises(ConfigError, match="comes back to itself"):
         load_recipe(tmp_path / "r.yaml")
+
+
+def test_the_default_models_stages_chain():
+    """Stage 1 → (widened for the changed hues) → stage 1b → stage 2: each starts from the one before, with the
+    same model settings (stage 1 without change_hues, which the widening adds), as the build runs them."""
+    from dataclasses import asdict, replace
+
+    align, changes, streams = (load_recipe(RECIPES / name) for name in
+                               ("default-align.yaml", "default-changes.yaml", "default.yaml"))
+    assert asdict(replace(align.model, change_hues=True)) == asdict(changes.model) == asdict(streams.model)
+    assert changes.train.init_from == "runs/default-align-chg"
+    assert f"python scripts/init_change_hues.py {align.train.output_dir}/model runs/default-align-chg" in \
+        (ROOT / "scripts" / "build_default_model.sh").read_text()
+    assert streams.train.init_from == f"{changes.train.output_dir}/model"
+    assert changes.train.features == streams.train.features
+
+
+def test_the_shipped_default_model_was_trained_with_the_default_recipes_model_settings():
+    """What `scripts/build_default_model.sh` trains is what ships (a setting the checkpoint omits has its default)."""
+    from dataclasses import asdict, fields
+
+    import yaml
+
+    from livevlm.config import ModelConfig
+
+    shipped = yaml.safe_load((ROOT / "src" / "livevlm" / "assets" / "default_model" / "livevlm.yaml").read_text())
+    defaults = {f.name: f.default for f in fields(ModelConfig)}
+    recipe = asdict(load_recipe(RECIPES / "default.yaml").model)
+    assert {name: shipped["model"].get(name, defaults[name]) for name in recipe} == recipe

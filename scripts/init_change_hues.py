@@ -6,9 +6,10 @@ taught the connector and the LLM what a token's hue histogram says ("this cell h
 columns to the changed-hue columns (in the tokens' half and in their changes' half) makes "the changed
 pixels are red" arrive in the same directions from the first step, so the stream stage has only to learn
 when it matters. Writes a copy of the checkpoint folder with the widened connector and `change_hues: true`;
-start the stream stage from it with `train.init_from`.
+start the next stage from it with `train.init_from`. A step of the default model's build
+(`scripts/build_default_model.sh`: stage 1 → this → stage 1b, the changes).
 
-    python experiments/init_change_hues.py runs/align-hue12-ro-2ep/model runs/align-hue12-chgcopy
+    python scripts/init_change_hues.py runs/default-align/model runs/default-align-chg
 """
 
 from __future__ import annotations
