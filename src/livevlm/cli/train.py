@@ -46,23 +46,30 @@ def train(args: TrainArgs) -> int:
                                "--num_processes), or set CUDA_VISIBLE_DEVICES= to train on the CPU")
     else:  # one process per core group under a CPU launcher
         torch.set_num_threads(max(1, runtime.usable_cores() // local_world))
+    finished = False
     try:
         folder = train_model(recipe, resume=args.resume, keep_checkpoints=args.keep_checkpoints)
+        finished = True
     finally:
-        end_process_group()
+        end_process_group(finished)
     print(f"livevlm checkpoint: {folder}")
     return 0
 
 
-def end_process_group() -> None:
+def end_process_group(finished: bool = False) -> None:
     """Destroy the process group a multi-process launch made (the Trainer's accelerate creates it), if any.
 
     Why: a process that exits with a live gloo group can abort in interpreter shutdown ("terminate called
     without an active exception", SIGABRT) when gloo's worker threads outlive Python; a training that
     finished and wrote its checkpoint would then exit non-zero. The command owns the process, so it ends
-    the group; the library's `train()` leaves it alone for callers that train again in one process.
+    the group; the library's `train()` leaves it alone for callers that train again in one process. The
+    ranks first wait for each other (`finished`: a rank that tore its group down while rank 0 still wrote
+    the checkpoint aborted about one run in four on 2 CPU cores); after a failure they do not, as the other
+    ranks may never arrive.
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
