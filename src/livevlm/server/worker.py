@@ -453,6 +453,10 @@ class ModelWorker:
                 if session.events is events:
                     session.events = None
             return
+        self._send_event(session, event)
+
+    def _send_event(self, session: WorkerSession, event: Event) -> None:
+        """An engine event as its protocol message, unless the session is closed (its events are dropped)."""
         if session.closed:
             return
         message = self._message(session, event)
@@ -578,11 +582,7 @@ class ModelWorker:
             for session in failed:  # a forward failed midway: none of their caches can be trusted
                 self._fail(session, "the model", error)
             return
-        session = self._round_sessions[row]
-        if not session.closed:
-            message = self._message(session, event)
-            if message is not None:
-                session.send(message)
+        self._send_event(self._round_sessions[row], event)
 
     def _end_round(self) -> None:
         with self._cond:
