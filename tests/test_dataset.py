@@ -179,3 +179,71 @@ def test_a_clip_encoded_on_the_fly_has_the_tokens_of_the_whole_videos_cache(tmp_
     assert cached.shape == (6, 2, 16 + 6 + 6)  # 3-6 s at 2 fps; CLS + 1x1 grid
     assert cached[0, :, -6:].sum() > 0  # the clip's first frame changed since the one before
     assert torch.allclose(on_the_fly, cached, atol=1e-5)
+
+
+def clip(start_s, end_s, i=0):
+    """A two-turn clip of video i between start_s and end_s (as `--from world-changes` writes them)."""
+    return {"id": f"c{i}-{start_s}", "video": f"videos/{i:03d}.mp4", "fps": 2.0, "duration_s": 6.0,
+            "start_s": start_s, "end_s": end_s,
+            "turns": [{"role": "user", "time_s": end_s - 0.5, "text": "What just changed?"},
+                      {"role": "assistant", "time_s": end_s - 0.5, "text": "A red circle appears."}]}
+
+
+@pytest.fixture
+def change_encoder():
+    from transformers import Dinov2Config, Dinov2Model
+
+    from livevlm.vision import build_frame_encoder
+
+    torch.manual_seed(0)
+    tower = Dinov2Model(Dinov2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     patch_size=8, image_size=32))
+    return build_frame_encoder(tower, image_size=32, grid=1, hue_bins=6, change_hues=True)
+
+
+def test_a_used_frames_cache_holds_only_the_clips_frames_with_the_whole_videos_tokens(tmp_path, fmt, change_encoder):
+    """`--used-frames-only` encodes the frames the clips cover (0-1, 6-8 and 10 of 12: clips at 0-1 s, 3-4 s,
+    3.5-4.5 s and 5-5.5 s), each run compared with the frame before it, so training reads the same tokens as
+    from the whole video's cache."""
+    from livevlm.data.features import encode_dialogue_videos
+    from livevlm.world import WorldSpec, render_video
+
+    render_video(WorldSpec(seed=5, index=0, duration=6.0, size=64), tmp_path / "videos" / "000.mp4")
+    clips = [clip(0.0, 1.0), clip(3.0, 4.0), clip(3.5, 4.5), clip(5.0, 5.5)]
+    write_dialogues(tmp_path / "d.jsonl", clips)
+    encode_dialogue_videos(tmp_path / "d.jsonl", change_encoder, tmp_path / "whole", batch_size=4)
+    (used,) = encode_dialogue_videos(tmp_path / "d.jsonl", change_encoder, tmp_path / "used", batch_size=2,
+                                     used_frames_only=True)
+    from safetensors import safe_open
+
+    with safe_open(str(used), framework="pt") as handle:
+        assert handle.get_tensor("frame_index").tolist() == [0, 1, 6, 7, 8, 10]
+        assert handle.metadata()["video_frames"] == "12"
+    whole = StreamDataset(tmp_path / "d.jsonl", fmt, cache_dir=tmp_path / "whole")
+    sparse = StreamDataset(tmp_path / "d.jsonl", fmt, cache_dir=tmp_path / "used")
+    for index in range(len(clips)):
+        expected = whole[index].frame_tokens
+        assert expected.shape[0] == sparse[index].frame_tokens.shape[0] > 0
+        assert torch.allclose(sparse[index].frame_tokens, expected, atol=1e-5)
+    assert whole[1].frame_tokens[0, :, -6:].sum() > 0  # frame 6 changed since frame 5, which was not encoded
+
+
+def test_a_used_frames_cache_is_reencoded_only_for_frames_it_lacks_and_refuses_others(tmp_path, fmt, change_encoder):
+    from livevlm.data.features import FramesNotCachedError, encode_dialogue_videos
+    from livevlm.world import WorldSpec, render_video
+
+    render_video(WorldSpec(seed=5, index=0, duration=6.0, size=64), tmp_path / "videos" / "000.mp4")
+    write_dialogues(tmp_path / "d.jsonl", [clip(0.0, 1.0)])
+    (used,) = encode_dialogue_videos(tmp_path / "d.jsonl", change_encoder, tmp_path / "c", used_frames_only=True)
+    kept = used.stat().st_mtime_ns
+    encode_dialogue_videos(tmp_path / "d.jsonl", change_encoder, tmp_path / "c", used_frames_only=True)
+    assert used.stat().st_mtime_ns == kept  # it holds every frame the file uses: skipped
+    write_dialogues(tmp_path / "e.jsonl", [clip(4.0, 5.0)])
+    with pytest.raises(FramesNotCachedError, match="frames 8…9 .*--used-frames-only"):
+        StreamDataset(tmp_path / "e.jsonl", fmt, cache_dir=tmp_path / "c")[0]
+    with pytest.raises(FramesNotCachedError, match="re-encode without it"):
+        load_features(used)
+    encode_dialogue_videos(tmp_path / "e.jsonl", change_encoder, tmp_path / "c", used_frames_only=True)
+    assert StreamDataset(tmp_path / "e.jsonl", fmt, cache_dir=tmp_path / "c")[0].frame_tokens.shape == (2, 2, 28)
+    encode_dialogue_videos(tmp_path / "e.jsonl", change_encoder, tmp_path / "c")  # the whole video replaces it
+    assert load_features(used)[0].shape == (12, 2, 28)

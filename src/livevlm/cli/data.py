@@ -87,6 +87,9 @@ class EncodeArgs:
                                                            "cpu, cuda, cuda:1, …"})
     workers: int = field(default=1, metadata={"help": "processes decoding videos while the encoder runs "
                                                       "(worth it on a GPU, where decoding is the bottleneck)"})
+    used_frames_only: bool = field(default=False, metadata={"help": "encode only the frames the dialogues cover "
+                                                                     "(a cache of short clips cut from long videos, "
+                                                                     "for this dialogue file only)"})
 
 
 def encode(args: EncodeArgs) -> int:
@@ -104,6 +107,7 @@ def encode(args: EncodeArgs) -> int:
                                  change_hues=args.change_hues)
     out = Path(args.out) if args.out else Path(args.dialogues).parent / "features"
     files = encode_dialogue_videos(args.dialogues, encoder, out, args.fps or None, args.batch_size, args.encoder,
-                                   workers=args.workers)
-    print(f"{len(files)} videos encoded into {out} (encoder on {device})")
+                                   workers=args.workers, used_frames_only=args.used_frames_only)
+    which = "the used frames of " if args.used_frames_only else ""
+    print(f"{which}{len(files)} videos encoded into {out} (encoder on {device})")
     return 0
