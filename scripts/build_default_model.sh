@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Rebuild livevlm's shipped default model (v0.7) from scratch: synthetic-world videos, frame features with
+# Rebuild livevlm's shipped default model (v0.8) from scratch: synthetic-world videos, frame features with
 # their mean colours and hue histograms (and, for the later stages, the hues of the pixels that changed),
 # three stages of training — single frames read in reading order (recipes/default-align.yaml), pairs of
 # frames saying what just changed (recipes/default-changes.yaml, from stage 1 widened for the changed hues),
 # then the streams (recipes/default.yaml, from stage 1b) — θ chosen free-running on the validation split,
-# the held-out targets, and the packaged copy under src/livevlm/assets/default_model. About 2.5 hours on 2
-# CPU cores (about 100 minutes of them training; `livevlm train` uses a GPU when there is one). Every step
+# the held-out targets, and the packaged copy under src/livevlm/assets/default_model. About 2.8 hours on 2
+# CPU cores (about 115 minutes of them training; `livevlm train` uses a GPU when there is one). Every step
 # skips work already done, so rerunning continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +24,14 @@ done
 livevlm data encode $data/world-train5/dialogue.jsonl --out $data/world-train5/features-hue12 --mean-rgb --hue-bins 12
 [ -f $data/world-train5/scene.jsonl ] || \
   livevlm data convert --from world-scene $data/world-train5/annotations.jsonl $data/world-train5/scene.jsonl
-[ -f $data/world-train5/changes.jsonl ] || \
-  livevlm data convert --from world-changes $data/world-train5/annotations.jsonl $data/world-train5/changes.jsonl
+# Stage 1b's two-frame clips come from videos of their own (the streams' 120 give too few); only the clips'
+# frames are encoded.
+[ -f $data/world-changes7/annotations.jsonl ] || \
+  livevlm world generate $data/world-changes7 --videos 480 --seed 7 --duration 30 --workers "$(nproc)"
+[ -f $data/world-changes7/changes.jsonl ] || \
+  livevlm data convert --from world-changes $data/world-changes7/annotations.jsonl $data/world-changes7/changes.jsonl
+livevlm data encode $data/world-changes7/changes.jsonl --out $data/world-changes7/features-chg12 --mean-rgb \
+  --hue-bins 12 --change-hues --used-frames-only
 livevlm train recipes/default-align.yaml  # stage 1: single frames
 [ -f runs/default-align-chg/livevlm.yaml ] || \
   python scripts/init_change_hues.py runs/default-align/model runs/default-align-chg

@@ -129,11 +129,15 @@ def test_the_default_models_stages_chain():
     align, changes, streams = (load_recipe(RECIPES / name) for name in
                                ("default-align.yaml", "default-changes.yaml", "default.yaml"))
     assert asdict(replace(align.model, change_hues=True)) == asdict(changes.model) == asdict(streams.model)
+    build = (ROOT / "scripts" / "build_default_model.sh").read_text()
     assert changes.train.init_from == "runs/default-align-chg"
-    assert f"python scripts/init_change_hues.py {align.train.output_dir}/model runs/default-align-chg" in \
-        (ROOT / "scripts" / "build_default_model.sh").read_text()
+    assert f"python scripts/init_change_hues.py {align.train.output_dir}/model runs/default-align-chg" in build
     assert streams.train.init_from == f"{changes.train.output_dir}/model"
-    assert changes.train.features == streams.train.features
+    # stage 1b's clips have a cache of their own, encoded with the streams' inputs (their frames only)
+    assert Path(changes.train.features).name == Path(streams.train.features).name == "features-chg12"
+    assert (f"livevlm data encode $data/{Path(changes.train.data).relative_to('data')} --out "
+            f"$data/{Path(changes.train.features).relative_to('data')} --mean-rgb \\\n  --hue-bins 12 --change-hues "
+            "--used-frames-only") in build
 
 
 def test_the_shipped_default_model_was_trained_with_the_default_recipes_model_settings():
