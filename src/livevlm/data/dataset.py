@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from livevlm.data.features import feature_file, load_clip
+from livevlm.data.features import clip_frames, feature_file, load_clip
 from livevlm.data.schema import Dialogue, read_dialogues
 from livevlm.stream_format import IGNORE, StreamFormat, timeline_to_items
 
@@ -75,8 +75,8 @@ class StreamDataset(Dataset):
         starts at the dialogue's first frame (for `model.frame_delta`, its change is zero, as the engine sees it)."""
         file = feature_file(dialogue, self.root, self.cache_dir)
         if file is not None and file.is_file():
-            first = round(dialogue.start_s * dialogue.fps)
-            tokens, meta = load_clip(file, first, min(dialogue.num_frames(), self.max_frames))
+            frames = clip_frames(dialogue, dialogue.fps)
+            tokens, meta = load_clip(file, frames.start, min(len(frames), self.max_frames))
             rate = float(meta.get("fps", dialogue.fps))
             if abs(rate - dialogue.fps) > 1e-6:
                 raise ValueError(f"{file}: features at {rate} fps but dialogue {dialogue.id!r} wants {dialogue.fps}")

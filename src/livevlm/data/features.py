@@ -86,19 +86,16 @@ def load_clip(path: Path, first: int, count: int) -> tuple[torch.Tensor, dict[st
     return tokens[[stored[index] for index in wanted]].float(), metadata
 
 
-def save_features(path: Path, tokens: torch.Tensor, metadata: dict[str, str]) -> None:
-    """Atomic write: a temporary file renamed into place only once complete."""
+def save_features(path: Path, tokens: torch.Tensor, metadata: dict[str, str],
+                  frame_index: torch.Tensor | None = None) -> None:
+    """Atomic write: a temporary file renamed into place only once complete. With `frame_index` `[K]`, a
+    used-frames-only file: `tokens` `[K, N, D]` are those frames' (and metadata holds `video_frames`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"tokens": tokens.contiguous()}
+    if frame_index is not None:
+        tensors["frame_index"] = frame_index.contiguous()
     with atomic_path(path) as tmp:
-        save_file({"tokens": tokens.contiguous()}, str(tmp), metadata=metadata)
-
-
-def _save_used_frames(path: Path, tokens: torch.Tensor, frame_index: torch.Tensor, metadata: dict[str, str]) -> None:
-    """Atomic write of a used-frames-only file: tokens `[K, N, D]` and their frame indices `[K]`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file({"tokens": tokens.contiguous(), "frame_index": frame_index.contiguous()}, str(tmp),
-                  metadata=metadata)
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def _stream_video(path: Path, fps: float, size: int, resample: str = "bilinear") -> Iterator[np.ndarray]:
@@ -114,8 +111,9 @@ def _decode_video(job: tuple[Path, float, int, str]) -> np.ndarray:
     return np.stack(frames) if frames else np.zeros((0, job[2], job[2], 3), np.uint8)
 
 
-def _used_frames(dialogue: Dialogue, fps: float) -> range:
-    """The frames of its video that `dialogue` covers, at `fps` (as `StreamDataset.frame_tokens` reads them)."""
+def clip_frames(dialogue: Dialogue, fps: float) -> range:
+    """The indices of the video frames, at `fps`, that `dialogue` covers: from its `start_s` on, `num_frames()` of
+    them. What the dataset reads from the cache, and what `--used-frames-only` encodes."""
     first = round(dialogue.start_s * fps)
     return range(first, first + dialogue.num_frames())
 
@@ -188,7 +186,7 @@ def encode_dialogue_videos(dialogues_path: str | Path, encoder, out_dir: str | P
     for d in read_dialogues(dialogues_path):
         if d.video is not None:
             rate = videos.setdefault(d.video, fps or d.fps)
-            used.setdefault(d.video, set()).update(_used_frames(d, rate))
+            used.setdefault(d.video, set()).update(clip_frames(d, rate))
     entries = [(video, rate, out_dir / feature_name(video)) for video, rate in sorted(videos.items())]
     files = [target for _, _, target in entries]
     todo = [(video, rate, target) for video, rate, target in entries
@@ -212,7 +210,7 @@ def encode_dialogue_videos(dialogues_path: str | Path, encoder, out_dir: str | P
                             "hue_bins": str(encoder.hue_bins), "change_hues": str(encoder.change_hues)}
                 if used_frames_only:
                     tokens, frame_index, video_frames = _encode_used(frames, used[video], encoder, batch_size)
-                    _save_used_frames(target, tokens, frame_index, {**metadata, "video_frames": str(video_frames)})
+                    save_features(target, tokens, {**metadata, "video_frames": str(video_frames)}, frame_index)
                 else:
                     tokens = encoder.encode(frames, batch_size)  # [T, N, D] on CPU, streamed batch by batch
                     save_features(target, tokens, metadata)
