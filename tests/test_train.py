@@ -472,3 +472,63 @@ def test_two_processes_over_gloo_train_one_step_on_cpu(workdir, tmp_path):
     assert sorted(p.name for p in (run / "checkpoint-2").glob("rng_state_*.pth")) == ["rng_state_0.pth",
                                                                                          "rng_state_1.pth"]
     load_checkpoint(run / "model")
+
+
+def clip_file(root: Path, count: int) -> Path:
+    """`count` two-frame "what just changed?" clips of their own videos, with their own feature cache."""
+    generator = torch.Generator().manual_seed(1)
+    lines = []
+    for i in range(count):
+        video = f"videos/clip{i}.mp4"
+        save_features(root / "features" / feature_name(video),
+                      torch.randn(2, TOKENS_PER_FRAME, VISION_DIM, generator=generator), {"fps": "2.0"})
+        turns = [{"role": "user", "time_s": 0.5, "text": "What just changed?"},
+                 {"role": "assistant", "time_s": 0.5, "text": TEXTS[i % 4]}]
+        lines.append(json.dumps({"id": f"clip{i}", "video": video, "fps": 2.0, "duration_s": 1.0, "turns": turns}))
+    (root / "clips.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "clips.jsonl"
+
+
+def test_train_mix_adds_count_dialogues_of_another_file_drawn_once_with_the_seed(workdir, tmp_path):
+    from livevlm.stream_format import StreamFormat, register_placeholder
+    from livevlm.train import training_set
+
+    clips = clip_file(tmp_path / "clips", 6)
+    mix = [{"data": str(clips), "features": str(tmp_path / "clips" / "features"), "count": 3}]
+    recipe = load_recipe(write_recipe(workdir, tmp_path, mix=mix))
+    tokenizer = build_tiny_tokenizer()
+    register_placeholder(tokenizer, recipe.format.placeholder)
+    fmt = StreamFormat(tokenizer, recipe.format, recipe.model.tokens_per_frame)
+    dataset, width = training_set(recipe.train, fmt, recipe.model)
+    assert width == VISION_DIM and len(dataset) == NUM_DIALOGUES + 3
+    drawn = dataset.datasets[1]
+    expected = sorted(torch.randperm(6, generator=torch.Generator().manual_seed(0))[:3].tolist())  # train.seed=0
+    assert list(drawn.indices) == expected
+    assert dataset[NUM_DIALOGUES].frame_tokens.shape[0] == 2  # a clip's two frames, from its own cache
+    recipe.train.mix[0].count = 0
+    assert len(training_set(recipe.train, fmt, recipe.model)[0]) == NUM_DIALOGUES + 6
+
+
+def test_train_mix_trains_on_both_files(workdir, tmp_path):
+    clips = clip_file(tmp_path / "clips", 4)
+    mix = [{"data": str(clips), "features": str(tmp_path / "clips" / "features")}]
+    folder = train(load_recipe(write_recipe(workdir, tmp_path, max_steps=3, mix=mix)))  # 12 dialogues, batch 2x2
+    assert (folder / "adapter_model.safetensors").is_file()
+    assert [step for step, _ in losses(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_a_mixed_file_whose_cache_has_other_channels_is_named(workdir, tmp_path):
+    mix = [{"data": str(workdir / "dialogues.jsonl"), "features": str(rgb_features(workdir))}]
+    with pytest.raises(ConfigError, match="model.mean_rgb=False but .*features-rgb.* was encoded with mean_rgb=True"):
+        train(load_recipe(write_recipe(workdir, tmp_path, max_steps=1, mix=mix)))
+
+
+@pytest.mark.parametrize("entry, named", [({"data": "nowhere.jsonl", "features": "f"}, r"train.mix\[0\].data"),
+                                          ({"features": "f"}, r"train.mix\[0\].data"),
+                                          ({"data": "DIALOGUES", "features": "F", "count": 99},
+                                           r"train.mix\[0\].count=99 but .* holds 8 dialogues")])
+def test_a_bad_mixed_file_is_named(workdir, tmp_path, entry, named):
+    entry = {k: str(workdir / "dialogues.jsonl") if v == "DIALOGUES" else str(workdir / "features") if v == "F" else v
+             for k, v in entry.items()}
+    with pytest.raises(ConfigError, match=named):
+        train(load_recipe(write_recipe(workdir, tmp_path, max_steps=1, mix=[entry])))

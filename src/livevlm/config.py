@@ -130,9 +130,23 @@ class FormatConfig:
 
 
 @dataclass
+class MixedData:
+    """A further dialogue file trained on beside `train.data`, with its own feature cache (LLaVA-style data
+    mixing: e.g. short "what just changed?" clips kept in the stream stage so it does not unlearn them)."""
+    data: str = ""  # dialogue JSONL
+    features: str = ""  # its feature cache folder, encoded with the same options as train.features
+    count: int = 0  # how many of its dialogues to use, drawn once with train.seed; 0 = all
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            raise ConfigError(f"train.mix: count must be >= 0 (0 = all), got {self.count}")
+
+
+@dataclass
 class TrainConfig:
     data: str = ""  # dialogue JSONL
     features: str = ""  # feature cache folder (from `livevlm data encode`)
+    mix: list[MixedData] = field(default_factory=list)  # further dialogue files shuffled in with train.data
     eval_data: str = ""
     output_dir: str = "runs/default"
     init_from: str = ""  # a livevlm checkpoint ("default" = the shipped model) to start from; "" = fresh weights

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.utils.data import ConcatDataset, Dataset, Subset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from livevlm.checkpoint import CONFIG_NAME, CheckpointError, load_trained_weights, save_checkpoint
@@ -100,11 +101,10 @@ def train(recipe: Recipe, resume: str = "auto", callbacks: list[TrainerCallback]
         use_eot_as_eos(tokenizer, recipe.model.llm)  # the official model ends its turns with <|eot_id|>
     placeholder_id = register_placeholder(tokenizer, recipe.format.placeholder)
     fmt = StreamFormat(tokenizer, recipe.format, recipe.model.tokens_per_frame)
-    train_set = StreamDataset(cfg.data, fmt, cfg.features or None, max_frames=cfg.max_frames)
+    train_set, vision_dim = training_set(cfg, fmt, recipe.model)
     eval_set = StreamDataset(cfg.eval_data, fmt, cfg.features or None,
                              max_frames=cfg.max_frames) if cfg.eval_data else None
-    model = build_model(recipe.model, feature_dim(train_set, recipe.model), placeholder_id,
-                        cfg.gradient_checkpointing)
+    model = build_model(recipe.model, vision_dim, placeholder_id, cfg.gradient_checkpointing)
     if init_from is not None:
         load_trained_weights(model, init_from, recipe.model)
         log.info("starting from the weights of %s", init_from)
@@ -137,6 +137,12 @@ def _check_train_config(cfg: TrainConfig) -> None:
         raise ConfigError("train.data is empty: name the dialogue JSONL to train on (train.data=PATH)")
     if not Path(cfg.data).is_file():
         raise ConfigError(f"train.data: {cfg.data} does not exist (make one with `livevlm data convert`)")
+    for i, mixed in enumerate(cfg.mix):
+        if not mixed.data or not Path(mixed.data).is_file():
+            raise ConfigError(f"train.mix[{i}].data: {mixed.data!r} is not a dialogue file (make one with "
+                              "`livevlm data convert`)")
+        if not mixed.features:
+            raise ConfigError(f"train.mix[{i}].features is empty: name its feature cache (`livevlm data encode`)")
     if cfg.eval_data and not Path(cfg.eval_data).is_file():
         raise ConfigError(f"train.eval_data: {cfg.eval_data} does not exist")
     if not 0.0 <= cfg.warmup_ratio < 1.0:
@@ -152,6 +158,31 @@ def _load_tokenizer(llm: str):
     from livevlm.default_model import resolve_llm
 
     return AutoTokenizer.from_pretrained(resolve_llm(llm))
+
+
+def training_set(cfg: TrainConfig, fmt: StreamFormat, config: ModelConfig) -> tuple[Dataset, int]:
+    """`train.data` and every `train.mix` file as one dataset, which the Trainer shuffles as one, and the width D
+    of the frame tokens they share.
+
+    A mixed file's `count` dialogues are drawn once, with `train.seed`, so a resumed run trains on the same ones.
+
+    Raises:
+        MissingFeaturesError: a file's dialogues whose videos are not in its feature cache.
+        ConfigError: a cache encoded with other options than the model takes, or a `count` above the file's size.
+    """
+    main = StreamDataset(cfg.data, fmt, cfg.features or None, max_frames=cfg.max_frames)
+    width = feature_dim(main, config)
+    parts: list[Dataset] = [main]
+    for i, mixed in enumerate(cfg.mix):
+        part = StreamDataset(mixed.data, fmt, mixed.features, max_frames=cfg.max_frames)
+        feature_dim(part, config)  # its cache must carry the same channels as the model takes
+        if mixed.count > len(part):
+            raise ConfigError(f"train.mix[{i}].count={mixed.count} but {mixed.data} holds {len(part)} dialogues")
+        if mixed.count:
+            drawn = torch.randperm(len(part), generator=torch.Generator().manual_seed(cfg.seed))[:mixed.count]
+            part = Subset(part, sorted(drawn.tolist()))
+        parts.append(part)
+    return (main if len(parts) == 1 else ConcatDataset(parts)), width
 
 
 def feature_dim(dataset: StreamDataset, config: ModelConfig) -> int:
