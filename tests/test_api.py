@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import livevlm
+from livevlm.api import PROMPT_LOOKUP
 from livevlm.config import ConfigError
 from livevlm.engine import FrameEvent, QueryEvent, ResponseEvent, TokenEvent
 from livevlm.video import VideoError
@@ -63,6 +64,21 @@ def test_the_static_decode_step_says_what_the_eager_loop_says(tiny):
     assert runs["static"] == runs["eager"] and runs["eager"]
     with pytest.raises(ConfigError, match="engine.decode must be one of"):
         model.stream(video, decode="fast")
+
+
+def test_prompt_lookup_is_on_with_eager_decoding_and_says_the_same(tiny):
+    """The API guesses tokens (`PROMPT_LOOKUP`) with eager decoding only, and the stream says what it says
+    token by token (the engine's own tests: test_prompt_lookup.py)."""
+    model, video = tiny
+    assert model.engine_config().prompt_lookup == PROMPT_LOOKUP > 0
+    assert model.engine_config(decode="static").prompt_lookup == 0
+    assert model.engine_config(prompt_lookup=0).prompt_lookup == 0
+    runs = {lookup: [e for e in model.stream(video, queries=[(1.0, "Narrate.")], threshold=0.5, max_new_tokens=8,
+                                             prompt_lookup=lookup) if isinstance(e, ResponseEvent | TokenEvent)]
+            for lookup in (0, None)}
+    assert runs[None] == runs[0] and runs[0]
+    with pytest.raises(ConfigError, match="engine.decode='eager'"):
+        model.stream(video, decode="static", prompt_lookup=4)
 
 
 def test_without_a_threshold_the_models_recommended_one_runs(tiny):

@@ -195,6 +195,12 @@ class EngineConfig:
     # static-shape step (a fixed-capacity cache, the whole buffer masked), the same events; "compiled" that
     # step under torch.compile (CUDA graphs on a GPU: the decode loop stops being Python-bound).
     decode: DecodeMode = "eager"
+    # Prompt-lookup decoding (greedy, eager): after each decoded token, look for the response's last tokens
+    # earlier in the stream, take up to this many tokens that followed them there as a guess, and check the
+    # whole guess in one forward; keep the guessed tokens the model picks itself (argmax), so the response is
+    # the one decoded token by token, in fewer forwards where the stream repeats itself (narration's
+    # sentences). 0 = off.
+    prompt_lookup: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -203,6 +209,12 @@ class EngineConfig:
             raise ConfigError(f"engine.max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.decode not in DECODE_MODES:
             raise ConfigError(f"engine.decode must be one of {list(DECODE_MODES)}, got {self.decode!r}")
+        if self.prompt_lookup < 0:
+            raise ConfigError(f"engine.prompt_lookup must be >= 0 (0 = off), got {self.prompt_lookup}")
+        if self.prompt_lookup and (self.temperature > 0 or self.decode != "eager"):
+            raise ConfigError("engine.prompt_lookup checks guessed tokens against the argmax, one multi-token forward "
+                              f"at a time: it needs engine.temperature=0 and engine.decode='eager' (got "
+                              f"{self.temperature}, {self.decode!r}); set engine.prompt_lookup=0 to sample")
 
 
 Query = tuple[float, str]  # (stream time in seconds, text)

@@ -61,6 +61,9 @@ class StreamArgs:
         "help": "how response tokens are decoded: eager (one forward each); compiled (a static-shape step under "
                 "torch.compile, CUDA graphs on a GPU: for GPUs, where the eager loop is Python-bound); static "
                 "(the same step uncompiled). The same responses (docs/engine.md)"})
+    prompt_lookup: int | None = field(default=None, metadata={
+        "help": "tokens a response guesses from what the stream said before and checks in one forward (the same "
+                "responses in fewer forwards); default 6 with --decode eager; 0 = off"})
     open_timeout: float = field(default=10.0, metadata={"help": "seconds to wait for a camera or URL to open"})
     device: str = field(default="auto", metadata={"help": "where the encoder and the LLM run: auto (a GPU when "
                                                            "there is one), cpu, cuda, cuda:1, …"})
@@ -209,7 +212,8 @@ def stream(args: StreamArgs) -> int:
     model = _load(args)
     stream = model.stream(source, queries, threshold=args.threshold, realtime=realtime,
                           max_new_tokens=args.max_new_tokens, max_frames_per_forward=args.max_frames_per_forward,
-                          open_timeout_s=args.open_timeout, decode=args.decode)
+                          open_timeout_s=args.open_timeout, decode=args.decode,
+                          prompt_lookup=args.prompt_lookup)
     view = _View(args.jsonl, args.frames, tokenizer=model.fmt.tokenizer)
     threading.Thread(target=_read_stdin, args=(stream,), daemon=True, name="livevlm-stdin").start()
     on_interrupt_raise()  # from here Ctrl-C prints what was said (below) instead of leaving at once

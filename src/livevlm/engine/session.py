@@ -240,6 +240,8 @@ class StreamSession:
             raise ValueError(f"engine.decode={config.decode!r} needs an LLM of full-attention layers only; this one "
                              "has sliding-window layers: use engine.decode='eager'")
         self._generator = torch.Generator().manual_seed(seed)
+        # Never guessed by prompt lookup: a response is text; the model itself decides where it ends.
+        self._special_ids = frozenset(fmt.tokenizer.all_special_ids) | {fmt.placeholder_id, fmt.eos_id}
         self._cursor = _Cursor(fmt)
         self._head_ids = fmt.prompt_ids(self.system_prompt)  # what precedes the record in the cache
         self._pending: list[int] = list(self._head_ids)  # known ids not forwarded yet
@@ -441,13 +443,55 @@ class StreamSession:
                 self._pending = [token]  # fed with the eos by the next forward: the cache stays in layout
                 break
             self.cache_ids.append(token)
-            logits = self._decode(token)
+            guess = self._lookup(self.config.max_new_tokens - len(out) - 1)
+            if not guess:
+                logits = self._decode(token)
+                continue
+            # [token, *guess] in one forward: row i holds the logits after guess[:i]; keep the guessed tokens
+            # the model picks itself, then forget the rest of the guess from the cache.
+            rows = self._forward([token, *guess], None, keep=list(range(len(guess) + 1)))  # [G+1, V]
+            kept = 0
+            while kept < len(guess) and self._sample(rows[kept], out) == guess[kept]:
+                out.append(guess[kept])
+                self.cache_ids.append(guess[kept])
+                yield TokenEvent(time_s, guess[kept], answer)
+                kept += 1
+            if kept < len(guess):
+                self._cache.crop(-(len(guess) - kept))
+            logits = rows[kept]
         self._record(out)
         self._pending += self._cursor.end_response()
         self._record([self.fmt.eos_id])
         text = self.fmt.tokenizer.decode(out, skip_special_tokens=True).strip()
         self._entries.append(_Entry("answer" if answer else "response", time_s, text=text, token_ids=tuple(out)))
         yield ResponseEvent(time_s, text, tuple(out), time.perf_counter() - start, reason, answer)
+
+    def _lookup(self, room: int) -> list[int]:
+        """Prompt lookup (`engine.prompt_lookup`): the tokens that followed the latest earlier occurrence of the
+        cache's last 3 (else 2) tokens, at most `room` and `prompt_lookup` of them, up to the first special token
+        (an eos, a frame placeholder): a guess at the response's next tokens; [] = none."""
+        count = min(self.config.prompt_lookup, room)
+        ids = self.cache_ids
+        for size in (3, 2):
+            if count <= 0 or len(ids) <= size:
+                return []
+            tail, found, start = ids[-size:], -1, 0
+            try:  # list.index runs in C: only the occurrences of the tail's first token cost Python steps
+                while True:
+                    at = ids.index(tail[0], start, len(ids) - size)  # at + size <= len(ids) - 1: something follows
+                    if ids[at:at + size] == tail:
+                        found = at
+                    start = at + 1
+            except ValueError:
+                pass
+            guess: list[int] = []
+            for token in ids[found + size:found + size + count] if found >= 0 else []:
+                if token in self._special_ids:
+                    break
+                guess.append(token)
+            if guess:
+                return guess
+        return []
 
     def _sample(self, logits: torch.Tensor, generated: list[int]) -> int:
         """Next token from `logits [V]`: greedy, or temperature / top-p sampling; repetition penalty on
