@@ -15,7 +15,8 @@ Modes (the first three share the PyTorch frame encoder, as the paper's code has 
   pipeline     decode / encode / LLM on separate threads, one frame per LLM forward
   multiframe   the pipeline, with every waiting frame in one LLM forward (up to 8)
   fast         what `livevlm stream --fast` runs: `LiveVLM.stream` with its own encoder (ONNX Runtime for the
-               default DINOv2 on a CPU) and thread sizing
+               default DINOv2 on a CPU) and thread sizing, responses with prompt lookup (docs/engine.md)
+  fast-no-lookup  fast with `--prompt-lookup 0` (one forward per response token), to see what lookup gives
 Every run reports what was said (`said`: [time, text] pairs), and the table says whether it equals the first
 sequential run's on the same video: the exactness the speed must keep. Response latency is the wall time
 from the decision to the end of the response. Repeat modes (A B A B) to see the noise.
@@ -114,14 +115,16 @@ def figures(mode: str, frames: int, elapsed: float, said: list) -> dict:
             "said": [[round(event.time_s, 3), event.text] for event in said]}
 
 
-def run_fast(loaded, video: str, queries: list[tuple[float, str]]) -> dict:
-    """`livevlm stream --fast` without the printing: `LiveVLM.stream` as it comes."""
+def run_fast(loaded, video: str, queries: list[tuple[float, str]], prompt_lookup: int | None = None) -> dict:
+    """`livevlm stream --fast` without the printing: `LiveVLM.stream` as it comes (`prompt_lookup` None: its
+    default)."""
     from livevlm.engine.session import ResponseEvent
 
     start = time.perf_counter()
-    stream = loaded.stream(video, queries)
+    stream = loaded.stream(video, queries, prompt_lookup=prompt_lookup)
     said = [event for event in stream if isinstance(event, ResponseEvent)]
-    row = figures("fast", stream.summary.frames, time.perf_counter() - start, said)
+    mode = "fast" if prompt_lookup is None else "fast-no-lookup"
+    row = figures(mode, stream.summary.frames, time.perf_counter() - start, said)
     encoder = loaded.encoder
     return row | {"encoder_backend": "onnxruntime" if encoder.onnx_tower is not None else "torch"}
 
@@ -193,8 +196,9 @@ def worker(mode: str, video: str, model: str, threads: int, encoder_threads: int
 
     loaded = livevlm.load(model or "default")
     queries = [(0.0, NARRATE)] if workload == "narration" else []
-    if mode == "fast":  # the command's own thread sizing: nothing set here
-        return run_fast(loaded, video, queries) | {"threads": runtime.usable_cores()}
+    if mode in ("fast", "fast-no-lookup"):  # the command's own thread sizing: nothing set here
+        lookup = None if mode == "fast" else 0
+        return run_fast(loaded, video, queries, lookup) | {"threads": runtime.usable_cores()}
     torch.set_num_threads(threads)
     if mode == "stages":
         return {"mode": "stages", "threads": threads} | stage_costs(loaded, video)
@@ -206,7 +210,7 @@ def worker(mode: str, video: str, model: str, threads: int, encoder_threads: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, nargs="+", default=[1.0, 10.0])
-    parser.add_argument("--modes", nargs="+", default=list(ALL_MODES), choices=(*ALL_MODES, "stages"),
+    parser.add_argument("--modes", nargs="+", default=list(ALL_MODES), choices=(*ALL_MODES, "fast-no-lookup", "stages"),
                         help="run in this order (repeat one to interleave, e.g. sequential fast sequential fast); "
                              "`stages` times each stage alone")
     parser.add_argument("--workload", choices=("narration", "frames"), default="narration",

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Rebuild livevlm's shipped default model (v0.8) from scratch: synthetic-world videos, frame features with
+# Rebuild livevlm's shipped default model (v0.9) from scratch: synthetic-world videos, frame features with
 # their mean colours and hue histograms (and, for the later stages, the hues of the pixels that changed),
 # three stages of training — single frames read in reading order (recipes/default-align.yaml), pairs of
 # frames saying what just changed (recipes/default-changes.yaml, from stage 1 widened for the changed hues),
-# then the streams (recipes/default.yaml, from stage 1b) — θ chosen free-running on the validation split,
-# the held-out targets, and the packaged copy under src/livevlm/assets/default_model. About 2.8 hours on 2
-# CPU cores (about 115 minutes of them training; `livevlm train` uses a GPU when there is one). Every step
+# then the streams with some of those pairs mixed in (recipes/default.yaml, from stage 1b) — θ chosen
+# free-running on the validation split, the held-out targets, and the packaged copy under
+# src/livevlm/assets/default_model. About 3.2 hours on 2 CPU cores (about 130 minutes of them training; the sum
+# of the steps as measured, not rerun end to end; `livevlm train` uses a GPU when there is one). Every step
 # skips work already done, so rerunning continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +37,7 @@ livevlm train recipes/default-align.yaml  # stage 1: single frames
 [ -f runs/default-align-chg/livevlm.yaml ] || \
   python scripts/init_change_hues.py runs/default-align/model runs/default-align-chg
 livevlm train recipes/default-changes.yaml  # stage 1b: what just changed, from stage 1
-livevlm train recipes/default.yaml          # stage 2: the streams, from stage 1b
+livevlm train recipes/default.yaml          # stage 2: the streams (+ 800 of stage 1b's clips), from stage 1b
 # The recommended θ: the one whose own responses, free-running, match the validation turns best (F1, then
 # fewer duplicates); stored in the model's livevlm.yaml.
 livevlm evaluate --model runs/default/model --data $data/world-val/dialogue.jsonl --features $data/world-val/features-chg12 \

@@ -138,6 +138,8 @@ def test_the_default_models_stages_chain():
     assert (f"livevlm data encode $data/{Path(changes.train.data).relative_to('data')} --out "
             f"$data/{Path(changes.train.features).relative_to('data')} --mean-rgb \\\n  --hue-bins 12 --change-hues "
             "--used-frames-only") in build
+    # stage 2 keeps some of stage 1b's clips, from the same file and cache
+    assert [(m.data, m.features) for m in streams.train.mix] == [(changes.train.data, changes.train.features)]
 
 
 def test_the_shipped_default_model_was_trained_with_the_default_recipes_model_settings():
