@@ -5,7 +5,7 @@
 # frames saying what just changed (recipes/default-changes.yaml, from stage 1 widened for the changed hues),
 # then the streams with some of those pairs mixed in (recipes/default.yaml, from stage 1b) — θ chosen
 # free-running on the validation split, the held-out targets, and the packaged copy under
-# src/livevlm/assets/default_model. About 3.2 hours on 2 CPU cores (about 130 minutes of them training; the sum
+# src/livevlm/assets/default_model. About 3.1 hours on 2 CPU cores (about 130 minutes of them training; the sum
 # of the steps as measured, not rerun end to end; `livevlm train` uses a GPU when there is one). Every step
 # skips work already done, so rerunning continues where it stopped.
 set -euo pipefail
@@ -21,10 +21,12 @@ for split in train5 val heldout; do
   livevlm data encode $data/world-$split/dialogue.jsonl --out $data/world-$split/features-chg12 --mean-rgb \
     --hue-bins 12 --change-hues
 done
-# Stage 1 reads single frames without the changed hues (they start as a copy of its hue columns after it).
-livevlm data encode $data/world-train5/dialogue.jsonl --out $data/world-train5/features-hue12 --mean-rgb --hue-bins 12
+# Stage 1 reads single frames (20 of each video's 60) without the changed hues (they start as a copy of its hue
+# columns after it); only those frames are encoded.
 [ -f $data/world-train5/scene.jsonl ] || \
   livevlm data convert --from world-scene $data/world-train5/annotations.jsonl $data/world-train5/scene.jsonl
+livevlm data encode $data/world-train5/scene.jsonl --out $data/world-train5/features-hue12 --mean-rgb --hue-bins 12 \
+  --used-frames-only
 # Stage 1b's two-frame clips come from videos of their own (the streams' 120 give too few); only the clips'
 # frames are encoded.
 [ -f $data/world-changes7/annotations.jsonl ] || \
