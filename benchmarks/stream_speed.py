@@ -115,15 +115,14 @@ def figures(mode: str, frames: int, elapsed: float, said: list) -> dict:
             "said": [[round(event.time_s, 3), event.text] for event in said]}
 
 
-def run_fast(loaded, video: str, queries: list[tuple[float, str]], prompt_lookup: int | None = None) -> dict:
-    """`livevlm stream --fast` without the printing: `LiveVLM.stream` as it comes (`prompt_lookup` None: its
-    default)."""
+def run_fast(loaded, video: str, queries: list[tuple[float, str]], mode: str = "fast") -> dict:
+    """`livevlm stream --fast` without the printing: `LiveVLM.stream` as it comes ("fast"), or with
+    `prompt_lookup=0` ("fast-no-lookup")."""
     from livevlm.engine.session import ResponseEvent
 
     start = time.perf_counter()
-    stream = loaded.stream(video, queries, prompt_lookup=prompt_lookup)
+    stream = loaded.stream(video, queries, prompt_lookup=0 if mode == "fast-no-lookup" else None)
     said = [event for event in stream if isinstance(event, ResponseEvent)]
-    mode = "fast" if prompt_lookup is None else "fast-no-lookup"
     row = figures(mode, stream.summary.frames, time.perf_counter() - start, said)
     encoder = loaded.encoder
     return row | {"encoder_backend": "onnxruntime" if encoder.onnx_tower is not None else "torch"}
@@ -197,8 +196,7 @@ def worker(mode: str, video: str, model: str, threads: int, encoder_threads: int
     loaded = livevlm.load(model or "default")
     queries = [(0.0, NARRATE)] if workload == "narration" else []
     if mode in ("fast", "fast-no-lookup"):  # the command's own thread sizing: nothing set here
-        lookup = None if mode == "fast" else 0
-        return run_fast(loaded, video, queries, lookup) | {"threads": runtime.usable_cores()}
+        return run_fast(loaded, video, queries, mode) | {"threads": runtime.usable_cores()}
     torch.set_num_threads(threads)
     if mode == "stages":
         return {"mode": "stages", "threads": threads} | stage_costs(loaded, video)

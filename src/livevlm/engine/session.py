@@ -472,9 +472,11 @@ class StreamSession:
         (an eos, a frame placeholder): a guess at the response's next tokens; [] = none."""
         count = min(self.config.prompt_lookup, room)
         ids = self.cache_ids
+        if count <= 0:
+            return []
         for size in (3, 2):
-            if count <= 0 or len(ids) <= size:
-                return []
+            if len(ids) <= size:
+                continue
             tail, found, start = ids[-size:], -1, 0
             try:  # list.index runs in C: only the occurrences of the tail's first token cost Python steps
                 while True:
