@@ -62,6 +62,7 @@ def test_the_transcript_through_a_server_is_what_a_local_run_prints(tiny_checkpo
 @pytest.mark.parametrize(("extra", "said"), [
     (["--model", "x"], "--model: with --server the server's model runs"),
     (["--device", "cpu"], "--device: with --server"),
+    (["--prompt-lookup", "0", "--decode", "static"], "--decode, --prompt-lookup: with --server"),
     (["--server", "ftp://host"], "give the server's address as ws://HOST:PORT"),
 ])
 def test_options_of_a_local_model_are_refused_with_a_server(tiny_checkpoint, extra, said, capsys):

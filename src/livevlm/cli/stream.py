@@ -248,12 +248,14 @@ def _finish(args: StreamArgs, view: _View, summary: Any, threshold: float, devic
 
 
 def _check_remote(args: StreamArgs) -> None:
-    """With --server the server's model runs: the options that choose a local one are mistakes."""
+    """With --server the server's model runs and decodes: the options that choose a local one, or how it
+    decodes, are mistakes (silently ignored, they would look as if they had taken effect)."""
     local = [f"--{name.replace('_', '-')}" for name in ("model", "llm", "vision") if getattr(args, name, "")]
     local += [f"--{name}" for name in ("device", "dtype") if getattr(args, name) != "auto"]
+    local += ["--decode"] * (args.decode != "eager") + ["--prompt-lookup"] * (args.prompt_lookup is not None)
     if local:
-        raise CommandError(f"{', '.join(local)}: with --server the server's model runs (chosen by `livevlm serve`); "
-                           "drop them")
+        raise CommandError(f"{', '.join(local)}: with --server the server's model runs, decoding as `livevlm serve` "
+                           "set it up; drop them")
     from livevlm.remote import stream_url
 
     stream_url(args.server)  # a malformed address: ValueError, one line

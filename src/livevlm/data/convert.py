@@ -14,7 +14,12 @@ from livevlm.data.converters.coin import coin_benchmarks, convert_coin
 from livevlm.data.converters.common import AnnotationError, ConvertOptions
 from livevlm.data.converters.ego4d import convert_ego4d_narration
 from livevlm.data.converters.segments import convert_segments
-from livevlm.data.converters.world import convert_world, convert_world_changes, convert_world_scene
+from livevlm.data.converters.world import (
+    convert_world,
+    convert_world_changes,
+    convert_world_reminders,
+    convert_world_scene,
+)
 from livevlm.data.schema import Dialogue, write_dialogues, write_jsonl
 
 __all__ = ["CONVERTERS", "AnnotationError", "ConvertOptions", "convert", "get_converter"]
@@ -25,6 +30,7 @@ CONVERTERS: dict[str, Converter] = {
     "world": convert_world,  # synthetic-world annotations.jsonl: narration, reminders, questions
     "world-scene": convert_world_scene,  # the same: single-frame "What is on the screen?" clips (alignment)
     "world-changes": convert_world_changes,  # the same: two-frame "What just changed?" clips around events
+    "world-reminders": convert_world_reminders,  # the same: reminders alone, as clips from the request to the event
     "ego4d-narration": convert_ego4d_narration,  # Ego4D all_narrations_redacted.json / narration.json
     "coin": convert_coin,  # COIN.json step annotations: step-stream dialogues
     "segments": convert_segments,  # {video, start, end, text} lists, ActivityNet Captions, YouCook2

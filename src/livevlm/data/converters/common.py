@@ -29,8 +29,9 @@ class ConvertOptions:
     input: str = field(metadata={"help": "annotation file to convert (its format depends on --from)"})
     output: str = field(metadata={"help": "dialogue JSONL to write (paths in it are relative to its folder)"})
     # The command line spells it `--from KIND`: "aliases" is for the CLI builder (`from` is a keyword).
-    kind: str = field(default="", metadata={"help": "source format: world, world-scene, world-changes, "
-                                                    "ego4d-narration, coin, segments", "aliases": ["--from"]})
+    kind: str = field(default="", metadata={"help": "source format: world, world-scene, world-changes, world-"
+                                                    "reminders, ego4d-narration, coin, segments",
+                                            "aliases": ["--from"]})
     fps: float = field(default=2.0, metadata={"help": "frame rate of the streams; assistant turns are put "
                                                      "on this grid"})
     seed: int = field(default=0, metadata={"help": "seed of the random choices (prompts, query times)"})
@@ -42,7 +43,8 @@ class ConvertOptions:
                                                                 "that does not exist"})
     skip_missing: bool = field(default=False, metadata={"help": "leave out (with a warning) records whose "
                                                                 "video is missing instead of failing"})
-    reminders: int = field(default=2, metadata={"help": "world: reminder dialogues per video"})
+    reminders: int = field(default=2, metadata={"help": "world, world-reminders: reminder dialogues (clips) per "
+                                                        "video"})
     questions: int = field(default=4, metadata={"help": "world: questions per video (one dialogue)"})
     scene_frames: int = field(default=20, metadata={"help": "world-scene: single-frame \"What is on the "
                                                             "screen?\" clips per video"})

@@ -26,6 +26,11 @@ circle and a large blue square."), the order the frame itself shows. Narration n
 new object's colour and shape once per appearance, far too rarely to learn to read them from the frame
 tokens; `--scene-frames` per video supply those readings cheaply (a frame and a sentence each).
 
+`--from world-reminders` makes the reminders alone, as short clips: `{stem}-reminder-clip-{j}` starts
+`REMINDER_CLIP_LEAD_S` before the request and ends at the frame that answers it, so a reminder costs its
+own seconds of frames, not the whole video's; `--reminders` per video (each about a different event). The
+streams hold two reminders a video, too few to learn waiting through other events for the one asked about.
+
 `--from world-changes` makes two-frame clips, the same idea for events: `{stem}-change-{k}` shows the frame
 before an event and the frame that narrates it, asks "What just changed?" at the second and answers with
 the event's sentences ("The red circle starts moving to the left."). An event on an object already in the
@@ -72,6 +77,7 @@ _DIRECTION_VECTORS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (
 SCENE_QUESTION = "What is on the screen?"
 CHANGE_QUESTION = "What just changed?"
 REMINDER_WINDOW_S = 60.0  # a reminder is asked at most this long before its event (bounds the search, too)
+REMINDER_CLIP_LEAD_S = 2.0  # world-reminders: frames before the request (the streams ask it mid-video)
 _NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 
@@ -208,8 +214,11 @@ def _reminder_ok(events: list[Event], target: Event, ask_s: float) -> bool:
     return not any(e.involves(target.oid) and e.kind in blocked for e in between)
 
 
-def reminders(video: WorldVideo, fps: float, count: int, rng: random.Random) -> list[Dialogue]:
-    """Up to `count` reminder dialogues, each about a different future event."""
+def reminders(video: WorldVideo, fps: float, count: int, rng: random.Random,
+              lead_s: float | None = None) -> list[Dialogue]:
+    """Up to `count` reminder dialogues, each about a different future event: over the whole video, or with
+    `lead_s` a clip from `lead_s` before the request (on the frame grid, not before the video) to the frame
+    that answers it."""
     candidates = [e for e in video.events if e.kind in REMINDERS and e.obj.get("color") and e.obj.get("shape")
                   and ceil_frame(e.time_s, fps) >= 1 and e.time_s <= video.duration_s]
     rng.shuffle(candidates)
@@ -224,11 +233,15 @@ def reminders(video: WorldVideo, fps: float, count: int, rng: random.Random) -> 
             continue
         ask = rng.choice(asks)
         name = f"{target.obj.get('color')} {target.obj.get('shape')}"
-        builder = StreamBuilder(fps, 0.0, video.duration_s)
+        if lead_s is None:
+            builder, suffix = StreamBuilder(fps, 0.0, video.duration_s), "reminder"
+        else:
+            first_shown = max(0, ask - round(lead_s * fps))
+            builder, suffix = StreamBuilder(fps, first_shown / fps, (last + 1) / fps), "reminder-clip"
         builder.ask(ask / fps, REMINDERS[target.kind].format(name=name, a_name=with_article(name)),
                     rng.choice(REMINDER_ACKS))
         builder.say(target.time_s, target.text)
-        dialogues.append(video.dialogue(f"reminder-{len(dialogues)}", builder, "reminder"))
+        dialogues.append(video.dialogue(f"{suffix}-{len(dialogues)}", builder, "reminder"))
     return dialogues
 
 
@@ -405,6 +418,15 @@ def convert_world(args: ConvertOptions) -> list[Dialogue]:
         asked = questions(video, args.fps, args.questions, rng)
         if asked is not None:
             dialogues.append(asked)
+    return dialogues
+
+
+def convert_world_reminders(args: ConvertOptions) -> list[Dialogue]:
+    """annotations.jsonl (`args.input`) → up to `args.reminders` short reminder clips per video."""
+    dialogues: list[Dialogue] = []
+    for video in parse_world(args):
+        rng = random.Random(f"{args.seed}:world-reminders:{video.stem}")
+        dialogues.extend(reminders(video, args.fps, args.reminders, rng, lead_s=REMINDER_CLIP_LEAD_S))
     return dialogues
 
 
