@@ -96,7 +96,7 @@ def test_world_reminders_are_answered_with_the_event_at_its_frame(tmp_path):
         assert ask_s < event["time_s"] <= answer_s == math.ceil(event["time_s"] * 2) / 2
 
 
-def test_world_reminder_clips_run_from_two_seconds_before_the_request_to_the_answer(tmp_path):
+def test_world_reminder_clips_run_from_two_seconds_before_the_request_to_two_after_the_answer(tmp_path):
     clips = run(tmp_path, "world-reminders", world_file(tmp_path), reminders=5)
     events = {e["text"]: e for e in WORLD_EVENTS}
     assert [c.id for c in clips] == [f"000-reminder-clip-{j}" for j in range(5)]
@@ -105,7 +105,7 @@ def test_world_reminder_clips_run_from_two_seconds_before_the_request_to_the_ans
         (_, ask_s, question), (_, ack_s, ack), (_, answer_s, answer) = turns(clip)
         assert (clip.task, clip.duration_s, ack_s, ack in world.REMINDER_ACKS) == ("reminder", 10.0, ask_s, True)
         assert ask_s < events[answer]["time_s"] <= answer_s == math.ceil(events[answer]["time_s"] * 2) / 2
-        assert (clip.start_s, clip.end_s) == (max(0.0, ask_s - 2.0), answer_s + 0.5)  # the answer's frame is last
+        assert (clip.start_s, clip.end_s) == (max(0.0, ask_s - 2.0), min(10.0, answer_s + 2.5))  # frames to +2 s
 
 
 def test_a_reminder_is_not_asked_when_an_earlier_event_would_answer_it(tmp_path):

@@ -27,8 +27,9 @@ new object's colour and shape once per appearance, far too rarely to learn to re
 tokens; `--scene-frames` per video supply those readings cheaply (a frame and a sentence each).
 
 `--from world-reminders` makes the reminders alone, as short clips: `{stem}-reminder-clip-{j}` starts
-`REMINDER_CLIP_LEAD_S` before the request and ends at the frame that answers it, so a reminder costs its
-own seconds of frames, not the whole video's; `--reminders` per video (each about a different event). The
+`REMINDER_CLIP_LEAD_S` before the request and ends `REMINDER_CLIP_TAIL_S` after the frame that answers it
+(silent frames: a reminder answered is done), so a reminder costs its own seconds of frames, not the whole
+video's; `--reminders` per video (each about a different event). The
 streams hold two reminders a video, too few to learn waiting through other events for the one asked about.
 
 `--from world-changes` makes two-frame clips, the same idea for events: `{stem}-change-{k}` shows the frame
@@ -78,6 +79,7 @@ SCENE_QUESTION = "What is on the screen?"
 CHANGE_QUESTION = "What just changed?"
 REMINDER_WINDOW_S = 60.0  # a reminder is asked at most this long before its event (bounds the search, too)
 REMINDER_CLIP_LEAD_S = 2.0  # world-reminders: frames before the request (the streams ask it mid-video)
+REMINDER_CLIP_TAIL_S = 2.0  # and after the answer, silent: a reminder answered is done (no narration after it)
 _NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 
@@ -215,10 +217,10 @@ def _reminder_ok(events: list[Event], target: Event, ask_s: float) -> bool:
 
 
 def reminders(video: WorldVideo, fps: float, count: int, rng: random.Random,
-              lead_s: float | None = None) -> list[Dialogue]:
+              clip: tuple[float, float] | None = None) -> list[Dialogue]:
     """Up to `count` reminder dialogues, each about a different future event: over the whole video, or with
-    `lead_s` a clip from `lead_s` before the request (on the frame grid, not before the video) to the frame
-    that answers it."""
+    `clip` = (lead_s, tail_s) a clip from lead_s before the request to tail_s after the frame that answers it
+    (on the frame grid, within the video)."""
     candidates = [e for e in video.events if e.kind in REMINDERS and e.obj.get("color") and e.obj.get("shape")
                   and ceil_frame(e.time_s, fps) >= 1 and e.time_s <= video.duration_s]
     rng.shuffle(candidates)
@@ -226,18 +228,19 @@ def reminders(video: WorldVideo, fps: float, count: int, rng: random.Random,
     for target in candidates:
         if len(dialogues) == count:
             break
-        last = min(ceil_frame(target.time_s, fps), count_frames(0.0, video.duration_s, fps) - 1)
+        n_frames = count_frames(0.0, video.duration_s, fps)
+        last = min(ceil_frame(target.time_s, fps), n_frames - 1)
         first = max(0, last - round(REMINDER_WINDOW_S * fps))
         asks = [k for k in range(first, last) if _reminder_ok(video.events, target, k / fps)]
         if not asks:
             continue
         ask = rng.choice(asks)
         name = f"{target.obj.get('color')} {target.obj.get('shape')}"
-        if lead_s is None:
+        if clip is None:
             builder, suffix = StreamBuilder(fps, 0.0, video.duration_s), "reminder"
         else:
-            first_shown = max(0, ask - round(lead_s * fps))
-            builder, suffix = StreamBuilder(fps, first_shown / fps, (last + 1) / fps), "reminder-clip"
+            first_shown, last_shown = max(0, ask - round(clip[0] * fps)), min(n_frames - 1, last + round(clip[1] * fps))
+            builder, suffix = StreamBuilder(fps, first_shown / fps, (last_shown + 1) / fps), "reminder-clip"
         builder.ask(ask / fps, REMINDERS[target.kind].format(name=name, a_name=with_article(name)),
                     rng.choice(REMINDER_ACKS))
         builder.say(target.time_s, target.text)
@@ -426,7 +429,8 @@ def convert_world_reminders(args: ConvertOptions) -> list[Dialogue]:
     dialogues: list[Dialogue] = []
     for video in parse_world(args):
         rng = random.Random(f"{args.seed}:world-reminders:{video.stem}")
-        dialogues.extend(reminders(video, args.fps, args.reminders, rng, lead_s=REMINDER_CLIP_LEAD_S))
+        dialogues.extend(reminders(video, args.fps, args.reminders, rng,
+                                   clip=(REMINDER_CLIP_LEAD_S, REMINDER_CLIP_TAIL_S)))
     return dialogues
 
 
