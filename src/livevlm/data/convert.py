@@ -30,7 +30,7 @@ CONVERTERS: dict[str, Converter] = {
     "world": convert_world,  # synthetic-world annotations.jsonl: narration, reminders, questions
     "world-scene": convert_world_scene,  # the same: single-frame "What is on the screen?" clips (alignment)
     "world-changes": convert_world_changes,  # the same: two-frame "What just changed?" clips around events
-    "world-reminders": convert_world_reminders,  # the same: reminders alone, as clips from the request to the event
+    "world-reminders": convert_world_reminders,  # the same: reminders alone, clips from the request to past the answer
     "ego4d-narration": convert_ego4d_narration,  # Ego4D all_narrations_redacted.json / narration.json
     "coin": convert_coin,  # COIN.json step annotations: step-stream dialogues
     "segments": convert_segments,  # {video, start, end, text} lists, ActivityNet Captions, YouCook2

@@ -29,8 +29,8 @@ tokens; `--scene-frames` per video supply those readings cheaply (a frame and a 
 `--from world-reminders` makes the reminders alone, as short clips: `{stem}-reminder-clip-{j}` starts
 `REMINDER_CLIP_LEAD_S` before the request and ends `REMINDER_CLIP_TAIL_S` after the frame that answers it
 (silent frames: a reminder answered is done), so a reminder costs its own seconds of frames, not the whole
-video's; `--reminders` per video (each about a different event). The
-streams hold two reminders a video, too few to learn waiting through other events for the one asked about.
+video's; `--reminders` per video (each about a different event). The streams hold two reminders a video, too
+few to learn waiting through other events for the one asked about.
 
 `--from world-changes` makes two-frame clips, the same idea for events: `{stem}-change-{k}` shows the frame
 before an event and the frame that narrates it, asks "What just changed?" at the second and answers with
@@ -224,11 +224,11 @@ def reminders(video: WorldVideo, fps: float, count: int, rng: random.Random,
     candidates = [e for e in video.events if e.kind in REMINDERS and e.obj.get("color") and e.obj.get("shape")
                   and ceil_frame(e.time_s, fps) >= 1 and e.time_s <= video.duration_s]
     rng.shuffle(candidates)
+    n_frames = count_frames(0.0, video.duration_s, fps)
     dialogues: list[Dialogue] = []
     for target in candidates:
         if len(dialogues) == count:
             break
-        n_frames = count_frames(0.0, video.duration_s, fps)
         last = min(ceil_frame(target.time_s, fps), n_frames - 1)
         first = max(0, last - round(REMINDER_WINDOW_S * fps))
         asks = [k for k in range(first, last) if _reminder_ok(video.events, target, k / fps)]
