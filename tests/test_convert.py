@@ -3,6 +3,7 @@ texts, paths relative to the output, and errors that name the file, the record a
 
 import json
 import math
+import random
 import re
 from pathlib import Path
 
@@ -108,6 +109,25 @@ def test_world_reminder_clips_run_from_two_seconds_before_the_request_to_two_aft
         assert (clip.start_s, clip.end_s) == (max(0.0, ask_s - 2.0), min(10.0, answer_s + 2.5))  # frames to +2 s
 
 
+def test_reminders_with_distractors_are_asked_before_another_objects_event_of_the_kind():
+    events = world.parse_events([
+        {"time_s": 0.0, "kind": "appear", "text": "A small red circle appears.", "object": RED},
+        {"time_s": 0.0, "kind": "appear", "text": "A large blue square appears.", "object": BLUE},
+        {"time_s": 3.0, "kind": "move", "text": "The blue square starts moving up.", "object": BLUE, "direction": "up"},
+        {"time_s": 6.0, "kind": "move", "text": "The red circle starts moving up.", "object": RED, "direction": "up"}],
+        "x")
+    video = world.WorldVideo("v", "v.mp4", 10.0, events)
+    asked = {}
+    for seed in range(20):
+        for plain in (False, True):
+            for d in world.reminders(video, 2.0, 2, random.Random(seed), clip=(2.0, 2.0), distractors=not plain):
+                asked.setdefault((turns(d)[2][2], plain), set()).add(turns(d)[0][1])
+    red, blue = "The red circle starts moving up.", "The blue square starts moving up."
+    assert asked[(red, False)] == {0.0, 0.5, 1.0, 1.5, 2.0, 2.5}  # before the blue square's start: silent through it
+    assert max(asked[(red, True)]) > 3.0  # plain: anywhere before its own
+    assert asked[(blue, False)] == asked[(blue, True)]  # nothing of the kind comes before it: as plain
+
+
 def test_a_reminder_is_not_asked_when_an_earlier_event_would_answer_it(tmp_path):
     events = world.parse_events(WORLD_EVENTS, "x")
     stop_like = world.Event(9.5, "The red circle stops.", "stop", RED, {})
@@ -138,6 +158,29 @@ def test_world_questions_are_answered_from_the_timeline_at_that_time():
     assert at_9["present"][0] == ("How many objects are there?", "There is one object.")
     assert world.question_options(events, 0.0)["past"][0] == (
         "What just happened?", "A small red circle appears on the left. A large blue square appears on the right.")
+
+
+def test_world_question_dialogues_each_ask_at_their_own_frames_answered_from_the_timeline(tmp_path):
+    dialogues = run(tmp_path, "world-questions", world_file(tmp_path), questions=6, question_dialogues=3)
+    events = world.parse_events(WORLD_EVENTS, "x")
+    assert [d.id for d in dialogues] == ["000-questions-0", "000-questions-1", "000-questions-2"]
+    asked_at = []
+    for d in dialogues:
+        assert (d.task, d.start_s, d.end_s) == ("questions", 0.0, 10.0)
+        pairs = list(zip(turns(d)[::2], turns(d)[1::2], strict=True))
+        assert len(pairs) == 6
+        for (user, ask_s, question), (role, answer_s, answer) in pairs:
+            options = world.question_options(events, ask_s)
+            assert (user, role, answer_s) == ("user", "assistant", ask_s)
+            assert (question, answer) in [item for items in options.values() for item in items]
+        asked_at.append([ask_s for (_, ask_s, _), _ in pairs])
+    assert len({tuple(times) for times in asked_at}) == 3  # each dialogue draws its own frames
+
+
+def test_world_questions_needs_a_question(tmp_path):
+    with pytest.raises(AnnotationError, match=re.escape("--questions 0 --question-dialogues 1: world-questions "
+                                                        "needs at least one of each")):
+        run(tmp_path, "world-questions", world_file(tmp_path), questions=0)
 
 
 def test_world_scene_lists_every_object_with_size_colour_and_shape_in_order_of_appearance():
@@ -452,11 +495,11 @@ def test_segments_missing_field_names_the_record(tmp_path):
 
 
 def test_the_registry_lists_every_converter_and_rejects_unknown_names():
-    assert list(CONVERTERS) == ["world", "world-scene", "world-changes", "world-reminders", "ego4d-narration", "coin",
-                                "segments"]
+    assert list(CONVERTERS) == ["world", "world-scene", "world-changes", "world-reminders", "world-questions",
+                                "ego4d-narration", "coin", "segments"]
     with pytest.raises(AnnotationError, match="unknown source format 'epic'; choose one with --from: world, "
-                                              "world-scene, world-changes, world-reminders, ego4d-narration, coin, "
-                                              "segments"):
+                                              "world-scene, world-changes, world-reminders, world-questions, "
+                                              "ego4d-narration, coin, segments"):
         get_converter("epic")
 
 

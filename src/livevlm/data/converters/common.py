@@ -30,7 +30,8 @@ class ConvertOptions:
     output: str = field(metadata={"help": "dialogue JSONL to write (paths in it are relative to its folder)"})
     # The command line spells it `--from KIND`: "aliases" is for the CLI builder (`from` is a keyword).
     kind: str = field(default="", metadata={"help": "source format: world, world-scene, world-changes, world-"
-                                                    "reminders, ego4d-narration, coin, segments",
+                                                    "reminders, world-questions, ego4d-narration, coin, "
+                                                    "segments",
                                             "aliases": ["--from"]})
     fps: float = field(default=2.0, metadata={"help": "frame rate of the streams; assistant turns are put "
                                                      "on this grid"})
@@ -45,7 +46,13 @@ class ConvertOptions:
                                                                 "video is missing instead of failing"})
     reminders: int = field(default=2, metadata={"help": "world, world-reminders: reminder dialogues (clips) per "
                                                         "video"})
-    questions: int = field(default=4, metadata={"help": "world: questions per video (one dialogue)"})
+    reminder_distractors: bool = field(default=False, metadata={
+        "help": "world-reminders: ask each reminder before another object's event of the same kind where "
+                "one allows it (the model must not answer that one)"})
+    questions: int = field(default=4, metadata={"help": "world: questions per video (one dialogue); "
+                                                        "world-questions: questions per dialogue"})
+    question_dialogues: int = field(default=1, metadata={"help": "world-questions: question dialogues per "
+                                                                 "video, each at its own random frames"})
     scene_frames: int = field(default=20, metadata={"help": "world-scene: single-frame \"What is on the "
                                                             "screen?\" clips per video"})
     min_words: int = field(default=2, metadata={"help": "ego4d-narration: drop narrations shorter than this "

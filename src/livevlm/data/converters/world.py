@@ -32,6 +32,12 @@ tokens; `--scene-frames` per video supply those readings cheaply (a frame and a 
 video's; `--reminders` per video (each about a different event). The streams hold two reminders a video, too
 few to learn waiting through other events for the one asked about.
 
+`--from world-questions` makes the questions alone: `{stem}-questions-{j}`, `--question-dialogues` per video of
+`--questions` questions each, every dialogue at its own random frames. A question dialogue costs the whole
+video's frames whatever its count, so many questions in a dialogue are cheap supervision: the streams hold four a
+video, too few to learn counting, sizes, colours of named shapes and what happened last (the default model's
+questions scored as low on its own training videos as on unseen ones).
+
 `--from world-changes` makes two-frame clips, the same idea for events: `{stem}-change-{k}` shows the frame
 before an event and the frame that narrates it, asks "What just changed?" at the second and answers with
 the event's sentences ("The red circle starts moving to the left."). An event on an object already in the
@@ -216,11 +222,20 @@ def _reminder_ok(events: list[Event], target: Event, ask_s: float) -> bool:
     return not any(e.involves(target.oid) and e.kind in blocked for e in between)
 
 
+def _distracted(events: list[Event], target: Event, ask_s: float, fps: float) -> bool:
+    """Whether another object does the asked-about kind of thing after `ask_s` and at an earlier frame than
+    `target`: an event the reminder must stay silent through."""
+    frame = ceil_frame(target.time_s, fps)
+    return any(e.kind == target.kind and e.oid != target.oid and ask_s + FRAME_EPS < e.time_s
+               and ceil_frame(e.time_s, fps) < frame for e in events)
+
+
 def reminders(video: WorldVideo, fps: float, count: int, rng: random.Random,
-              clip: tuple[float, float] | None = None) -> list[Dialogue]:
+              clip: tuple[float, float] | None = None, distractors: bool = False) -> list[Dialogue]:
     """Up to `count` reminder dialogues, each about a different future event: over the whole video, or with
     `clip` = (lead_s, tail_s) a clip from lead_s before the request to tail_s after the frame that answers it
-    (on the frame grid, within the video)."""
+    (on the frame grid, within the video). With `distractors`, a request is asked before another object's
+    event of the same kind wherever one allows it (`_distracted`): the hard case, answering too early."""
     candidates = [e for e in video.events if e.kind in REMINDERS and e.obj.get("color") and e.obj.get("shape")
                   and ceil_frame(e.time_s, fps) >= 1 and e.time_s <= video.duration_s]
     rng.shuffle(candidates)
@@ -234,6 +249,8 @@ def reminders(video: WorldVideo, fps: float, count: int, rng: random.Random,
         asks = [k for k in range(first, last) if _reminder_ok(video.events, target, k / fps)]
         if not asks:
             continue
+        if distractors:
+            asks = [k for k in asks if _distracted(video.events, target, k / fps, fps)] or asks
         ask = rng.choice(asks)
         name = f"{target.obj.get('color')} {target.obj.get('shape')}"
         if clip is None:
@@ -374,9 +391,10 @@ def question_options(events: list[Event], time_s: float) -> dict[str, list[tuple
     return options
 
 
-def questions(video: WorldVideo, fps: float, count: int, rng: random.Random) -> Dialogue | None:
-    """One dialogue of `count` questions at distinct random frames (a random tense, then a random question
-    of it), or None when count is 0."""
+def questions(video: WorldVideo, fps: float, count: int, rng: random.Random, suffix: str = "questions"
+              ) -> Dialogue | None:
+    """One dialogue `{stem}-{suffix}` of `count` questions at distinct random frames (a random tense, then a
+    random question of it), or None when count is 0."""
     n_frames = count_frames(0.0, video.duration_s, fps)
     if count <= 0 or n_frames == 0:
         return None
@@ -386,7 +404,7 @@ def questions(video: WorldVideo, fps: float, count: int, rng: random.Random) -> 
         tense = rng.choice([t for t, items in options.items() if items])
         question, answer = rng.choice(options[tense])
         builder.ask(frame / fps, question, answer)
-    return video.dialogue("questions", builder, "questions")
+    return video.dialogue(suffix, builder, "questions")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -430,7 +448,24 @@ def convert_world_reminders(args: ConvertOptions) -> list[Dialogue]:
     for video in parse_world(args):
         rng = random.Random(f"{args.seed}:world-reminders:{video.stem}")
         dialogues.extend(reminders(video, args.fps, args.reminders, rng,
-                                   clip=(REMINDER_CLIP_LEAD_S, REMINDER_CLIP_TAIL_S)))
+                                   clip=(REMINDER_CLIP_LEAD_S, REMINDER_CLIP_TAIL_S),
+                                   distractors=args.reminder_distractors))
+    return dialogues
+
+
+def convert_world_questions(args: ConvertOptions) -> list[Dialogue]:
+    """annotations.jsonl (`args.input`) → `args.question_dialogues` question dialogues per video, each of
+    `args.questions` questions at its own random frames."""
+    if args.questions <= 0 or args.question_dialogues <= 0:
+        raise AnnotationError(f"--questions {args.questions} --question-dialogues {args.question_dialogues}: "
+                              "world-questions needs at least one of each")
+    dialogues: list[Dialogue] = []
+    for video in parse_world(args):
+        for j in range(args.question_dialogues):
+            rng = random.Random(f"{args.seed}:world-questions:{video.stem}:{j}")
+            asked = questions(video, args.fps, args.questions, rng, suffix=f"questions-{j}")
+            if asked is not None:
+                dialogues.append(asked)
     return dialogues
 
 
