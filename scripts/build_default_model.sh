@@ -40,8 +40,8 @@ livevlm train recipes/default-align.yaml  # stage 1: single frames
   python scripts/init_change_hues.py runs/default-align/model runs/default-align-chg
 livevlm train recipes/default-changes.yaml  # stage 1b: what just changed, from stage 1
 livevlm train recipes/default.yaml          # stage 2: the streams (+ 800 of stage 1b's clips), from stage 1b
-# The recommended θ: the one whose own responses, free-running, match the validation turns best (F1, then
-# fewer duplicates); stored in the model's livevlm.yaml.
+# The recommended θ: the one whose own responses, free-running, match the validation turns best (of the θs
+# within one turn of the best F1, the fewest duplicates); stored in the model's livevlm.yaml.
 livevlm evaluate --model runs/default/model --data $data/world-val/dialogue.jsonl --features $data/world-val/features-chg12 \
   --free-running --choose-threshold --threshold 0.7 --threshold 0.725 --threshold 0.8 \
   --results runs/default/val_free_running.jsonl

@@ -230,13 +230,17 @@ def test_free_running_choose_threshold_needs_the_thetas_to_try(setup, capsys, tm
     assert "several only with --choose-threshold" in capsys.readouterr().err
 
 
-def test_the_free_running_choice_takes_the_best_f1_then_the_fewest_duplicates_then_the_engine_default():
+def test_the_free_running_choice_takes_the_fewest_duplicates_within_one_turn_of_the_best_f1():
     def m(f1: float, duplicates: float, turns: int = 10) -> dict[str, float]:
         return {"trigger_f1": f1, "duplicate_ratio": duplicates, "turns": turns}
 
     assert choose_free_running_threshold({0.9: m(0.72, 0.28), 0.7: m(0.91, 0.03), 0.5: m(0.80, 0.0)}) == 0.7
     assert choose_free_running_threshold({0.9: m(0.9, 0.10), 0.8: m(0.9, 0.05)}) == 0.8
     assert choose_free_running_threshold({0.9: m(0.9, 0.05), 0.7: m(0.9, 0.05)}) == 0.7  # nearer 0.725
+    # 100 turns: 0.835 and 0.833 are within one turn (0.01), so the fewer duplicates win; 0.82 is not
+    assert choose_free_running_threshold({0.8: m(0.835, 0.053, 100), 0.725: m(0.833, 0.028, 100),
+                                          0.7: m(0.82, 0.01, 100)}) == 0.725
+    assert choose_free_running_threshold({0.8: m(0.835, 0.03, 100), 0.725: m(0.833, 0.03, 100)}) == 0.8  # then F1
     assert choose_free_running_threshold({0.0: m(math.nan, math.nan), 1.0: m(0.1, 0.5)}) == 1.0  # never spoke: F1 0
     with pytest.raises(ValueError, match="no spontaneous turns"):
         choose_free_running_threshold({0.7: m(math.nan, math.nan, turns=0)})

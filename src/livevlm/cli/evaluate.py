@@ -38,8 +38,8 @@ class EvaluateArgs:
     choose_threshold: bool = field(default=False, metadata={
         "help": "store in the --model folder the θ (among --threshold) that times most turns of --data within "
                 "1 s (then the lowest TimeDiff) as the model's recommended θ; with --free-running, the θ whose own "
-                "responses match the turns best (F1, then fewer duplicates), streaming once per θ; use a "
-                "validation split"})
+                "responses match the turns best (of the θs within one turn of the best F1, the fewest duplicates), "
+                "streaming once per θ; use a validation split"})
     benchmark: str = field(default="", metadata={
         "help": "world = the synthetic proactive benchmark: held-out synthetic-world videos (--videos, --seed, "
                 "--duration; default the default model's held-out set) streamed free-running (no --data); "

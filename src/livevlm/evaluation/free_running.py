@@ -395,14 +395,17 @@ def summarise(records: list[dict]) -> dict:
 
 
 def choose_free_running_threshold(by_threshold: dict[float, dict]) -> float:
-    """The θ whose own free-running responses best match the turns one to one: the highest trigger F1 over
-    the spontaneous turns (a missed turn and an extra or repeated response cost alike), ties to the fewer
-    duplicates, then to the θ nearest the engine's default.
+    """The θ whose own free-running responses best match the turns one to one: among the θs whose trigger F1
+    over the spontaneous turns is within one turn of the best (1 / turns), the fewest duplicates, then the
+    higher F1, then the θ nearest the engine's default.
 
     Why free-running: the teacher-forced choice (`stream_eval.choose_threshold`) scores each turn's first
     response on a context that holds the true dialogue, so it cannot see a model that keeps talking after it
     answered. It chose θ 0.9 for a two-stage default-model candidate that, free-running at 0.9, repeated itself
     in a third of its narration responses; at 0.7 it repeated 3 % (docs/experiments.md, 2026-12-04).
+    Why within one turn: an F1 that differs by less than one matched turn is noise on a validation split, while
+    a repeated response is what a viewer hears; the plain best F1 took θ 0.8 at 0.835 over 0.725 at 0.833 with
+    twice the duplicates (5.3 % against 2.8 %; docs/experiments.md, 2026-12-05).
 
     Args:
         by_threshold: θ → `summarise`'s scores of one free-running run at that θ.
@@ -417,8 +420,10 @@ def choose_free_running_threshold(by_threshold: dict[float, dict]) -> float:
     scored = {t: m for t, m in by_threshold.items() if m["turns"]}
     if not scored:
         raise ValueError("no spontaneous turns in --data: the free-running F1 is undefined, so no θ can be chosen")
-    return min(scored, key=lambda t: (-nan_to_zero(scored[t]["trigger_f1"]), nan_to_zero(scored[t]["duplicate_ratio"]),
-                                      abs(t - EngineConfig().threshold)))
+    best = max(nan_to_zero(m["trigger_f1"]) for m in scored.values())
+    near = {t: m for t, m in scored.items() if nan_to_zero(m["trigger_f1"]) > best - 1 / m["turns"] + 1e-9}
+    return min(near, key=lambda t: (nan_to_zero(near[t]["duplicate_ratio"]), -nan_to_zero(near[t]["trigger_f1"]),
+                                    abs(t - EngineConfig().threshold)))
 
 
 def judged_summary(records: list[dict]) -> dict:
