@@ -30,13 +30,15 @@ tokens; `--scene-frames` per video supply those readings cheaply (a frame and a 
 `REMINDER_CLIP_LEAD_S` before the request and ends `REMINDER_CLIP_TAIL_S` after the frame that answers it
 (silent frames: a reminder answered is done), so a reminder costs its own seconds of frames, not the whole
 video's; `--reminders` per video (each about a different event). The streams hold two reminders a video, too
-few to learn waiting through other events for the one asked about.
+few to learn waiting through other events for the one asked about. `--reminder-distractors` asks each, where
+the video allows it, before another object's event of the same kind, which the reminder must stay silent
+through.
 
 `--from world-questions` makes the questions alone: `{stem}-questions-{j}`, `--question-dialogues` per video of
 `--questions` questions each, every dialogue at its own random frames. A question dialogue costs the whole
 video's frames whatever its count, so many questions in a dialogue are cheap supervision: the streams hold four a
-video, too few to learn counting, sizes, colours of named shapes and what happened last (the default model's
-questions scored as low on its own training videos as on unseen ones).
+video, and the default model answered its own training videos' questions no better than unseen ones' (twelve
+a dialogue, as a stage of their own, raised them by 1–3 points: docs/experiments.md).
 
 `--from world-changes` makes two-frame clips, the same idea for events: `{stem}-change-{k}` shows the frame
 before an event and the frame that narrates it, asks "What just changed?" at the second and answers with
