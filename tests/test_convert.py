@@ -119,13 +119,13 @@ def test_reminders_with_distractors_are_asked_before_another_objects_event_of_th
     video = world.WorldVideo("v", "v.mp4", 10.0, events)
     asked = {}
     for seed in range(20):
-        for plain in (False, True):
-            for d in world.reminders(video, 2.0, 2, random.Random(seed), clip=(2.0, 2.0), distractors=not plain):
-                asked.setdefault((turns(d)[2][2], plain), set()).add(turns(d)[0][1])
+        for distractors in (True, False):
+            for d in world.reminders(video, 2.0, 2, random.Random(seed), clip=(2.0, 2.0), distractors=distractors):
+                asked.setdefault((turns(d)[2][2], distractors), set()).add(turns(d)[0][1])
     red, blue = "The red circle starts moving up.", "The blue square starts moving up."
-    assert asked[(red, False)] == {0.0, 0.5, 1.0, 1.5, 2.0, 2.5}  # before the blue square's start: silent through it
-    assert max(asked[(red, True)]) > 3.0  # plain: anywhere before its own
-    assert asked[(blue, False)] == asked[(blue, True)]  # nothing of the kind comes before it: as plain
+    assert asked[(red, True)] == {0.0, 0.5, 1.0, 1.5, 2.0, 2.5}  # before the blue square's start: silent through it
+    assert max(asked[(red, False)]) > 3.0  # plain: anywhere before its own
+    assert asked[(blue, True)] == asked[(blue, False)]  # nothing of the kind comes before it: as plain
 
 
 def test_a_reminder_is_not_asked_when_an_earlier_event_would_answer_it(tmp_path):
