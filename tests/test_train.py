@@ -448,6 +448,28 @@ def test_the_train_command_destroys_the_process_group_before_it_returns(workdir,
     assert not dist.is_initialized()
 
 
+def test_a_finished_rank_of_a_multi_process_launch_leaves_without_finalising(workdir, tmp_path, monkeypatch,
+                                                                          capsys):
+    """gloo's worker threads can abort a finalising interpreter: a finished rank prints, then leaves by os._exit."""
+    import livevlm.train
+
+    class Left(Exception):
+        pass
+
+    def leave(code):
+        exits.append(code)
+        raise Left
+
+    exits: list[int] = []
+    monkeypatch.setattr(livevlm.train, "train", lambda recipe, **_: tmp_path / "run" / "model")
+    monkeypatch.setattr(os, "_exit", leave)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun / accelerate set for each of two ranks
+    with pytest.raises(Left):
+        train_command(TrainArgs(recipe=str(write_recipe(workdir, tmp_path))))
+    assert exits == [0]
+    assert capsys.readouterr().out == f"livevlm checkpoint: {tmp_path / 'run' / 'model'}\n"
+
+
 def test_command_line_takes_overrides_after_the_recipe():
     import argparse
 
