@@ -1,6 +1,7 @@
 """Converters on small hand-written annotation files in each source's real format: exact turn times and
 texts, paths relative to the output, and errors that name the file, the record and the remedy."""
 
+import itertools
 import json
 import math
 import random
@@ -126,6 +127,36 @@ def test_reminders_with_distractors_are_asked_before_another_objects_event_of_th
     assert asked[(red, True)] == {0.0, 0.5, 1.0, 1.5, 2.0, 2.5}  # before the blue square's start: silent through it
     assert max(asked[(red, False)]) > 3.0  # plain: anywhere before its own
     assert asked[(blue, True)] == asked[(blue, False)]  # nothing of the kind comes before it: as plain
+
+
+def test_reminder_pairs_follow_each_clip_with_an_unanswered_twin_over_the_same_frames():
+    green = {"id": 3, "shape": "star", "color": "green", "size": "small"}
+    yellow = {"id": 4, "shape": "triangle", "color": "yellow", "size": "small"}
+    events = world.parse_events([
+        {"time_s": 0.0, "kind": "appear", "text": "A small red circle appears.", "object": RED},
+        {"time_s": 0.0, "kind": "appear", "text": "A large blue square appears.", "object": BLUE},
+        {"time_s": 0.0, "kind": "appear", "text": "A small green star appears.", "object": green},
+        {"time_s": 3.0, "kind": "move", "text": "The blue square starts moving up.", "object": BLUE, "direction": "up"},
+        {"time_s": 6.0, "kind": "move", "text": "The red circle starts moving up.", "object": RED, "direction": "up"},
+        {"time_s": 8.0, "kind": "appear", "text": "A small yellow triangle appears.", "object": yellow}], "x")
+    video = world.WorldVideo("v", "v.mp4", 10.0, events)
+    twins: dict[str, set[str]] = {}
+    for seed in range(20):
+        dialogues = world.reminders(video, 2.0, 3, random.Random(seed), clip=(2.0, 2.0), pairs=True)
+        assert sorted(d.id for d in dialogues if not d.id.endswith("-unanswered")) == [
+            f"v-reminder-clip-{j}" for j in range(3)]
+        assert sum(d.id.endswith("-unanswered") for d in dialogues) == 2  # the yellow triangle's clip has none
+        for clip, twin in itertools.pairwise(dialogues):
+            if twin.id == f"{clip.id}-unanswered":
+                (_, ask_s, _), (_, ack_s, ack) = turns(twin)
+                assert (twin.start_s, twin.end_s, ask_s, ack_s) == (clip.start_s, clip.end_s, turns(clip)[0][1], ask_s)
+                assert len(turns(twin)) == 2 and ack in world.REMINDER_ACKS and twin.task == "reminder"
+                twins.setdefault(turns(clip)[2][2], set()).add(turns(twin)[0][2])
+    # the blue square's clip ends at 5.0 s, before the red circle moves; the red circle's at 8.0 s, after the
+    # blue square has started; the yellow triangle's shows every other thing that appears already on screen
+    assert twins == {"The blue square starts moving up.": {"Tell me when the red circle starts moving.",
+                                                           "Tell me when the green star starts moving."},
+                     "The red circle starts moving up.": {"Tell me when the green star starts moving."}}
 
 
 def test_a_reminder_is_not_asked_when_an_earlier_event_would_answer_it(tmp_path):

@@ -49,6 +49,9 @@ class ConvertOptions:
     reminder_distractors: bool = field(default=False, metadata={
         "help": "world-reminders: ask each reminder before another object's event of the same kind where "
                 "one allows it (the model must not answer that one)"})
+    reminder_pairs: bool = field(default=False, metadata={
+        "help": "world-reminders: follow each clip with its unanswered twin (the same frames and moment, the "
+                "request about another object, silent to the end) where the scene allows one"})
     questions: int = field(default=4, metadata={"help": "world: questions per video (one dialogue); "
                                                         "world-questions: questions per dialogue"})
     question_dialogues: int = field(default=1, metadata={"help": "world-questions: question dialogues per "

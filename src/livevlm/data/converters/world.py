@@ -32,7 +32,9 @@ tokens; `--scene-frames` per video supply those readings cheaply (a frame and a 
 video's; `--reminders` per video (each about a different event). The streams hold two reminders a video, too
 few to learn waiting through other events for the one asked about. `--reminder-distractors` asks each, where
 the video allows it, before another object's event of the same kind, which the reminder must stay silent
-through.
+through. `--reminder-pairs` follows each clip with its unanswered twin `{stem}-reminder-clip-{j}-unanswered`:
+the same frames and moment, the request about another object that the clip never answers, so that only the
+request tells answering from staying silent.
 
 `--from world-questions` makes the questions alone: `{stem}-questions-{j}`, `--question-dialogues` per video of
 `--questions` questions each, every dialogue at its own random frames. A question dialogue costs the whole
@@ -232,19 +234,55 @@ def _distracted(events: list[Event], target: Event, ask_s: float, fps: float) ->
                and ceil_frame(e.time_s, fps) < frame for e in events)
 
 
+def _appearing(event: Event) -> str:
+    """The name an appearing object is asked about by ("red circle")."""
+    return f"{event.obj.get('color')} {event.obj.get('shape')}"
+
+
+def _unanswered_request(events: list[Event], target: Event, ask_s: float, last_s: float,
+                        rng: random.Random) -> str | None:
+    """A request of `target`'s kind about something else, that nothing from `ask_s` to `last_s` answers.
+
+    The twin of a reminder clip asks it at the same moment over the same frames, so the two clips differ in
+    the request alone: the target's event must be answered in one and stayed silent through in the other.
+    Only requests a user could make then: an object on screen with a name of its own (still, for "starts
+    moving"; moving, for "stops"), or for "appears" a thing the video shows at another time. None when the
+    scene offers none.
+    """
+    objects = state_at(events, ask_s)
+    window = [e for e in events if ask_s + FRAME_EPS < e.time_s <= last_s + FRAME_EPS]
+    template = REMINDERS[target.kind]
+    if target.kind == "appear":
+        excluded = {o.name for o in objects.values()} | {_appearing(e) for e in window if e.kind == "appear"}
+        names = sorted({_appearing(e) for e in events if e.kind == "appear" and e.obj.get("color")
+                        and e.obj.get("shape")} - excluded)
+        return template.format(a_name=with_article(rng.choice(names))) if names else None
+    names_on_screen = [o.name for o in objects.values()]
+    options = [state.name for oid, state in objects.items()
+               if oid != target.oid and names_on_screen.count(state.name) == 1
+               and not (target.kind == "move" and state.direction is not None)
+               and not (target.kind == "stop" and state.direction is None)
+               and not any(e.involves(oid) and e.kind in (target.kind, "color") for e in window)]
+    return template.format(name=rng.choice(options)) if options else None
+
+
 def reminders(video: WorldVideo, fps: float, count: int, rng: random.Random,
-              clip: tuple[float, float] | None = None, distractors: bool = False) -> list[Dialogue]:
+              clip: tuple[float, float] | None = None, distractors: bool = False,
+              pairs: bool = False) -> list[Dialogue]:
     """Up to `count` reminder dialogues, each about a different future event: over the whole video, or with
     `clip` = (lead_s, tail_s) a clip from lead_s before the request to tail_s after the frame that answers it
     (on the frame grid, within the video). With `distractors`, a request is asked before another object's
-    event of the same kind wherever one allows it (`_distracted`): the hard case, answering too early."""
+    event of the same kind wherever one allows it (`_distracted`): the hard case, answering too early. With
+    `pairs` (clips only), each clip is followed by its unanswered twin `…-unanswered` where the scene allows
+    one (`_unanswered_request`): the same frames, another object asked about, silent to the end."""
     candidates = [e for e in video.events if e.kind in REMINDERS and e.obj.get("color") and e.obj.get("shape")
                   and ceil_frame(e.time_s, fps) >= 1 and e.time_s <= video.duration_s]
     rng.shuffle(candidates)
     n_frames = count_frames(0.0, video.duration_s, fps)
     dialogues: list[Dialogue] = []
+    answered = 0  # reminders made so far (their twins not counted)
     for target in candidates:
-        if len(dialogues) == count:
+        if answered == count:
             break
         last = min(ceil_frame(target.time_s, fps), n_frames - 1)
         first = max(0, last - round(REMINDER_WINDOW_S * fps))
@@ -263,7 +301,14 @@ def reminders(video: WorldVideo, fps: float, count: int, rng: random.Random,
         builder.ask(ask / fps, REMINDERS[target.kind].format(name=name, a_name=with_article(name)),
                     rng.choice(REMINDER_ACKS))
         builder.say(target.time_s, target.text)
-        dialogues.append(video.dialogue(f"{suffix}-{len(dialogues)}", builder, "reminder"))
+        dialogues.append(video.dialogue(f"{suffix}-{answered}", builder, "reminder"))
+        if pairs and clip is not None:
+            request = _unanswered_request(video.events, target, ask / fps, last_shown / fps, rng)
+            if request is not None:
+                twin = StreamBuilder(fps, first_shown / fps, (last_shown + 1) / fps)
+                twin.ask(ask / fps, request, rng.choice(REMINDER_ACKS))
+                dialogues.append(video.dialogue(f"{suffix}-{answered}-unanswered", twin, "reminder"))
+        answered += 1
     return dialogues
 
 
@@ -451,7 +496,7 @@ def convert_world_reminders(args: ConvertOptions) -> list[Dialogue]:
         rng = random.Random(f"{args.seed}:world-reminders:{video.stem}")
         dialogues.extend(reminders(video, args.fps, args.reminders, rng,
                                    clip=(REMINDER_CLIP_LEAD_S, REMINDER_CLIP_TAIL_S),
-                                   distractors=args.reminder_distractors))
+                                   distractors=args.reminder_distractors, pairs=args.reminder_pairs))
     return dialogues
 
 
