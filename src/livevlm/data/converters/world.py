@@ -107,6 +107,11 @@ class Event:
     def oid(self) -> Any:
         return self.obj.get("id")
 
+    @property
+    def name(self) -> str:
+        """The object's name as a request says it ("red circle"), as it is before the event."""
+        return f"{self.obj.get('color')} {self.obj.get('shape')}"
+
     def involves(self, oid: Any) -> bool:
         other = self.raw.get("other")
         return self.oid == oid or (isinstance(other, dict) and other.get("id") == oid)
@@ -211,12 +216,11 @@ def _reminder_ok(events: list[Event], target: Event, ask_s: float) -> bool:
     if target.time_s <= ask_s + FRAME_EPS:
         return False
     objects = state_at(events, ask_s)
-    name = f"{target.obj.get('color')} {target.obj.get('shape')}"
+    name = target.name
     between = [e for e in events if ask_s + FRAME_EPS < e.time_s and e is not target and e.time_s <= target.time_s]
     if target.kind == "appear":
         return (all(o.name != name for o in objects.values())
-                and not any(e.kind == "appear" and f"{e.obj.get('color')} {e.obj.get('shape')}" == name
-                            for e in between))
+                and not any(e.kind == "appear" and e.name == name for e in between))
     state = objects.get(target.oid)
     if state is None or state.name != name or sum(o.name == name for o in objects.values()) != 1:
         return False
@@ -234,11 +238,6 @@ def _distracted(events: list[Event], target: Event, ask_s: float, fps: float) ->
                and ceil_frame(e.time_s, fps) < frame for e in events)
 
 
-def _appearing(event: Event) -> str:
-    """The name an appearing object is asked about by ("red circle")."""
-    return f"{event.obj.get('color')} {event.obj.get('shape')}"
-
-
 def _unanswered_request(events: list[Event], target: Event, ask_s: float, last_s: float,
                         rng: random.Random) -> str | None:
     """A request of `target`'s kind about something else, that nothing from `ask_s` to `last_s` answers.
@@ -253,8 +252,8 @@ def _unanswered_request(events: list[Event], target: Event, ask_s: float, last_s
     window = [e for e in events if ask_s + FRAME_EPS < e.time_s <= last_s + FRAME_EPS]
     template = REMINDERS[target.kind]
     if target.kind == "appear":
-        excluded = {o.name for o in objects.values()} | {_appearing(e) for e in window if e.kind == "appear"}
-        names = sorted({_appearing(e) for e in events if e.kind == "appear" and e.obj.get("color")
+        excluded = {o.name for o in objects.values()} | {e.name for e in window if e.kind == "appear"}
+        names = sorted({e.name for e in events if e.kind == "appear" and e.obj.get("color")
                         and e.obj.get("shape")} - excluded)
         return template.format(a_name=with_article(rng.choice(names))) if names else None
     names_on_screen = [o.name for o in objects.values()]
@@ -292,7 +291,7 @@ def reminders(video: WorldVideo, fps: float, count: int, rng: random.Random,
         if distractors:
             asks = [k for k in asks if _distracted(video.events, target, k / fps, fps)] or asks
         ask = rng.choice(asks)
-        name = f"{target.obj.get('color')} {target.obj.get('shape')}"
+        name = target.name
         if clip is None:
             builder, suffix = StreamBuilder(fps, 0.0, video.duration_s), "reminder"
         else:
