@@ -1,6 +1,7 @@
 """The async pipeline on a synthetic-world video, a tiny random DINOv2 and a tiny random LLM."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -54,8 +55,8 @@ def source(video):
 
 def reference_events(model, fmt, config, encoder, video, queries):
     """The plain sequential loop: every frame encoded, then stepped alone; queries before later frames.
-    Every event, response tokens included, as the pipeline yields them."""
-    decoded = list(source(video))
+    Every event, response tokens included, as the pipeline yields them. video: a file, or decoded frames."""
+    decoded = video if isinstance(video, list) else list(source(video))
     tokens = encoder.encode(np.stack([frame for _, frame in decoded]))
     session = StreamSession(model, fmt, config)
     pending = sorted(queries)
@@ -190,6 +191,57 @@ def test_a_video_that_ends_mid_response_finishes_the_response_and_stops(model, f
     assert len(final) == 1 and final[0].reason in ("eos", "max_tokens") and events[-1] is final[0]
     assert pipeline.summary.frames == 16 and pipeline.summary.responses == 16
     assert_stopped(pipeline)
+
+
+def noise_frames(count: int) -> list[tuple[float, np.ndarray]]:
+    """Frames that differ from each other (a synthetic-world video repeats frames): `(time_s, frame)`."""
+    rng = np.random.default_rng(0)
+    return [(i / FPS, rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for i in range(count)]
+
+
+class SlowEncoderThread:
+    """The fixture's encoder, slow on the pipeline's encoder thread (so the LLM stage catches up and encodes frames
+    itself); records who encoded which frames (by index in `decoded`) and the frame each call was given as the one
+    before."""
+
+    def __init__(self, encoder, decoded):
+        self.encoder, self.decoded, self.calls = encoder, decoded, []
+
+    def index(self, frame):
+        return next(i for i, (_, known) in enumerate(self.decoded) if np.array_equal(known, frame))
+
+    def encode(self, frames, previous=None):
+        thread = threading.current_thread().name
+        if thread == "livevlm-encoder":
+            time.sleep(0.05 * len(frames))
+        self.calls.append((thread, self.index(frames[0]), len(frames),
+                           None if previous is None else self.index(previous)))
+        return self.encoder.encode(frames, previous=previous)
+
+
+def test_the_llm_stage_encodes_frames_queued_behind_a_slow_encoder_and_steps_them_in_order(model, fmt, encoder,
+                                                                                             video):
+    frames = noise_frames(24)
+    config = mixed_config(model, fmt, encoder, frames, max_frames_per_forward=4)
+    expected = reference_events(model, fmt, config, encoder, frames, [(0.0, "Narrate.")])
+    slow = SlowEncoderThread(encoder, frames)
+    pipeline = StreamPipeline(StreamSession(model, fmt, config), slow, frames, queries=[(0.0, "Narrate.")],
+                              max_batch=4, llm_encodes=2)
+    assert_same_events(list(pipeline.events()), expected)
+    assert "MainThread" in {thread for thread, *_ in slow.calls}  # the caller's thread encoded some runs
+    runs = sorted((first, count, previous) for _, first, count, previous in slow.calls)
+    assert [first for first, _, _ in runs] == [0] + list(np.cumsum([count for _, count, _ in runs])[:-1])
+    assert sum(count for _, count, _ in runs) == 24  # every frame encoded once, in contiguous runs
+    assert [previous for first, _, previous in runs] == [None if first == 0 else first - 1 for first, _, _ in runs]
+
+
+def test_llm_encodes_0_leaves_every_frame_to_the_encoder_thread(model, fmt, encoder):
+    frames = noise_frames(12)
+    slow = SlowEncoderThread(encoder, frames)
+    pipeline = StreamPipeline(StreamSession(model, fmt, EngineConfig(threshold=0.0)), slow, frames,
+                              max_batch=4, llm_encodes=0)
+    pipeline.run()
+    assert {thread for thread, *_ in slow.calls} == {"livevlm-encoder"}
 
 
 class EncoderFailure(RuntimeError):

@@ -87,10 +87,13 @@ class LiveVLM:
         """The frame encoder the model was trained with, loaded on first use (evaluating on cached features
         never needs it)."""
         if self._encoder is None:
+            from livevlm.runtime import stage_threads
             from livevlm.vision import model_frame_encoder
 
+            # ONNX Runtime's pool (the default encoder on a CPU) is sized for a stream, where two threads encode
+            # at once (the pipeline's encoder thread and its LLM stage when idle): half the cores each
             self._encoder = model_frame_encoder(self.loaded.model_config, device=self.model.device,
-                                                dtype=next(self.model.parameters()).dtype)
+                                                dtype=next(self.model.parameters()).dtype, threads=stage_threads())
         return self._encoder
 
     @property

@@ -67,6 +67,12 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def stage_threads() -> int:
+    """Threads for each of a stream's two compute stages, which run at once (the frame encoder and the LLM, see
+    `engine.pipeline`): half the usable cores, at least 1, so that the two never fight over one core."""
+    return max(1, usable_cores() // 2)
+
+
 def use_all_cores() -> int:
     """Size torch's intra-op thread pool to the usable cores; returns the count."""
     import torch

@@ -1,24 +1,30 @@
 """The asynchronous streaming pipeline: decode, frame encoding and LLM work overlap on separate threads.
 
     source (decode thread of `video.read_frames`) → reader thread (real-time pacing) → frame queue
-      → encoder thread (encodes every frame waiting, in one batch) → frame-token queue
+      → encoder thread (encodes the frames waiting, up to max_batch in one call) → frame-token queue
       → LLM stage, on the caller's thread: `session.step` with all frames waiting (≤ max_frames_per_forward)
 
 The LLM stage runs on the caller's thread so that Ctrl-C lands where the loop is and events are yielded
 without another hand-off. While it generates a response, the encoder thread keeps encoding into its
 queue, so a long response never stalls encoding; afterwards the LLM catches up with multi-frame forwards
-(frames are never dropped: the queues block, they do not overflow). In real-time mode the reader releases
-frame i at `start + time_i`, as a live source would; the lag of a frame is the wall time its decision was
-made minus that moment. Queries arrive from any thread (`ask`) or are scheduled at stream times; a query
-at time t is injected after the frames shown at or before t (the training layout: a turn at t follows
-frame floor(t·fps)). Events are yielded the moment the session makes them, a response's tokens one by one
-(`TokenEvent`) before the response itself. A failure in any stage stops every stage and is re-raised by the consumer.
+(frames are never dropped: the queues block, they do not overflow). When the LLM stage has caught up and
+would wait for the encoder, it encodes a few of the frames queued behind the encoder's batch itself
+(`llm_encodes`): on a CPU the encoder is most of a frame's cost, and without this the LLM's core sits idle
+for the better part of every batch. It takes one such run at a time (then waits for the encoder's batch
+ahead of it), so that the LLM stage, which only it can do, never becomes the slower of the two. Runs are
+taken from the frame queue whole (one taker at a time) and handed to `session.step` in stream order.
+
+In real-time mode the reader releases frame i at `start + time_i`, as a live source would; the lag of a
+frame is the wall time its decision was made minus that moment. Queries arrive from any thread (`ask`) or
+are scheduled at stream times; a query at time t is injected after the frames shown at or before t (the
+training layout: a turn at t follows frame floor(t·fps)). Events are yielded the moment the session makes
+them, a response's tokens one by one (`TokenEvent`) before the response itself. A failure in any stage
+stops every stage and is re-raised by the consumer.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -31,6 +37,7 @@ import numpy as np
 import torch
 
 from livevlm.engine.session import Event, ResponseEvent, StreamSession
+from livevlm.runtime import stage_threads
 
 log = logging.getLogger(__name__)
 
@@ -82,21 +89,26 @@ class StreamPipeline:
         realtime: release frames at wall-clock pace (for files played "live"); False: as fast as possible.
         queries: `(time_s, text)` pairs scheduled on the stream's clock.
         on_event: called with every event by `run()`.
-        max_batch: the most frames the encoder encodes in one call.
+        max_batch: the most frames the encoder thread encodes in one call (more: a little less work per frame;
+            fewer: less left over for one thread at the end of the stream).
+        llm_encodes: the most frames the LLM stage encodes itself when it would otherwise wait for the encoder
+            (0: never). It calls the same `encoder` from its own thread, so the encoder must allow that
+            (`FrameEncoder` does: PyTorch and ONNX Runtime both run concurrent calls).
         queue_size: capacity (frames) of each queue between stages.
-        num_threads: torch intra-op threads of the LLM stage while the run lasts (None: half the cores, at
-            least 1, so that encoder and LLM overlap instead of fighting for the same cores); restored
-            afterwards.
+        num_threads: torch intra-op threads of the LLM stage while the run lasts (None: `runtime.stage_threads`,
+            half the usable cores, so that encoder and LLM overlap instead of fighting for the same cores);
+            restored afterwards.
         encoder_threads: intra-op threads of the encoder thread (None: as num_threads). Thread counts are
             per thread (OpenMP), so the two stages can be sized apart.
     """
 
     def __init__(self, session: StreamSession, encoder: Any, source: Iterable[tuple[float, np.ndarray]], *,
                  realtime: bool = False, queries: Iterable[tuple[float, str]] = (),
-                 on_event: Callable[[Event], None] | None = None, max_batch: int = 16, queue_size: int = 64,
-                 num_threads: int | None = None, encoder_threads: int | None = None) -> None:
-        if max_batch <= 0 or queue_size <= 0:
-            raise ValueError(f"max_batch and queue_size must be positive, got {max_batch} and {queue_size}")
+                 on_event: Callable[[Event], None] | None = None, max_batch: int = 8, queue_size: int = 64,
+                 num_threads: int | None = None, encoder_threads: int | None = None, llm_encodes: int = 4) -> None:
+        if max_batch <= 0 or queue_size <= 0 or llm_encodes < 0:
+            raise ValueError(f"max_batch and queue_size must be positive and llm_encodes ≥ 0, got {max_batch}, "
+                             f"{queue_size} and {llm_encodes}")
         self.session = session
         # (frames [T, H, W, 3], the frame before them) → tokens: FrameEncoder.encode, or an Encode (frames alone)
         self._encode: Callable[..., torch.Tensor] = (encoder.encode if hasattr(encoder, "encode")
@@ -105,7 +117,8 @@ class StreamPipeline:
         self.realtime = realtime
         self.on_event = on_event
         self.max_batch = max_batch
-        self.num_threads = num_threads or max(1, (os.cpu_count() or 2) // 2)
+        self.llm_encodes = llm_encodes
+        self.num_threads = num_threads or stage_threads()
         self.encoder_threads = encoder_threads or self.num_threads
         self._scheduled = sorted((float(t), text) for t, text in queries)
         for _, text in self._scheduled:
@@ -113,6 +126,10 @@ class StreamPipeline:
         self._asked: queue.SimpleQueue[tuple[float | None, str]] = queue.SimpleQueue()
         self._frames: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._tokens: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._take_lock = threading.Lock()  # frames leave the frame queue in contiguous runs, one taker at a time
+        self._taken = 0  # frames taken from the frame queue so far: the stream index of the next one
+        self._last_taken: np.ndarray | None = None  # the frame before the next run, for change_hues
+        self._delivered = 0  # frames handed to the LLM stage so far, in stream order
         self._stop = threading.Event()
         self.threads = [threading.Thread(target=self._read_loop, name="livevlm-reader", daemon=True),
                         threading.Thread(target=self._encode_loop, name="livevlm-encoder", daemon=True)]
@@ -219,35 +236,59 @@ class StreamPipeline:
                 if close is not None:
                     close()
 
-    def _encode_loop(self) -> None:
-        """Encoder thread: encode every frame waiting (up to max_batch) in one call."""
-        torch.set_num_threads(self.encoder_threads)  # this thread's own count
+    def _take(self, limit: int, block: bool) -> tuple[int, list[tuple[float, np.ndarray]], np.ndarray | None, Any]:
+        """Take up to `limit` frames waiting in the frame queue, as one contiguous run of the stream.
+
+        Returns (the stream index of the run's first frame, the run, the frame shown before it, the end marker
+        (`_END` or a `_Failure`) if the run reached it, else None). block: wait for the first frame (the encoder
+        thread); else take only what is there, and nothing if the other taker is busy taking (the LLM stage).
+        An end marker taken without blocking is put back for the encoder thread, which hands it downstream."""
+        if not self._take_lock.acquire(blocking=block):
+            return self._taken, [], self._last_taken, None
         try:
-            done = False
-            previous: np.ndarray | None = None  # the last frame encoded, for the next batch's first
-            while not done and not self._stop.is_set():
-                item = self._get(self._frames)
-                batch: list[tuple[float, np.ndarray]] = []
-                while True:
-                    if item is _END or isinstance(item, _Failure):
-                        done = True
-                        break
-                    batch.append(item)
-                    if len(batch) >= self.max_batch:
-                        break
+            start, previous = self._taken, self._last_taken
+            run: list[tuple[float, np.ndarray]] = []
+            end = None
+            while len(run) < limit:
+                if block and not run:
+                    item = self._get(self._frames)
+                else:
                     try:
                         item = self._frames.get_nowait()
                     except queue.Empty:
                         break
-                if batch:
-                    frames = np.stack([frame for _, frame in batch])  # [T, H, W, 3]
-                    with torch.no_grad():
-                        tokens = self._encode(frames, previous=previous)
-                    previous = frames[-1]
-                    if not self._put(self._tokens, ([t for t, _ in batch], tokens)):
-                        return
-                if done:
-                    self._put(self._tokens, item)
+                if item is _END or isinstance(item, _Failure):
+                    if block:
+                        end = item
+                    else:  # the reader has stopped, so the queue has room
+                        self._frames.put_nowait(item)
+                    break
+                run.append(item)
+            if run:
+                self._taken += len(run)
+                self._last_taken = run[-1][1]
+            return start, run, previous, end
+        finally:
+            self._take_lock.release()
+
+    def _encode_run(self, run: list[tuple[float, np.ndarray]], previous: np.ndarray | None,
+                    ) -> tuple[list[float], torch.Tensor]:
+        frames = np.stack([frame for _, frame in run])  # [T, H, W, 3]
+        with torch.no_grad():
+            tokens = self._encode(frames, previous=previous)
+        return [t for t, _ in run], tokens
+
+    def _encode_loop(self) -> None:
+        """Encoder thread: encode the frames waiting (up to max_batch) in one call, until the end of the source."""
+        torch.set_num_threads(self.encoder_threads)  # this thread's own count
+        try:
+            while not self._stop.is_set():
+                start, run, previous, end = self._take(self.max_batch, block=True)
+                if run and not self._put(self._tokens, (start, *self._encode_run(run, previous))):
+                    return
+                if end is not None:
+                    self._put(self._tokens, end)
+                    return
         except BaseException as error:  # noqa: BLE001  (re-raised by the consumer)
             self._put(self._tokens, _Failure(error))
 
@@ -255,13 +296,20 @@ class StreamPipeline:
 
     def _llm_loop(self) -> Iterator[Event]:
         waiting: deque[tuple[float, torch.Tensor]] = deque()
+        encoded: dict[int, tuple[list[float], torch.Tensor]] = {}  # runs that arrived before the runs ahead of them
         frames = responses = max_step = 0
         max_lag = 0.0
         began = time.monotonic()
         ended = False
         while not ended or waiting:
             if not ended:
-                ended = self._receive(waiting, block=not waiting)
+                if not waiting and not encoded and self.llm_encodes:  # caught up: encode frames queued behind
+                    start, run, previous, _ = self._take(self.llm_encodes, block=False)
+                    if run:
+                        encoded[start] = self._encode_run(run, previous)
+                        self._in_order(encoded, waiting)
+                ended = self._receive(encoded, block=not waiting)
+                self._in_order(encoded, waiting)
             if not waiting:
                 continue
             batch = self._next_batch(waiting)
@@ -281,8 +329,8 @@ class StreamPipeline:
         self.summary = StreamSummary(frames, frames / elapsed if elapsed > 0 else 0.0, max_lag, elapsed,
                                      responses, max_step)
 
-    def _receive(self, waiting: deque[tuple[float, torch.Tensor]], block: bool) -> bool:
-        """Move every encoded chunk available into `waiting` (waiting for one if `block`); True at the end."""
+    def _receive(self, encoded: dict[int, tuple[list[float], torch.Tensor]], block: bool) -> bool:
+        """Move every encoded run available into `encoded` (waiting for one if `block`); True at the end."""
         while True:
             if block:
                 item = self._get(self._tokens)
@@ -296,8 +344,16 @@ class StreamPipeline:
                 return True
             if isinstance(item, _Failure):
                 raise item.error
-            times, tokens = item
+            start, times, tokens = item
+            encoded[start] = (times, tokens)
+
+    def _in_order(self, encoded: dict[int, tuple[list[float], torch.Tensor]],
+                  waiting: deque[tuple[float, torch.Tensor]]) -> None:
+        """Move the runs that continue the stream from `encoded` to `waiting`, in stream order."""
+        while self._delivered in encoded:
+            times, tokens = encoded.pop(self._delivered)
             waiting.extend(zip(times, tokens, strict=True))
+            self._delivered += len(times)
 
     def _next_batch(self, waiting: deque[tuple[float, torch.Tensor]]) -> list[tuple[float, torch.Tensor]]:
         """Up to max_frames_per_forward frames, cut before any frame that a query must precede."""

@@ -149,7 +149,7 @@ class ModelWorker:
     def __init__(self, model: LiveVLM, limits: protocol.ServerLimits, *, max_frames_per_forward: int = 8,
                  max_batch: int = 16, threads: int | None = None, decode: DecodeMode = "eager",
                  batch_sessions: bool = False) -> None:
-        from livevlm.runtime import usable_cores
+        from livevlm.runtime import stage_threads
 
         self.model = model
         self.encoder = model.encoder
@@ -158,7 +158,7 @@ class ModelWorker:
         self.max_frames_per_forward = max_frames_per_forward
         self.max_batch = max_batch
         self.decode = EngineConfig(decode=decode).decode  # EngineConfig's own check: ConfigError on a bad mode
-        self.threads = threads or max(1, usable_cores() // 2)
+        self.threads = threads or stage_threads()
         self._cond = threading.Condition()
         self._sessions: dict[str, WorkerSession] = {}
         self._stop = threading.Event()
