@@ -244,7 +244,7 @@ class StreamPipeline:
         thread); else take only what is there, and nothing if the other taker is busy taking (the LLM stage).
         An end marker taken without blocking is put back for the encoder thread, which hands it downstream."""
         if not self._take_lock.acquire(blocking=block):
-            return self._taken, [], self._last_taken, None
+            return 0, [], None, None
         try:
             start, previous = self._taken, self._last_taken
             run: list[tuple[float, np.ndarray]] = []
@@ -273,6 +273,7 @@ class StreamPipeline:
 
     def _encode_run(self, run: list[tuple[float, np.ndarray]], previous: np.ndarray | None,
                     ) -> tuple[list[float], torch.Tensor]:
+        """A run of `(time_s, frame)` → its times and frame tokens `[T, N, D]`."""
         frames = np.stack([frame for _, frame in run])  # [T, H, W, 3]
         with torch.no_grad():
             tokens = self._encode(frames, previous=previous)
