@@ -14,6 +14,9 @@ that owns the process may decide; a Python user who wants the same calls them ex
 * `pin_mmap_threshold`: flat memory for endless streams (see its docstring), at ~20 % of CPU speed.
 * `use_all_cores`: torch's intra-op pool on every core this process may run on (affinity, not the
   machine's count), for the commands that compute on the caller's thread.
+
+`usable_cores` and `stage_threads` only read: the cores this process may run on, and the share of them each of
+a stream's two compute stages takes (the library sizes its pipeline and ONNX Runtime's pool with them).
 """
 
 from __future__ import annotations
