@@ -204,8 +204,9 @@ class SlowEncoderThread:
     itself); records who encoded which frames (by index in `decoded`) and the frame each call was given as the one
     before."""
 
-    def __init__(self, encoder, decoded):
+    def __init__(self, encoder, decoded, seconds_per_frame=0.05):
         self.encoder, self.decoded, self.calls = encoder, decoded, []
+        self.seconds_per_frame = seconds_per_frame
 
     def index(self, frame):
         return next(i for i, (_, known) in enumerate(self.decoded) if np.array_equal(known, frame))
@@ -213,7 +214,7 @@ class SlowEncoderThread:
     def encode(self, frames, previous=None):
         thread = threading.current_thread().name
         if thread == "livevlm-encoder":
-            time.sleep(0.05 * len(frames))
+            time.sleep(self.seconds_per_frame * len(frames))
         self.calls.append((thread, self.index(frames[0]), len(frames),
                            None if previous is None else self.index(previous)))
         return self.encoder.encode(frames, previous=previous)
@@ -242,6 +243,46 @@ def test_llm_encodes_0_leaves_every_frame_to_the_encoder_thread(model, fmt, enco
                               max_batch=4, llm_encodes=0)
     pipeline.run()
     assert {thread for thread, *_ in slow.calls} == {"livevlm-encoder"}
+
+
+class ThreadCountingSession(StreamSession):
+    """Records torch's intra-op thread count of the LLM stage at each step; `hold` runs at the first step."""
+
+    def __init__(self, *args, hold=lambda: None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hold, self.threads_at_steps = hold, []
+
+    def step_events(self, frame_tokens, times):
+        self.threads_at_steps.append(torch.get_num_threads())
+        if len(self.threads_at_steps) == 1:
+            self.hold()
+        yield from super().step_events(frame_tokens, times)
+
+
+def test_the_llm_stage_takes_the_idle_threads_once_the_encoder_is_done(model, fmt, encoder):
+    frames = noise_frames(6)
+    pipeline = None
+
+    def wait_for_the_encoder_thread():
+        pipeline.threads[1].join(timeout=10)  # every frame encoded and queued
+
+    session = ThreadCountingSession(model, fmt, EngineConfig(threshold=0.0, max_frames_per_forward=1),
+                                    hold=wait_for_the_encoder_thread)
+    pipeline = StreamPipeline(session, encoder, frames, max_batch=1, llm_encodes=0, num_threads=1, idle_threads=2)
+    before = torch.get_num_threads()
+    pipeline.run()
+    assert session.threads_at_steps[1:] == [2] * 5
+    assert torch.get_num_threads() == before
+
+
+def test_the_llm_stage_keeps_its_own_threads_while_the_encoder_works(model, fmt, encoder):
+    frames = noise_frames(6)
+    slow = SlowEncoderThread(encoder, frames, seconds_per_frame=0.2)
+    session = ThreadCountingSession(model, fmt, EngineConfig(threshold=0.0, max_frames_per_forward=1))
+    pipeline = StreamPipeline(session, slow, frames, max_batch=1, llm_encodes=0, num_threads=1, idle_threads=2)
+    pipeline.run()
+    assert len(session.threads_at_steps) == 6
+    assert session.threads_at_steps[:-1] == [1] * 5  # the last step may come after the encoder has finished
 
 
 class EncoderFailure(RuntimeError):

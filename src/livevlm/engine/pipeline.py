@@ -12,7 +12,12 @@ would wait for the encoder, it encodes a few of the frames queued behind the enc
 (`llm_encodes`): on a CPU the encoder is most of a frame's cost, and without this the LLM's core sits idle
 for the better part of every batch. It takes one such run at a time (then waits for the encoder's batch
 ahead of it), so that the LLM stage, which only it can do, never becomes the slower of the two. Runs are
-taken from the frame queue whole (one taker at a time) and handed to `session.step` in stream order.
+taken from the frame queue whole (one taker at a time) and handed to `session.step` in stream order. The
+other way round, while the encoder thread is ahead (its queue full) or done, its cores would idle, so the
+LLM stage runs on them too (`idle_threads`, checked before each step and after each event): a response's
+tokens, a rebuild and the last frames then go at the speed of every core. A single-token decode step gives
+bit-identical logits with 1 and 2 threads on a CPU (measured); longer forwards differ in the last bits, as
+multi-frame forwards already do, and the responses stay those of the sequential loop (tests, benchmark).
 
 In real-time mode the reader releases frame i at `start + time_i`, as a live source would; the lag of a
 frame is the wall time its decision was made minus that moment. Queries arrive from any thread (`ask`) or
@@ -37,7 +42,7 @@ import numpy as np
 import torch
 
 from livevlm.engine.session import Event, ResponseEvent, StreamSession
-from livevlm.runtime import stage_threads
+from livevlm.runtime import stage_threads, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +105,16 @@ class StreamPipeline:
             restored afterwards.
         encoder_threads: intra-op threads of the encoder thread (None: as num_threads). Thread counts are
             per thread (OpenMP), so the two stages can be sized apart.
+        idle_threads: intra-op threads of the LLM stage while the encoder thread is ahead (blocked on a full
+            queue) or done, so that its cores do not idle (None: every usable core; num_threads: never more).
+            It assumes that this pipeline is the process's only heavy work, as in `livevlm stream`.
     """
 
     def __init__(self, session: StreamSession, encoder: Any, source: Iterable[tuple[float, np.ndarray]], *,
                  realtime: bool = False, queries: Iterable[tuple[float, str]] = (),
                  on_event: Callable[[Event], None] | None = None, max_batch: int = 8, queue_size: int = 64,
-                 num_threads: int | None = None, encoder_threads: int | None = None, llm_encodes: int = 4) -> None:
+                 num_threads: int | None = None, encoder_threads: int | None = None, llm_encodes: int = 4,
+                 idle_threads: int | None = None) -> None:
         if max_batch <= 0 or queue_size <= 0 or llm_encodes < 0:
             raise ValueError(f"max_batch and queue_size must be positive and llm_encodes ≥ 0, got {max_batch}, "
                              f"{queue_size} and {llm_encodes}")
@@ -120,6 +129,9 @@ class StreamPipeline:
         self.llm_encodes = llm_encodes
         self.num_threads = num_threads or stage_threads()
         self.encoder_threads = encoder_threads or self.num_threads
+        self.idle_threads = max(self.num_threads, idle_threads or usable_cores())
+        self._encoder_ahead = threading.Event()  # the encoder thread waits on a full queue, or has finished
+        self._llm_threads = self.num_threads  # the LLM stage's intra-op threads right now
         self._scheduled = sorted((float(t), text) for t, text in queries)
         for _, text in self._scheduled:
             session.fmt.query_ids(text, run_open=False)  # validate before any thread starts
@@ -285,9 +297,16 @@ class StreamPipeline:
         try:
             while not self._stop.is_set():
                 start, run, previous, end = self._take(self.max_batch, block=True)
-                if run and not self._put(self._tokens, (start, *self._encode_run(run, previous))):
-                    return
+                if run:
+                    item = (start, *self._encode_run(run, previous))
+                    if self._tokens.full():  # ahead of the LLM: it may use this thread's cores until a slot frees
+                        self._encoder_ahead.set()
+                    put = self._put(self._tokens, item)
+                    self._encoder_ahead.clear()
+                    if not put:
+                        return
                 if end is not None:
+                    self._encoder_ahead.set()  # for good: every frame is encoded
                     self._put(self._tokens, end)
                     return
         except BaseException as error:  # noqa: BLE001  (re-raised by the consumer)
@@ -316,9 +335,11 @@ class StreamPipeline:
             batch = self._next_batch(waiting)
             tokens = torch.stack([t for _, t in batch])
             times = [t for t, _ in batch]
+            self._size_llm_threads()
             for event in self.session.step_events(tokens, times):
                 responses += isinstance(event, ResponseEvent)
                 yield event
+                self._size_llm_threads()  # before the session's next forward: a response's next token
             frames += len(batch)
             max_step = max(max_step, len(batch))
             if self.realtime and self._start is not None:  # the batch's oldest frame waited longest
@@ -329,6 +350,13 @@ class StreamPipeline:
         elapsed = time.monotonic() - began
         self.summary = StreamSummary(frames, frames / elapsed if elapsed > 0 else 0.0, max_lag, elapsed,
                                      responses, max_step)
+
+    def _size_llm_threads(self) -> None:
+        """This thread's intra-op threads for the LLM's next forwards: idle_threads while the encoder is ahead."""
+        wanted = self.idle_threads if self._encoder_ahead.is_set() else self.num_threads
+        if wanted != self._llm_threads:
+            torch.set_num_threads(wanted)
+            self._llm_threads = wanted
 
     def _receive(self, encoded: dict[int, tuple[list[float], torch.Tensor]], block: bool) -> bool:
         """Move every encoded run available into `encoded` (waiting for one if `block`); True at the end."""
