@@ -285,6 +285,48 @@ def test_the_llm_stage_keeps_its_own_threads_while_the_encoder_works(model, fmt,
     assert session.threads_at_steps[:-1] == [1] * 5  # the last step may come after the encoder has finished
 
 
+class TimedForwardSession(StreamSession):
+    """Each LLM forward takes 30 ms more and is recorded as (start, end, torch's intra-op threads)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.forwards = []
+
+    def _forward(self, ids, inputs, keep):
+        began, threads = time.perf_counter(), torch.get_num_threads()
+        time.sleep(0.03)
+        logits = super()._forward(ids, inputs, keep)
+        self.forwards.append((began, time.perf_counter(), threads))
+        return logits
+
+
+class TimedEncoder:
+    """The fixture's encoder; records (start, end) of each call."""
+
+    def __init__(self, encoder):
+        self.encoder, self.calls = encoder, []
+
+    def encode(self, frames, previous=None):
+        began = time.perf_counter()
+        tokens = self.encoder.encode(frames, previous=previous)
+        self.calls.append((began, time.perf_counter()))
+        return tokens
+
+
+def test_the_encoder_thread_never_encodes_while_the_llm_stage_runs_on_its_cores(model, fmt, encoder):
+    """A fast encoder and a one-run queue: the encoder is ahead at most steps, and frees a slot at every one."""
+    timed = TimedEncoder(encoder)
+    session = TimedForwardSession(model, fmt, EngineConfig(threshold=0.0, max_frames_per_forward=1))
+    pipeline = StreamPipeline(session, timed, noise_frames(16), max_batch=1, queue_size=1, llm_encodes=0,
+                              num_threads=1, idle_threads=2)
+    pipeline.run()
+    lent = [(start, end) for start, end, threads in session.forwards if threads == 2]
+    last_encode = max(end for _, end in timed.calls)
+    assert any(start < last_encode for start, _ in lent)  # lent while the encoder still had frames to encode
+    assert not [(forward, call) for forward in lent for call in timed.calls
+                if forward[0] < call[1] and call[0] < forward[1]]
+
+
 class EncoderFailure(RuntimeError):
     pass
 

@@ -5,19 +5,22 @@
       → LLM stage, on the caller's thread: `session.step` with all frames waiting (≤ max_frames_per_forward)
 
 The LLM stage runs on the caller's thread so that Ctrl-C lands where the loop is and events are yielded
-without another hand-off. While it generates a response, the encoder thread keeps encoding into its
-queue, so a long response never stalls encoding; afterwards the LLM catches up with multi-frame forwards
-(frames are never dropped: the queues block, they do not overflow). When the LLM stage has caught up and
-would wait for the encoder, it encodes a few of the frames queued behind the encoder's batch itself
-(`llm_encodes`): on a CPU the encoder is most of a frame's cost, and without this the LLM's core sits idle
-for the better part of every batch. It takes one such run at a time (then waits for the encoder's batch
-ahead of it), so that the LLM stage, which only it can do, never becomes the slower of the two. Runs are
-taken from the frame queue whole (one taker at a time) and handed to `session.step` in stream order. The
-other way round, while the encoder thread is ahead (its queue full) or done, its cores would idle, so the
-LLM stage runs on them too (`idle_threads`, checked before each step and after each event): a response's
-tokens, a rebuild and the last frames then go at the speed of every core. A single-token decode step gives
-bit-identical logits with 1 and 2 threads on a CPU (measured); longer forwards differ in the last bits, as
-multi-frame forwards already do, and the responses stay those of the sequential loop (tests, benchmark).
+without another hand-off. While it generates a response, the encoder thread keeps encoding into its queue, so
+a long response never stalls encoding; afterwards the LLM catches up with multi-frame forwards (frames are
+never dropped: the queues block, they do not overflow). When the LLM stage has caught up and would wait for
+the encoder (nothing it finished is queued), it encodes a few of the frames queued behind the encoder's batch
+itself (`llm_encodes`): on a CPU the encoder is most of a frame's cost, and without this the LLM's core sits
+idle for the better part of every batch. It takes one such run at a time (then waits for the encoder's batch
+ahead of it), so that the LLM stage, which only it can do, never becomes the slower of the two. Runs are taken
+from the frame queue whole (one taker at a time) and handed to `session.step` in stream order. The other way
+round, while the encoder thread is ahead (its queue full) or done, its cores would idle, so the LLM stage runs
+on them too (`idle_threads`, checked before each step and after each event): a response's tokens, a rebuild
+and the last frames then go at the speed of every core. Once a slot frees, the encoder thread waits for the
+LLM's current forward to end before it encodes again, so the two never run more threads than there are cores
+(an OpenMP team sharing a core with another thread waits at every barrier: measured, a loss). A single-token
+decode step gives bit-identical logits with 1 and 2 threads on a CPU (measured); longer forwards differ in the
+last bits, as multi-frame forwards already do, and the responses stay those of the sequential loop (tests,
+benchmark).
 
 In real-time mode the reader releases frame i at `start + time_i`, as a live source would; the lag of a
 frame is the wall time its decision was made minus that moment. Queries arrive from any thread (`ask`) or
@@ -99,7 +102,8 @@ class StreamPipeline:
         llm_encodes: the most frames the LLM stage encodes itself when it would otherwise wait for the encoder
             (0: never). It calls the same `encoder` from its own thread, so the encoder must allow that
             (`FrameEncoder` does: PyTorch and ONNX Runtime both run concurrent calls).
-        queue_size: capacity (frames) of each queue between stages.
+        queue_size: capacity of each queue between stages: decoded frames before the encoder, encoded runs
+            (up to max_batch frames each) after it. Full queues block the stage before them (nothing dropped).
         num_threads: torch intra-op threads of the LLM stage while the run lasts (None: `runtime.stage_threads`,
             half the usable cores, so that encoder and LLM overlap instead of fighting for the same cores);
             restored afterwards.
@@ -132,6 +136,8 @@ class StreamPipeline:
         self.idle_threads = max(self.num_threads, idle_threads or usable_cores())
         self._encoder_ahead = threading.Event()  # the encoder thread waits on a full queue, or has finished
         self._llm_threads = self.num_threads  # the LLM stage's intra-op threads right now
+        self._cores_returned = threading.Event()  # clear while the LLM stage runs on the encoder's cores
+        self._cores_returned.set()
         self._scheduled = sorted((float(t), text) for t, text in queries)
         for _, text in self._scheduled:
             session.fmt.query_ids(text, run_open=False)  # validate before any thread starts
@@ -297,6 +303,8 @@ class StreamPipeline:
         try:
             while not self._stop.is_set():
                 start, run, previous, end = self._take(self.max_batch, block=True)
+                if run and not self._wait_for_cores():
+                    return
                 if run:
                     item = (start, *self._encode_run(run, previous))
                     if self._tokens.full():  # ahead of the LLM: it may use this thread's cores until a slot frees
@@ -323,7 +331,10 @@ class StreamPipeline:
         ended = False
         while not ended or waiting:
             if not ended:
-                if not waiting and not encoded and self.llm_encodes:  # caught up: encode frames queued behind
+                ended = self._receive(encoded, block=False)  # what the encoder finished meanwhile comes first
+                self._in_order(encoded, waiting)
+            if not ended and not waiting:
+                if not encoded and self.llm_encodes:  # caught up: encode frames queued behind the encoder's batch
                     start, run, previous, _ = self._take(self.llm_encodes, block=False)
                     if run:
                         encoded[start] = self._encode_run(run, previous)
@@ -351,12 +362,27 @@ class StreamPipeline:
         self.summary = StreamSummary(frames, frames / elapsed if elapsed > 0 else 0.0, max_lag, elapsed,
                                      responses, max_step)
 
+    def _wait_for_cores(self) -> bool:
+        """Encoder thread: wait until the LLM stage is back on its own threads (after its current forward), so
+        that the two never run more threads than there are cores. False if the pipeline stops meanwhile."""
+        while not self._cores_returned.wait(timeout=_POLL_S):
+            if self._stop.is_set():
+                return False
+        return True
+
     def _size_llm_threads(self) -> None:
-        """This thread's intra-op threads for the LLM's next forwards: idle_threads while the encoder is ahead."""
+        """This thread's intra-op threads for the LLM's next forwards: idle_threads while the encoder is ahead.
+
+        The LLM stage never blocks while it holds the encoder's cores: the encoder is ahead only with its queue
+        full or its end marker queued, so there is always something to receive."""
+        if self._llm_threads == self.num_threads:  # cleared before the flag is read: an encoder thread that
+            self._cores_returned.clear()  # clears the flag after this read waits for the cores, before: not lent
         wanted = self.idle_threads if self._encoder_ahead.is_set() else self.num_threads
         if wanted != self._llm_threads:
             torch.set_num_threads(wanted)
             self._llm_threads = wanted
+        if wanted == self.num_threads:
+            self._cores_returned.set()
 
     def _receive(self, encoded: dict[int, tuple[list[float], torch.Tensor]], block: bool) -> bool:
         """Move every encoded run available into `encoded` (waiting for one if `block`); True at the end."""
