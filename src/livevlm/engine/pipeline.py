@@ -303,9 +303,9 @@ class StreamPipeline:
         try:
             while not self._stop.is_set():
                 start, run, previous, end = self._take(self.max_batch, block=True)
-                if run and not self._wait_for_cores():
-                    return
                 if run:
+                    if not self._wait_for_cores():
+                        return
                     item = (start, *self._encode_run(run, previous))
                     if self._tokens.full():  # ahead of the LLM: it may use this thread's cores until a slot frees
                         self._encoder_ahead.set()
@@ -339,6 +339,8 @@ class StreamPipeline:
                     if run:
                         encoded[start] = self._encode_run(run, previous)
                         self._in_order(encoded, waiting)
+                if not waiting:
+                    self._size_llm_threads(may_borrow=False)  # about to wait for the encoder: it needs its cores
                 ended = self._receive(encoded, block=not waiting)
                 self._in_order(encoded, waiting)
             if not waiting:
@@ -370,14 +372,12 @@ class StreamPipeline:
                 return False
         return True
 
-    def _size_llm_threads(self) -> None:
-        """This thread's intra-op threads for the LLM's next forwards: idle_threads while the encoder is ahead.
-
-        The LLM stage never blocks while it holds the encoder's cores: the encoder is ahead only with its queue
-        full or its end marker queued, so there is always something to receive."""
+    def _size_llm_threads(self, may_borrow: bool = True) -> None:
+        """This thread's intra-op threads for the LLM's next forwards: idle_threads while the encoder is ahead
+        (and `may_borrow`: the LLM stage gives the cores back before it waits for the encoder)."""
         if self._llm_threads == self.num_threads:  # cleared before the flag is read: an encoder thread that
             self._cores_returned.clear()  # clears the flag after this read waits for the cores, before: not lent
-        wanted = self.idle_threads if self._encoder_ahead.is_set() else self.num_threads
+        wanted = self.idle_threads if may_borrow and self._encoder_ahead.is_set() else self.num_threads
         if wanted != self._llm_threads:
             torch.set_num_threads(wanted)
             self._llm_threads = wanted
