@@ -245,18 +245,25 @@ def test_llm_encodes_0_leaves_every_frame_to_the_encoder_thread(model, fmt, enco
     assert {thread for thread, *_ in slow.calls} == {"livevlm-encoder"}
 
 
-class ThreadCountingSession(StreamSession):
-    """Records torch's intra-op thread count of the LLM stage at each step; `hold` runs at the first step."""
+class RecordingSession(StreamSession):
+    """Records each LLM forward as (start, end, torch's intra-op threads of the LLM stage); each forward takes
+    `delay_s` more, and `hold` runs before the first one."""
 
-    def __init__(self, *args, hold=lambda: None, **kwargs):
+    def __init__(self, *args, delay_s=0.0, hold=lambda: None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.hold, self.threads_at_steps = hold, []
+        self.delay_s, self.hold, self.forwards = delay_s, hold, []
 
-    def step_events(self, frame_tokens, times):
-        self.threads_at_steps.append(torch.get_num_threads())
-        if len(self.threads_at_steps) == 1:
+    def _forward(self, ids, inputs, keep):
+        if not self.forwards:
             self.hold()
-        yield from super().step_events(frame_tokens, times)
+        began, threads = time.perf_counter(), torch.get_num_threads()
+        time.sleep(self.delay_s)
+        logits = super()._forward(ids, inputs, keep)
+        self.forwards.append((began, time.perf_counter(), threads))
+        return logits
+
+    def threads(self):
+        return [threads for _, _, threads in self.forwards]
 
 
 def test_the_llm_stage_takes_the_idle_threads_once_the_encoder_is_done(model, fmt, encoder):
@@ -266,38 +273,23 @@ def test_the_llm_stage_takes_the_idle_threads_once_the_encoder_is_done(model, fm
     def wait_for_the_encoder_thread():
         pipeline.threads[1].join(timeout=10)  # every frame encoded and queued
 
-    session = ThreadCountingSession(model, fmt, EngineConfig(threshold=0.0, max_frames_per_forward=1),
-                                    hold=wait_for_the_encoder_thread)
+    session = RecordingSession(model, fmt, EngineConfig(threshold=0.0, max_frames_per_forward=1),
+                               hold=wait_for_the_encoder_thread)
     pipeline = StreamPipeline(session, encoder, frames, max_batch=1, llm_encodes=0, num_threads=1, idle_threads=2)
     before = torch.get_num_threads()
     pipeline.run()
-    assert session.threads_at_steps[1:] == [2] * 5
+    assert session.threads()[1:] == [2] * 5  # θ = 0: silent, one forward per frame
     assert torch.get_num_threads() == before
 
 
 def test_the_llm_stage_keeps_its_own_threads_while_the_encoder_works(model, fmt, encoder):
     frames = noise_frames(6)
     slow = SlowEncoderThread(encoder, frames, seconds_per_frame=0.2)
-    session = ThreadCountingSession(model, fmt, EngineConfig(threshold=0.0, max_frames_per_forward=1))
+    session = RecordingSession(model, fmt, EngineConfig(threshold=0.0, max_frames_per_forward=1))
     pipeline = StreamPipeline(session, slow, frames, max_batch=1, llm_encodes=0, num_threads=1, idle_threads=2)
     pipeline.run()
-    assert len(session.threads_at_steps) == 6
-    assert session.threads_at_steps[:-1] == [1] * 5  # the last step may come after the encoder has finished
-
-
-class TimedForwardSession(StreamSession):
-    """Each LLM forward takes 30 ms more and is recorded as (start, end, torch's intra-op threads)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.forwards = []
-
-    def _forward(self, ids, inputs, keep):
-        began, threads = time.perf_counter(), torch.get_num_threads()
-        time.sleep(0.03)
-        logits = super()._forward(ids, inputs, keep)
-        self.forwards.append((began, time.perf_counter(), threads))
-        return logits
+    assert len(session.threads()) == 6
+    assert session.threads()[:-1] == [1] * 5  # the last step may come after the encoder has finished
 
 
 class TimedEncoder:
@@ -320,7 +312,7 @@ def test_the_encoder_thread_never_encodes_while_the_llm_stage_runs_on_its_cores(
     lent_early = 0
     for _ in range(5):
         timed = TimedEncoder(encoder)
-        session = TimedForwardSession(model, fmt, EngineConfig(threshold=0.0, max_frames_per_forward=1))
+        session = RecordingSession(model, fmt, EngineConfig(threshold=0.0, max_frames_per_forward=1), delay_s=0.03)
         pipeline = StreamPipeline(session, timed, noise_frames(16), max_batch=1, queue_size=1, llm_encodes=0,
                                   num_threads=1, idle_threads=2)
         pipeline.run()
