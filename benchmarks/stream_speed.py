@@ -19,7 +19,12 @@ Modes (the first three share the PyTorch frame encoder, as the paper's code has 
   fast-no-lookup  fast with `--prompt-lookup 0` (one forward per response token), to see what lookup gives
 Every run reports what was said (`said`: [time, text] pairs), and the table says whether it equals the first
 sequential run's on the same video: the exactness the speed must keep. Response latency is the wall time
-from the decision to the end of the response. Repeat modes (A B A B) to see the noise.
+from the decision to the end of the response. This machine's speed drifts by tens of percent within an hour, so
+a ratio of two runs minutes apart says little: `--rounds N` runs the modes N times in turn (sequential fast
+sequential fast …), takes each run's ratio to the sequential run of its own round, and prints each mode's
+median ratio over the rounds.
+
+    python benchmarks/stream_speed.py --minutes 1 10 --modes sequential fast --threads 1 --rounds 3
 """
 
 from __future__ import annotations
@@ -220,6 +225,8 @@ def main() -> None:
     parser.add_argument("--encoder-threads", type=int, default=0,
                         help="the pipeline encoder's threads (0 = as --threads)")
     parser.add_argument("--videos", default="data/bench", help="where the synthetic videos are cached")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run --modes this many times in turn; ratios are to each round's own sequential run")
     parser.add_argument("--json", action="store_true", help="print one JSON object per run as it ends")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "VIDEO"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -230,15 +237,17 @@ def main() -> None:
     folder = Path(args.videos)
     folder.mkdir(parents=True, exist_ok=True)
     print(f"load before: {os.getloadavg()[0]:.2f} (1-min average) on {os.cpu_count()} cores", flush=True)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: must be at least 1")
     rows = []
     for minutes in args.minutes:
         video = video_for(minutes, folder)
-        for mode in args.modes:
+        for round_index, mode in ((r, mode) for r in range(args.rounds) for mode in args.modes):
             cmd = [sys.executable, __file__, "--worker", mode, str(video), "--model", args.model,
                    "--threads", str(args.threads), "--encoder-threads", str(args.encoder_threads),
                    "--workload", args.workload]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            row = json.loads(out) | {"minutes": minutes, "workload": args.workload,
+            row = json.loads(out) | {"minutes": minutes, "workload": args.workload, "round": round_index,
                                      "load_1min": round(os.getloadavg()[0], 2)}
             rows.append(row)
             if args.json:
@@ -252,20 +261,40 @@ def main() -> None:
     print_table(rows)
 
 
+def sequential_ratios(runs: list[dict]) -> list[float | None]:
+    """Each run's FPS over its sequential baseline: the mean of the sequential runs of its own round on the same
+    video, else of every round's (None without any). Within a round the runs are minutes apart, so the machine's
+    drift cancels better than against a mean over the whole benchmark."""
+    ratios = []
+    for row in runs:
+        same_video = [r for r in runs if r["minutes"] == row["minutes"] and r["mode"] == "sequential"]
+        same_round = [r for r in same_video if r.get("round") == row.get("round")] or same_video
+        ratios.append(row["fps"] / (sum(r["fps"] for r in same_round) / len(same_round)) if same_round else None)
+    return ratios
+
+
 def print_table(rows: list[dict]) -> None:
     runs = [row for row in rows if row["mode"] != "stages"]
     if not runs:
         return
-    print("\n| stream | mode | threads | FPS | × sequential | responses | same as sequential | mean response latency "
-          "| peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for row in runs:
+    ratios = sequential_ratios(runs)
+    print("\n| stream | round | mode | threads | FPS | × sequential | responses | same as sequential "
+          "| mean response latency | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row, ratio in zip(runs, ratios, strict=True):
         same_video = [r for r in runs if r["minutes"] == row["minutes"] and r["mode"] == "sequential"]
-        base = sum(r["fps"] for r in same_video) / len(same_video) if same_video else row["fps"]
         same = "–" if not same_video else ("yes" if row["said"] == same_video[0]["said"] else "NO")
-        print(f"| {row['minutes']:g} min | {row['mode']} | {row['threads']} | {row['fps']:.2f} | "
-              f"{row['fps'] / base:.2f}× | {row['responses']} | {same} | {row['mean_latency_s']:.2f} s | "
+        shown = "–" if ratio is None else f"{ratio:.2f}×"
+        print(f"| {row['minutes']:g} min | {row.get('round', 0) + 1} | {row['mode']} | {row['threads']} | "
+              f"{row['fps']:.2f} | {shown} | {row['responses']} | {same} | {row['mean_latency_s']:.2f} s | "
               f"{row['peak_rss_mb']:.0f} MB |")
+    groups: dict[tuple[float, str], list[float]] = {}
+    for row, ratio in zip(runs, ratios, strict=True):
+        if ratio is not None and row["mode"] != "sequential":
+            groups.setdefault((row["minutes"], row["mode"]), []).append(ratio)
+    for (minutes, mode), values in groups.items():
+        print(f"{minutes:g} min {mode}: median {float(np.median(values)):.2f}× sequential over {len(values)} "
+              f"run(s) (min {min(values):.2f}×, max {max(values):.2f}×)")
 
 
 if __name__ == "__main__":
