@@ -230,6 +230,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object per run as it ends")
     parser.add_argument("--worker", nargs=2, metavar=("MODE", "VIDEO"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: must be at least 1")
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1], args.model, args.threads, args.encoder_threads,
                                 args.workload)))
@@ -237,8 +239,6 @@ def main() -> None:
     folder = Path(args.videos)
     folder.mkdir(parents=True, exist_ok=True)
     print(f"load before: {os.getloadavg()[0]:.2f} (1-min average) on {os.cpu_count()} cores", flush=True)
-    if args.rounds < 1:
-        parser.error(f"--rounds {args.rounds}: must be at least 1")
     rows = []
     for minutes in args.minutes:
         video = video_for(minutes, folder)
