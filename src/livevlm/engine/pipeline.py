@@ -333,15 +333,14 @@ class StreamPipeline:
             if not ended:
                 ended = self._receive(encoded, block=False)  # what the encoder finished meanwhile comes first
                 self._in_order(encoded, waiting)
+            if not ended and not waiting and not encoded and self.llm_encodes:
+                start, run, previous, _ = self._take(self.llm_encodes, block=False)  # caught up: encode frames
+                if run:  # queued behind the encoder's batch
+                    encoded[start] = self._encode_run(run, previous)
+                    self._in_order(encoded, waiting)
             if not ended and not waiting:
-                if not encoded and self.llm_encodes:  # caught up: encode frames queued behind the encoder's batch
-                    start, run, previous, _ = self._take(self.llm_encodes, block=False)
-                    if run:
-                        encoded[start] = self._encode_run(run, previous)
-                        self._in_order(encoded, waiting)
-                if not waiting:
-                    self._size_llm_threads(may_borrow=False)  # about to wait for the encoder: it needs its cores
-                ended = self._receive(encoded, block=not waiting)
+                self._size_llm_threads(may_borrow=False)  # about to wait for the encoder: it needs its cores
+                ended = self._receive(encoded, block=True)
                 self._in_order(encoded, waiting)
             if not waiting:
                 continue
