@@ -202,22 +202,24 @@ def noise_frames(count: int) -> list[tuple[float, np.ndarray]]:
 class SlowEncoderThread:
     """The fixture's encoder, slow on the pipeline's encoder thread (so the LLM stage catches up and encodes frames
     itself); records who encoded which frames (by index in `decoded`) and the frame each call was given as the one
-    before."""
+    before (`calls`), and when each call ran (`spans`: (start, end), the slow part included)."""
 
     def __init__(self, encoder, decoded, seconds_per_frame=0.05):
-        self.encoder, self.decoded, self.calls = encoder, decoded, []
+        self.encoder, self.decoded, self.calls, self.spans = encoder, decoded, [], []
         self.seconds_per_frame = seconds_per_frame
 
     def index(self, frame):
         return next(i for i, (_, known) in enumerate(self.decoded) if np.array_equal(known, frame))
 
     def encode(self, frames, previous=None):
-        thread = threading.current_thread().name
+        thread, began = threading.current_thread().name, time.perf_counter()
         if thread == "livevlm-encoder":
             time.sleep(self.seconds_per_frame * len(frames))
         self.calls.append((thread, self.index(frames[0]), len(frames),
                            None if previous is None else self.index(previous)))
-        return self.encoder.encode(frames, previous=previous)
+        tokens = self.encoder.encode(frames, previous=previous)
+        self.spans.append((began, time.perf_counter()))
+        return tokens
 
 
 def test_the_llm_stage_encodes_frames_queued_behind_a_slow_encoder_and_steps_them_in_order(model, fmt, encoder,
@@ -292,34 +294,22 @@ def test_the_llm_stage_keeps_its_own_threads_while_the_encoder_works(model, fmt,
     assert session.threads()[:-1] == [1] * 5  # the last step may come after the encoder has finished
 
 
-class TimedEncoder:
-    """The fixture's encoder; records (start, end) of each call."""
-
-    def __init__(self, encoder):
-        self.encoder, self.calls = encoder, []
-
-    def encode(self, frames, previous=None):
-        began = time.perf_counter()
-        tokens = self.encoder.encode(frames, previous=previous)
-        self.calls.append((began, time.perf_counter()))
-        return tokens
-
-
 def test_the_encoder_thread_never_encodes_while_the_llm_stage_runs_on_its_cores(model, fmt, encoder):
     """A fast encoder and a one-run queue: the encoder is ahead at most steps and frees a slot at every one.
     Whether the LLM stage lends before the last frame is encoded depends on thread scheduling, so the stream
     runs until it did (at most 5 times); no run may encode during a forward on lent cores."""
     lent_early = 0
     for _ in range(5):
-        timed = TimedEncoder(encoder)
+        frames = noise_frames(16)
+        timed = SlowEncoderThread(encoder, frames, seconds_per_frame=0.0)
         session = RecordingSession(model, fmt, EngineConfig(threshold=0.0, max_frames_per_forward=1), delay_s=0.03)
-        pipeline = StreamPipeline(session, timed, noise_frames(16), max_batch=1, queue_size=1, llm_encodes=0,
+        pipeline = StreamPipeline(session, timed, frames, max_batch=1, queue_size=1, llm_encodes=0,
                                   num_threads=1, idle_threads=2)
         pipeline.run()
         lent = [(start, end) for start, end, threads in session.forwards if threads == 2]
-        assert not [(forward, call) for forward in lent for call in timed.calls
+        assert not [(forward, call) for forward in lent for call in timed.spans
                     if forward[0] < call[1] and call[0] < forward[1]]
-        last_encode = max(end for _, end in timed.calls)
+        last_encode = max(end for _, end in timed.spans)
         lent_early = sum(start < last_encode for start, _ in lent)
         if lent_early:
             break
