@@ -129,7 +129,9 @@ def test_reminders_with_distractors_are_asked_before_another_objects_event_of_th
     assert asked[(blue, True)] == asked[(blue, False)]  # nothing of the kind comes before it: as plain
 
 
-def test_reminder_pairs_follow_each_clip_with_an_unanswered_twin_over_the_same_frames():
+def pairs_video() -> world.WorldVideo:
+    """Three objects on screen from the start; the blue square and the red circle start moving, a yellow
+    triangle appears."""
     green = {"id": 3, "shape": "star", "color": "green", "size": "small"}
     yellow = {"id": 4, "shape": "triangle", "color": "yellow", "size": "small"}
     events = world.parse_events([
@@ -139,7 +141,11 @@ def test_reminder_pairs_follow_each_clip_with_an_unanswered_twin_over_the_same_f
         {"time_s": 3.0, "kind": "move", "text": "The blue square starts moving up.", "object": BLUE, "direction": "up"},
         {"time_s": 6.0, "kind": "move", "text": "The red circle starts moving up.", "object": RED, "direction": "up"},
         {"time_s": 8.0, "kind": "appear", "text": "A small yellow triangle appears.", "object": yellow}], "x")
-    video = world.WorldVideo("v", "v.mp4", 10.0, events)
+    return world.WorldVideo("v", "v.mp4", 10.0, events)
+
+
+def test_reminder_pairs_follow_each_clip_with_an_unanswered_twin_over_the_same_frames():
+    video = pairs_video()
     twins: dict[str, set[str]] = {}
     for seed in range(20):
         dialogues = world.reminders(video, 2.0, 3, random.Random(seed), clip=(2.0, 2.0), pairs=True)
@@ -157,6 +163,21 @@ def test_reminder_pairs_follow_each_clip_with_an_unanswered_twin_over_the_same_f
     assert twins == {"The blue square starts moving up.": {"Tell me when the red circle starts moving.",
                                                            "Tell me when the green star starts moving."},
                      "The red circle starts moving up.": {"Tell me when the green star starts moving."}}
+
+
+def test_a_reminder_and_its_twin_mark_the_frames_of_every_event_after_the_request():
+    video = pairs_video()
+    for seed in range(10):
+        for d in world.reminders(video, 2.0, 3, random.Random(seed), clip=(2.0, 2.0), pairs=True):
+            ask_s = turns(d)[0][1]
+            assert d.key_frames_s == [t for t in (3.0, 6.0, 8.0) if ask_s < t < d.end_s], (d.id, ask_s)
+            if not d.id.endswith("-unanswered"):  # the answer's frame is one of them (the tail may hold more)
+                assert d.frame_index(turns(d)[-1][1]) in d.key_frames()
+    # an event between frames is marked at the frame that narrates it; only frames after the first index count
+    moves = world.parse_events([{"time_s": 2.2, "kind": "move", "text": "The red circle starts moving up.",
+                                 "object": RED, "direction": "up"}], "x")
+    assert world.event_frames_s(moves, 4, 5, 2.0) == [2.5]
+    assert world.event_frames_s(moves, 5, 9, 2.0) == []
 
 
 def test_a_reminder_is_not_asked_when_an_earlier_event_would_answer_it(tmp_path):

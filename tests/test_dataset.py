@@ -60,6 +60,18 @@ def test_max_frames_truncates_stream_and_drops_later_turns(cached, fmt):
     assert fmt.speak_id not in sample.labels[sample.frame_target].tolist()
 
 
+def test_key_frames_mark_their_frames_decision_targets_and_nothing_else(tmp_path, fmt):
+    record = narration(0) | {"key_frames_s": [0.0, 1.0, 2.0, 4.5]}  # frame 0 is followed by the query: no target
+    write_dialogues(tmp_path / "d.jsonl", [record])
+    save_features(tmp_path / "cache" / feature_name("videos/000.mp4"), torch.zeros(10, 2, 4), {"fps": "2.0"})
+    sample = StreamDataset(tmp_path / "d.jsonl", fmt, cache_dir=tmp_path / "cache", max_frames=8)[0]
+    # frame 9 (4.5 s) is cut by max_frames=8; frame 0's end is followed by the user turn, so it has no target
+    assert sample.key_target.nonzero().flatten().tolist() == [sample.frame_ends[2], sample.frame_ends[4]]
+    assert sample.labels[sample.key_target].tolist() == [fmt.separator_id, fmt.speak_id]
+    batch = collate_streams([sample, StreamDataset(tmp_path / "d.jsonl", fmt, tmp_path / "cache")[0]], pad_id=0)
+    assert batch["key_target"].sum(dim=1).tolist() == [2, 3]  # uncut, frame 9 keeps its mark
+
+
 def test_collate_pads_right_and_concatenates_frames_in_placeholder_order(cached, fmt):
     dataset = StreamDataset(cached / "d.jsonl", fmt, cache_dir=cached / "cache")
     batch = collate_streams([dataset[0], dataset[1]], pad_id=fmt.eos_id)

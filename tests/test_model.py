@@ -30,6 +30,18 @@ def test_streaming_loss_weight_zero_drops_frame_targets_from_the_mean():
     assert streaming_loss(logits, labels, frame_target, 0.0).item() == pytest.approx(math.log(3), abs=1e-6)
 
 
+def test_key_frame_weight_multiplies_the_key_frames_targets_only():
+    # positions 0 and 2 are frame targets (CE ln 2 and ln 3), position 2 a key frame; position 3 text (CE ln 3)
+    logits = torch.tensor([[[0.0, math.log(2), 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[1, IGNORE, 2, 0]])
+    frame_target = torch.tensor([[True, False, True, False]])
+    key = torch.tensor([[False, False, True, True]])  # a key mark off the frame targets is ignored
+    loss = streaming_loss(logits, labels, frame_target, 2.0, key_target=key, key_frame_weight=5.0)
+    assert loss.item() == pytest.approx((2 * math.log(2) + 10 * math.log(3) + math.log(3)) / 3, abs=1e-6)
+    plain = streaming_loss(logits, labels, frame_target, 2.0, key_target=key, key_frame_weight=1.0)
+    assert plain.item() == pytest.approx((2 * math.log(2) + 2 * math.log(3) + math.log(3)) / 3, abs=1e-6)
+
+
 def _tiny_sample(tokenizer, tokens_per_frame=2):
     register_placeholder(tokenizer)
     fmt = StreamFormat(tokenizer, FormatConfig(), tokens_per_frame)

@@ -68,6 +68,15 @@ def test_roundtrip_write_then_read_gives_equal_dialogues(tmp_path):
     assert json.loads(path.read_text().splitlines()[1])["features"] == "f/b.safetensors"
 
 
+def test_key_frames_round_trip_and_map_to_the_frame_at_or_before_them(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [good_record(key_frames_s=[3.5, 12.2])])
+    (dialogue,) = read_dialogues(path)
+    assert dialogue.key_frames() == [7, 24]
+    write_dialogues(tmp_path / "again.jsonl", [dialogue])
+    assert read_dialogues(tmp_path / "again.jsonl") == [dialogue]
+    assert "key_frames_s" not in Dialogue.from_json(good_record()).to_json()  # left out when unset
+
+
 def test_write_refuses_an_invalid_dialogue_and_keeps_the_existing_file(tmp_path):
     path = tmp_path / "dialogue.jsonl"
     write_dialogues(path, [Dialogue.from_json(good_record())])
@@ -90,7 +99,7 @@ BAD_LINES = [
                             "complete JSON object"),
     ("[1, 2]", "expected a JSON object (one dialogue per line), got list"),
     (good_record(speaker="me"), "speaker: unknown field; valid fields: ['id', 'video', 'features', 'fps', "
-                                "'duration_s', 'start_s', 'end_s', 'task', 'meta', 'turns']"),
+                                "'duration_s', 'start_s', 'end_s', 'task', 'meta', 'key_frames_s', 'turns']"),
     ({k: v for k, v in good_record().items() if k != "fps"},
      "fps: missing (required fields: id, fps, turns, and video or features)"),
     (good_record(video=None), "video: missing; a dialogue needs a video or a features file"),
@@ -99,6 +108,11 @@ BAD_LINES = [
     (good_record(id=""), "id: expected a non-empty string, got ''"),
     (good_record(end_s=31.0), "end_s: 31.0 is after the end of the video (duration_s 30.0)"),
     (good_record(turns=[]), "turns: expected a non-empty list"),
+    (good_record(key_frames_s=3.5), "key_frames_s: expected a list of times in seconds, got 3.5"),
+    (good_record(key_frames_s=[30.5]), "key_frames_s[0]: 30.5 is outside the clip [0.0, 30.0)"),
+    (good_record(key_frames_s=[30.0]), "key_frames_s[0]: 30.0 falls after frame 60, but the clip has 60 frames"),
+    (good_record(key_frames_s=[3.5, 3.7]), "key_frames_s[1]: 3.7 falls on frame 7 like 3.5; give each key frame "
+                                           "once"),
     (with_turn(3, time_s="3.5"), "turns[3].time_s: expected a finite number of seconds, got '3.5'"),
     (with_turn(3, who="me"), "turns[3].who: unknown field; a turn has ['role', 'time_s', 'text']"),
     (with_turn(3, role="bot"), "turns[3].role: 'bot' is not one of ['system', 'user', 'assistant']"),

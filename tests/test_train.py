@@ -93,6 +93,20 @@ def test_loss_falls_and_the_result_is_a_livevlm_checkpoint(workdir, tmp_path):
     assert {p.name for p in folder.iterdir()} >= {"livevlm.yaml", "connector.safetensors", "adapter_model.safetensors"}
 
 
+def test_key_frame_weight_reaches_the_loss_through_the_key_frames_only(workdir, tmp_path):
+    marked = tmp_path / "marked.jsonl"  # the same dialogues, each with its first speaking frame as a key frame
+    lines = [json.loads(line) for line in (workdir / "dialogues.jsonl").read_text().splitlines()]
+    marked.write_text("".join(json.dumps(d | {"key_frames_s": [d["turns"][2]["time_s"]]}) + "\n" for d in lines))
+
+    def first_loss(name: str, data: Path, weight: float) -> float:
+        train(load_recipe(write_recipe(workdir, tmp_path / name, data=str(data), max_steps=1, key_frame_weight=weight)))
+        return losses(tmp_path / name / "run")[0][1]
+
+    plain = workdir / "dialogues.jsonl"
+    assert first_loss("plain3", plain, 3.0) == first_loss("plain1", plain, 1.0)
+    assert first_loss("marked3", marked, 3.0) > first_loss("marked1", marked, 1.0) == first_loss("plain1b", plain, 1.0)
+
+
 KILLER = """
 import os, signal, sys
 import livevlm

@@ -160,6 +160,9 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     max_frames: int = 256
     stream_loss_weight: float = 1.0
+    # × the speak/silent targets of a dialogue's key frames (`key_frames_s`: the hard decisions, e.g. a
+    # reminder's events, one answered, the others waited through); 1 = the plain LIVE objective.
+    key_frame_weight: float = 1.0
     gradient_checkpointing: bool = False
     bf16: bool = False
     seed: int = 42
@@ -173,6 +176,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.key_frame_weight < 0:
+            raise ConfigError(f"train.key_frame_weight must be >= 0 (1 = unweighted), got {self.key_frame_weight}")
         if self.connector_lr < 0:
             raise ConfigError(f"train.connector_lr must be positive (or 0 = train.lr), got {self.connector_lr}")
 

@@ -60,7 +60,8 @@ class Connector(nn.Module):
 
 
 def streaming_loss(logits: torch.Tensor, labels: torch.Tensor, frame_target: torch.Tensor,
-                   stream_loss_weight: float = 1.0) -> torch.Tensor:
+                   stream_loss_weight: float = 1.0, key_target: torch.Tensor | None = None,
+                   key_frame_weight: float = 1.0) -> torch.Tensor:
     """The LIVE objective: Σ wⱼ·CEⱼ / (number of labelled tokens).
 
     Args:
@@ -69,6 +70,9 @@ def streaming_loss(logits: torch.Tensor, labels: torch.Tensor, frame_target: tor
         frame_target: `[B, L]` bool, True at the frame positions (stay silent / speak targets).
         stream_loss_weight: wⱼ at frame positions; 1 elsewhere. 0 drops the frame targets altogether (they
             leave the count too): the "interleaved dialogue" baseline, trained on responses only.
+        key_target: `[B, L]` bool, True at the frame targets of key frames (a dialogue's `key_frames_s`);
+            their weight is multiplied by `key_frame_weight`. They count once in the denominator, so a
+            weight above 1 shifts the loss towards them rather than rescaling it.
 
     Returns:
         A scalar; 0 (with a gradient path) when nothing is labelled.
@@ -77,6 +81,8 @@ def streaming_loss(logits: torch.Tensor, labels: torch.Tensor, frame_target: tor
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat_labels,
                          ignore_index=IGNORE, reduction="none")  # [B*L], 0 where ignored
     weights = torch.where(frame_target.reshape(-1), stream_loss_weight, 1.0)
+    if key_target is not None and key_frame_weight != 1.0:
+        weights = torch.where(key_target.reshape(-1) & frame_target.reshape(-1), weights * key_frame_weight, weights)
     counted = flat_labels != IGNORE
     if stream_loss_weight == 0:
         counted &= ~frame_target.reshape(-1)
@@ -222,12 +228,14 @@ class LiveModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, frame_tokens: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 frame_target: torch.Tensor | None = None, stream_loss_weight: float = 1.0,
+                key_target: torch.Tensor | None = None, key_frame_weight: float = 1.0,
                 past_key_values=None, use_cache: bool = False, position_ids: torch.Tensor | None = None,
                 labelled_logits_only: bool = False, frame_counts: torch.Tensor | None = None):
         """Run the LLM on the joint embedding; with `labels`, also return the streaming loss.
 
         Args:
             input_ids: `[B, L]`.
+            key_target, key_frame_weight: the key frames' targets and their weight (`streaming_loss`).
             frame_tokens, frame_counts: the raw frame tokens `[ΣT, N, D]` of the rows' streams and the frames
                 of each row `[B]` (None = one stream), as `embed` takes them (a collated batch holds both).
             labelled_logits_only: with `labels`, compute logits only at the positions some row labels
@@ -247,11 +255,12 @@ class LiveModel(nn.Module):
             keep = (labels != IGNORE).any(dim=0).nonzero().flatten()  # [K]
             kwargs["logits_to_keep"] = keep
             labels, frame_target = labels[:, keep], frame_target[:, keep]
+            key_target = None if key_target is None else key_target[:, keep]
         out = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=use_cache,
                        position_ids=position_ids, **kwargs)
         loss = None
         if labels is not None:
-            loss = streaming_loss(out.logits, labels, frame_target, stream_loss_weight)
+            loss = streaming_loss(out.logits, labels, frame_target, stream_loss_weight, key_target, key_frame_weight)
         return out.logits, loss, (output_cache(out) if use_cache else None)
 
     def load_connector(self, state: dict[str, torch.Tensor], saved_frame_delta: bool | None = None,

@@ -328,7 +328,7 @@ class StreamTrainer(Trainer):
         """
         # Logits only where a target is: the vocabulary projection of every position is wasted work.
         logits, loss, _ = model(**inputs, stream_loss_weight=self.recipe.train.stream_loss_weight,
-                                labelled_logits_only=True)
+                                key_frame_weight=self.recipe.train.key_frame_weight, labelled_logits_only=True)
         if num_items_in_batch is not None:
             labelled = (inputs["labels"] != IGNORE).sum()
             loss = loss * labelled / num_items_in_batch

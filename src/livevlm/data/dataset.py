@@ -30,6 +30,7 @@ class StreamSample:
     frame_tokens: torch.Tensor  # [T, N, D] raw: the model derives its other inputs (LiveModel.frame_inputs)
     id: str
     frame_ends: list[int]  # position of every frame's last token (labelled or not)
+    key_target: torch.Tensor | None = None  # [L] bool: the frame targets of the dialogue's key frames
 
 
 class StreamDataset(Dataset):
@@ -110,9 +111,13 @@ class StreamDataset(Dataset):
         turns = [(t.role, t.time_s, t.text) for t in dialogue.turns]
         items = timeline_to_items(turns, num_frames=len(tokens), fps=dialogue.fps, start_s=dialogue.start_s)
         rendered = self.fmt.render(items)
-        return StreamSample(torch.tensor(rendered.input_ids), torch.tensor(rendered.labels),
-                            torch.tensor(rendered.frame_target), tokens[: rendered.num_frames], dialogue.id,
-                            rendered.frame_ends)
+        frame_target = torch.tensor(rendered.frame_target)
+        key_target = torch.zeros_like(frame_target)
+        for frame in dialogue.key_frames():
+            if frame < len(rendered.frame_ends):  # key frames after a max_frames cut are gone with their frames
+                key_target[rendered.frame_ends[frame]] = True
+        return StreamSample(torch.tensor(rendered.input_ids), torch.tensor(rendered.labels), frame_target,
+                            tokens[: rendered.num_frames], dialogue.id, rendered.frame_ends, key_target & frame_target)
 
 
 def collate_streams(samples: list[StreamSample], pad_id: int, frame_targets: bool = True) -> dict[str, torch.Tensor]:
@@ -127,14 +132,17 @@ def collate_streams(samples: list[StreamSample], pad_id: int, frame_targets: boo
     input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
     labels = torch.full((batch, length), IGNORE, dtype=torch.long)
     frame_target = torch.zeros((batch, length), dtype=torch.bool)
+    key_target = torch.zeros((batch, length), dtype=torch.bool)
     attention_mask = torch.zeros((batch, length), dtype=torch.long)
     for row, s in enumerate(samples):
         n = len(s.input_ids)
         input_ids[row, :n] = s.input_ids
         labels[row, :n] = s.labels if frame_targets else s.labels.masked_fill(s.frame_target, IGNORE)
         frame_target[row, :n] = s.frame_target
+        if s.key_target is not None:
+            key_target[row, :n] = s.key_target
         attention_mask[row, :n] = 1
     frame_tokens = torch.cat([s.frame_tokens for s in samples])  # [ΣT, N, D]
     frame_counts = torch.tensor([len(s.frame_tokens) for s in samples], dtype=torch.long)  # [B]
-    return {"input_ids": input_ids, "labels": labels, "frame_target": frame_target,
+    return {"input_ids": input_ids, "labels": labels, "frame_target": frame_target, "key_target": key_target,
             "attention_mask": attention_mask, "frame_tokens": frame_tokens, "frame_counts": frame_counts}

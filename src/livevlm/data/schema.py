@@ -7,6 +7,7 @@ Record (one JSON object per line; paths are relative to the JSONL file's folder,
      "features": "features/000.safetensors",    # optional feature-cache file, instead of / besides video
      "task": "narration",                        # optional free-form tag
      "meta": {...},                              # optional free-form object (source ids, ...)
+     "key_frames_s": [3.5, 9.0],                 # optional: frames whose speak/silent target is a hard case
      "turns": [{"role": "system", "time_s": 0.0, "text": "..."},   # optional; else the format's default
                {"role": "user", "time_s": 0.0, "text": "Please narrate the video in real time."},
                {"role": "assistant", "time_s": 3.5, "text": "A red circle appears on the left."}]}
@@ -25,6 +26,9 @@ Rules the validator enforces (each violation names the file, line, field and the
   query at once (an acknowledgement or the answer); further assistant turns come later;
 - two assistant turns may not fall on the same frame without a user turn between them (there is
   only one "speak" decision per frame; converters merge such texts with " ").
+- `key_frames_s` (optional) are times inside the clip, on an existing frame, each frame at most once: the
+  frames whose speak-or-stay-silent target counts `train.key_frame_weight` times in the loss (e.g. a
+  reminder's events, where one is answered and the others must be waited through).
 Converters put assistant turns on the fps grid: an event at time e is said at the first frame at or
 after e.
 """
@@ -42,7 +46,8 @@ from livevlm.files import atomic_path
 from livevlm.stream_format import FRAME_EPS, count_frames, frame_index
 
 ROLES = ("system", "user", "assistant")
-_RECORD_KEYS = ("id", "video", "features", "fps", "duration_s", "start_s", "end_s", "task", "meta", "turns")
+_RECORD_KEYS = ("id", "video", "features", "fps", "duration_s", "start_s", "end_s", "task", "meta", "key_frames_s",
+                "turns")
 _TURN_KEYS = ("role", "time_s", "text")
 
 
@@ -80,6 +85,7 @@ class Dialogue:
     features: str | None = None
     task: str | None = None
     meta: dict[str, Any] | None = field(default=None)
+    key_frames_s: list[float] | None = None  # frames whose decision is a hard case (module docstring)
 
     # ---- time <-> frame -----------------------------------------------------------------------------
     @property
@@ -122,7 +128,7 @@ class Dialogue:
         if self.duration_s is not None:
             obj["duration_s"] = self.duration_s
         obj["start_s"] = self.start_s
-        for key in ("end_s", "task", "meta"):
+        for key in ("end_s", "task", "meta", "key_frames_s"):
             if getattr(self, key) is not None:
                 obj[key] = getattr(self, key)
         obj["turns"] = [t.to_json() for t in self.turns]
@@ -159,6 +165,7 @@ class Dialogue:
             features=_optional_string(obj, "features", where),
             task=_optional_string(obj, "task", where),
             meta=_optional_meta(obj, where),
+            key_frames_s=_optional_times(obj, "key_frames_s", where),
         )
         dialogue.validate(where)
         return dialogue
@@ -172,6 +179,11 @@ class Dialogue:
         where = where or f"dialogue {self.id!r}"
         _check_header(self, where)
         _check_turns(self, where)
+        _check_key_frames(self, where)
+
+    def key_frames(self) -> list[int]:
+        """The frame index of every key frame (`key_frames_s`), in the given order."""
+        return [self.frame_index(t) for t in self.key_frames_s or []]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -209,6 +221,15 @@ def _optional_meta(obj: dict[str, Any], where: str) -> dict[str, Any] | None:
     if meta is not None and not isinstance(meta, dict):
         raise DialogueError(f"{where}: meta: expected a JSON object, got {meta!r}")
     return meta
+
+
+def _optional_times(obj: dict[str, Any], key: str, where: str) -> list[float] | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(_is_number(t) and math.isfinite(t) for t in value):
+        raise DialogueError(f"{where}: {key}: expected a list of times in seconds, got {value!r}")
+    return [float(t) for t in value]
 
 
 def _turns(value: Any, where: str) -> list[Turn]:
@@ -281,6 +302,23 @@ def _check_turns(d: Dialogue, where: str) -> None:
             raise DialogueError(f"{where}: {name}.time_s: {turn.time_s} is before the previous turn "
                                 f"({d.turns[i - 1].time_s}); turns must be in time order")
     _check_answer_rules(d, where)
+
+
+def _check_key_frames(d: Dialogue, where: str) -> None:
+    stop, n_frames = d.stop_s, d.num_frames()
+    seen: dict[int, float] = {}
+    for i, time_s in enumerate(d.key_frames_s or []):
+        name = f"key_frames_s[{i}]"
+        if time_s < d.start_s - FRAME_EPS or (stop is not None and time_s > stop + FRAME_EPS):
+            raise DialogueError(f"{where}: {name}: {time_s} is outside the clip [{d.start_s}, {stop})")
+        frame = d.frame_index(time_s)
+        if frame >= n_frames:
+            raise DialogueError(f"{where}: {name}: {time_s} falls after frame {frame}, but the clip has "
+                                f"{n_frames} frames; give a time on one of them")
+        if frame in seen:
+            raise DialogueError(f"{where}: {name}: {time_s} falls on frame {frame} like {seen[frame]}; "
+                                "give each key frame once")
+        seen[frame] = time_s
 
 
 def _check_turn_fields(turn: Turn, i: int, name: str, where: str) -> None:

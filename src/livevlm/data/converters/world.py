@@ -193,13 +193,14 @@ class WorldVideo:
     duration_s: float
     events: list[Event]
 
-    def dialogue(self, suffix: str, builder: StreamBuilder, task: str) -> Dialogue:
+    def dialogue(self, suffix: str, builder: StreamBuilder, task: str,
+                 key_frames_s: list[float] | None = None) -> Dialogue:
         """The builder's turns as a clip of this video, spanning the builder's clip (the whole video unless
         the builder ends sooner)."""
         end_s = self.duration_s if builder.end_s is None else builder.end_s
         return Dialogue(id=f"{self.stem}-{suffix}", video=self.video, fps=builder.fps, turns=builder.turns(),
                         duration_s=self.duration_s, start_s=builder.start_s, end_s=end_s, task=task,
-                        meta={"source": "world"})
+                        meta={"source": "world"}, key_frames_s=key_frames_s or None)
 
 
 def narration(video: WorldVideo, fps: float, rng: random.Random) -> Dialogue:
@@ -265,6 +266,14 @@ def _unanswered_request(events: list[Event], target: Event, ask_s: float, last_s
     return template.format(name=rng.choice(options)) if options else None
 
 
+def event_frames_s(events: list[Event], after_frame: int, last_frame: int, fps: float) -> list[float]:
+    """The times of the frames that narrate an event, after frame `after_frame` up to `last_frame` (video frame
+    indices): a reminder's key frames (`key_frames_s`), where something happens and the model must choose
+    between answering (the event asked about) and waiting (any other)."""
+    frames = {ceil_frame(e.time_s, fps) for e in events}
+    return [f / fps for f in sorted(frames) if after_frame < f <= last_frame]
+
+
 def reminders(video: WorldVideo, fps: float, count: int, rng: random.Random,
               clip: tuple[float, float] | None = None, distractors: bool = False,
               pairs: bool = False) -> list[Dialogue]:
@@ -273,7 +282,8 @@ def reminders(video: WorldVideo, fps: float, count: int, rng: random.Random,
     (on the frame grid, within the video). With `distractors`, a request is asked before another object's
     event of the same kind wherever one allows it (`_distracted`): the hard case, answering too early. With
     `pairs` (clips only), each clip is followed by its unanswered twin `…-unanswered` where the scene allows
-    one (`_unanswered_request`): the same frames, another object asked about, silent to the end."""
+    one (`_unanswered_request`): the same frames, another object asked about, silent to the end. Every
+    reminder marks the frames of the events after its request as key frames (`event_frames_s`)."""
     candidates = [e for e in video.events if e.kind in REMINDERS and e.obj.get("color") and e.obj.get("shape")
                   and ceil_frame(e.time_s, fps) >= 1 and e.time_s <= video.duration_s]
     rng.shuffle(candidates)
@@ -300,13 +310,15 @@ def reminders(video: WorldVideo, fps: float, count: int, rng: random.Random,
         builder.ask(ask / fps, REMINDERS[target.kind].format(name=name, a_name=with_article(name)),
                     rng.choice(REMINDER_ACKS))
         builder.say(target.time_s, target.text)
-        dialogues.append(video.dialogue(f"{suffix}-{answered}", builder, "reminder"))
+        shown_to = n_frames - 1 if clip is None else last_shown
+        key_frames_s = event_frames_s(video.events, ask, shown_to, fps)
+        dialogues.append(video.dialogue(f"{suffix}-{answered}", builder, "reminder", key_frames_s))
         if pairs and clip is not None:
             request = _unanswered_request(video.events, target, ask / fps, last_shown / fps, rng)
             if request is not None:
                 twin = StreamBuilder(fps, first_shown / fps, (last_shown + 1) / fps)
                 twin.ask(ask / fps, request, rng.choice(REMINDER_ACKS))
-                dialogues.append(video.dialogue(f"{suffix}-{answered}-unanswered", twin, "reminder"))
+                dialogues.append(video.dialogue(f"{suffix}-{answered}-unanswered", twin, "reminder", key_frames_s))
         answered += 1
     return dialogues
 
