@@ -318,7 +318,8 @@ def reminders(video: WorldVideo, fps: float, count: int, rng: random.Random,
             if request is not None:
                 twin = StreamBuilder(fps, first_shown / fps, (last_shown + 1) / fps)
                 twin.ask(ask / fps, request, rng.choice(REMINDER_ACKS))
-                dialogues.append(video.dialogue(f"{suffix}-{answered}-unanswered", twin, "reminder", key_frames_s))
+                dialogues.append(video.dialogue(f"{suffix}-{answered}-unanswered", twin, "reminder",
+                                                list(key_frames_s)))
         answered += 1
     return dialogues
 
