@@ -213,6 +213,33 @@ def test_per_frame_decisions_equal_one_teacher_forced_forward(fmt, random_model)
     assert torch.allclose(torch.tensor(got, dtype=torch.float64), expected.double(), atol=1e-5, rtol=0)
 
 
+def test_decisions_at_a_decision_token_equal_one_teacher_forced_forward(tiny_tokenizer, tiny_llm):
+    """With `format.decision` the engine reads each frame's decision at that token, as training labels it."""
+    register_placeholder(tiny_tokenizer)
+    fmt = StreamFormat(tiny_tokenizer, FormatConfig(decision="|"), tokens_per_frame=N)
+    torch.manual_seed(1)
+    model = bias_separator(LiveModel(tiny_llm, D, fmt.placeholder_id).eval(), fmt.separator_id, 3.0)
+    tokens, times = frames(12)
+    session = StreamSession(model, fmt, EngineConfig(threshold=0.0, max_frames_per_forward=5), record_fed_ids=True)
+    got = p_speak(session.step(tokens, times))
+    assert session.fed_ids == fmt.render([Frames(12)]).input_ids
+    expected = teacher_forced_p_speak(model, fmt, [Frames(12)], tokens)
+    assert torch.allclose(torch.tensor(got, dtype=torch.float64), expected, atol=1e-5, rtol=0)
+
+
+def test_a_rebuilt_cache_keeps_the_decision_tokens(tiny_tokenizer):
+    register_placeholder(tiny_tokenizer)
+    fmt = StreamFormat(tiny_tokenizer, FormatConfig(decision="|"), tokens_per_frame=N)
+    session = StreamSession(scripted_model(fmt), fmt, EngineConfig(threshold=0.0, window_frames=6))
+    tokens, times = frames(20)
+    session.add_query("Narrate.", time_s=0.0)
+    session.step(tokens, times)
+    kept = session.cache_ids.count(fmt.placeholder_id) // N
+    assert session.windowed and 1 <= kept <= 6
+    expected = fmt.render([Message("user", "Narrate."), Message("assistant", SCRIPT), Frames(kept)])
+    assert session.cache_ids == expected.input_ids
+
+
 def test_a_frame_delta_model_names_the_width_before_the_doubling(fmt, tiny_llm):
     model = LiveModel(tiny_llm, 2 * D, fmt.placeholder_id, frame_delta=True).eval()
     with pytest.raises(ValueError, match=f"D={2 * D} wide but the model takes {D} \\(before frame_delta doubles it\\)"):

@@ -71,6 +71,38 @@ def test_v1_layout_without_separator_uses_eos_for_silence(tiny_tokenizer):
     assert frame_labels(rendered) == [tiny_tokenizer.eos_token_id, tiny_tokenizer.eos_token_id, fmt.speak_id]
 
 
+@pytest.fixture
+def decision_fmt(tiny_tokenizer):
+    register_placeholder(tiny_tokenizer)
+    return StreamFormat(tiny_tokenizer, FormatConfig(decision="|"), tokens_per_frame=2)
+
+
+def test_a_decision_token_follows_each_frame_and_holds_its_target(decision_fmt, tiny_tokenizer):
+    rendered = decision_fmt.render([Frames(2), Message("assistant", "It stopped.")])
+    (bar,) = tiny_tokenizer.encode("|", add_special_tokens=False)
+    v, sep = decision_fmt.placeholder_id, decision_fmt.separator_id
+    start = rendered.input_ids.index(v)
+    assert rendered.input_ids[start:start + 7] == [v, v, bar, sep, v, v, bar]
+    assert rendered.frame_ends == [start + 2, start + 6]  # the decision tokens, not the last placeholders
+    assert [rendered.labels[i] for i in range(start, start + 7)] == [
+        IGNORE, IGNORE, sep, IGNORE, IGNORE, IGNORE, decision_fmt.speak_id]
+
+
+def test_engine_inputs_with_a_decision_token_concatenate_to_the_training_render(decision_fmt):
+    steps = (decision_fmt.prompt_ids() + decision_fmt.frame_ids(True) + decision_fmt.frame_ids(False)
+             + decision_fmt.speak_ids() + decision_fmt.response_ids("Go.") + [decision_fmt.eos_id]
+             + decision_fmt.reopen_ids() + decision_fmt.frame_ids(True))
+    rendered = decision_fmt.render([Frames(2), Message("assistant", "Go."), Frames(1)])
+    assert steps == rendered.input_ids
+
+
+@pytest.mark.parametrize("decision", [",", "]", "<v>", " next frame"])
+def test_a_decision_token_that_is_not_one_token_of_its_own_is_rejected(tiny_tokenizer, decision):
+    register_placeholder(tiny_tokenizer)
+    with pytest.raises(StreamFormatError, match="format.decision"):
+        StreamFormat(tiny_tokenizer, FormatConfig(decision=decision), tokens_per_frame=1)
+
+
 def test_engine_inputs_concatenate_to_the_training_render(fmt):
     """The engine's step-wise ids (prompt, frames, speak + response, query, reopen) equal the render."""
     steps = (fmt.prompt_ids() + fmt.frame_ids(True) + fmt.frame_ids(False)

@@ -119,6 +119,11 @@ class FormatConfig:
     user_role: str = "User"
     assistant_role: str = "Assistant"
     fps: float = 2.0
+    # A text token fed after each frame's placeholders, where the speak decision is read (the stay-silent or
+    # speak target sits there). "" = the official layout: the decision is read at the frame's last placeholder,
+    # a frame token, whose embedding dwarfs a text token's (docs/experiments.md, "The decision reads that a
+    # request exists").
+    decision: str = ""
 
     def __post_init__(self) -> None:
         if self.fps <= 0:

@@ -15,7 +15,9 @@ a pre-tokeniser boundary of every BPE tokenizer we know. Labels are *targets*: `
 position i must predict (already shifted), -100 where nothing is learned:
 
 * the last token of every frame predicts the separator (stay silent) or the first token of the closing
-  "]\\n" (speak: an assistant turn follows); this is the frame target, weighted by the stream-loss weight;
+  "]\\n" (speak: an assistant turn follows); this is the frame target, weighted by the stream-loss weight.
+  With `format.decision` set, each frame's placeholders are followed by that text token, and it is the frame's
+  last token: the decision is read at a text position rather than at a frame token;
 * the frame just before a user query is NOT labelled (it cannot know a query is coming: a defect of the
   public code fixed here);
 * response tokens — "Assistant", ":", the text and eos — are learned; everything else is context.
@@ -160,6 +162,14 @@ class StreamFormat:
             self.separator_id: int = sep_ids[0]
         else:  # one-token-per-frame v1 layout: silence is eos
             self.separator_id = self.eos_id
+        self.decision_id: int | None = None
+        if config.decision:
+            decision_ids = self._encode(config.decision)
+            if len(decision_ids) != 1 or decision_ids[0] in (self.separator_id, self.speak_id, self.placeholder_id):
+                raise StreamFormatError(
+                    f"tokenizer {name!r}: format.decision {config.decision!r} must be exactly one token other than "
+                    f"the separator, the speak token and the placeholder, got {decision_ids}; choose another one")
+            self.decision_id = decision_ids[0]
         if self.separator_id == self.speak_id:
             raise StreamFormatError(
                 f"tokenizer {name!r}: the silence token {self.separator_id} equals the speak token (first "
@@ -212,8 +222,11 @@ class StreamFormat:
         for i in range(count):
             if (run_open or i > 0) and self.config.separator:
                 pieces.text(self.config.separator)
+            last = self.tokens_per_frame - 1 if self.decision_id is None else -1
             for j in range(self.tokens_per_frame):
-                pieces.special(self.placeholder_id, frame_end=j == self.tokens_per_frame - 1)
+                pieces.special(self.placeholder_id, frame_end=j == last)
+            if self.decision_id is not None:
+                pieces.special(self.decision_id, frame_end=True)
 
     def _add_turn_prefix(self, pieces: _Pieces, run_open: bool, learned: bool) -> None:
         # After frames the turn starts with the closing "]\n"; otherwise with a newline.
@@ -324,9 +337,11 @@ class StreamFormat:
         return self._ids(pieces)
 
     def frame_ids(self, first_in_run: bool) -> list[int]:
-        """One frame: the separator (unless first in its run or the v1 layout) and N placeholders."""
+        """One frame: the separator (unless first in its run or the v1 layout), N placeholders, and the decision
+        token where the format has one."""
         separator = [self.separator_id] if self.config.separator and not first_in_run else []
-        return separator + [self.placeholder_id] * self.tokens_per_frame
+        decision = [self.decision_id] if self.decision_id is not None else []
+        return separator + [self.placeholder_id] * self.tokens_per_frame + decision
 
     def reopen_ids(self) -> list[int]:
         """After a response or answer (eos): the "\\n[" that opens the next frame run."""

@@ -662,7 +662,7 @@ class StreamSession:
             if answer:
                 items.append(Message("assistant", answer))
         items.append(Frames(1))
-        return self.fmt.render(items).input_ids[:-self.fmt.tokens_per_frame]
+        return self.fmt.render(items).input_ids[:-len(self.fmt.frame_ids(first_in_run=True))]
 
     def _forward_chunked(self, ids: list[int], inputs: torch.Tensor | None) -> None:
         """Fill the (fresh) cache with `ids`, REBUILD_CHUNK_TOKENS at a time; `inputs` `[T, N, D']` are the
