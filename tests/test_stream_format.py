@@ -96,9 +96,10 @@ def test_engine_inputs_with_a_decision_token_concatenate_to_the_training_render(
     assert steps == rendered.input_ids
 
 
-@pytest.mark.parametrize("decision", [",", "]", "<v>", " next frame"])
+@pytest.mark.parametrize("decision", [",", "]", "<v>", "EOS", " next frame"])
 def test_a_decision_token_that_is_not_one_token_of_its_own_is_rejected(tiny_tokenizer, decision):
     register_placeholder(tiny_tokenizer)
+    decision = tiny_tokenizer.eos_token if decision == "EOS" else decision
     with pytest.raises(StreamFormatError, match="format.decision"):
         StreamFormat(tiny_tokenizer, FormatConfig(decision=decision), tokens_per_frame=1)
 

@@ -165,10 +165,12 @@ class StreamFormat:
         self.decision_id: int | None = None
         if config.decision:
             decision_ids = self._encode(config.decision)
-            if len(decision_ids) != 1 or decision_ids[0] in (self.separator_id, self.speak_id, self.placeholder_id):
+            taken = (self.separator_id, self.speak_id, self.placeholder_id, self.eos_id)
+            if len(decision_ids) != 1 or decision_ids[0] in taken:
                 raise StreamFormatError(
                     f"tokenizer {name!r}: format.decision {config.decision!r} must be exactly one token other than "
-                    f"the separator, the speak token and the placeholder, got {decision_ids}; choose another one")
+                    f"the separator, the speak token, the placeholder and eos, got {decision_ids}; choose another "
+                    "one, e.g. '|'")
             self.decision_id = decision_ids[0]
         if self.separator_id == self.speak_id:
             raise StreamFormatError(
