@@ -13,7 +13,7 @@ prints how much attention the decision position pays to the request, layer by la
 request), and the norms of frame and text embeddings where they enter the LLM. Prints figures; asserts nothing.
 
     python experiments/probes/reminder_context.py --model runs/experiment-reminder-overfit/model \
-        --data data/world-train5/pairs100k.jsonl data/world-train5/features-chg12 --pairs 40
+        --data data/world-train5/reminder-pairs100.jsonl data/world-train5/features-chg12 --pairs 40
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-TWIN = "-unanswered"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts, not a package: reminder_probe.py is beside it
+from reminder_probe import TWIN  # noqa: E402  (the id suffix of a clip's unanswered twin)
+
 REQUESTS = ("own", "twin", "narration", "none")
 
 

@@ -221,10 +221,10 @@ class StreamFormat:
     def _add_frames(self, pieces: _Pieces, count: int, run_open: bool) -> None:
         if not run_open:
             pieces.text(self.config.frames_open)
+        last = self.tokens_per_frame - 1 if self.decision_id is None else -1  # the placeholder ending a frame, if any
         for i in range(count):
             if (run_open or i > 0) and self.config.separator:
                 pieces.text(self.config.separator)
-            last = self.tokens_per_frame - 1 if self.decision_id is None else -1
             for j in range(self.tokens_per_frame):
                 pieces.special(self.placeholder_id, frame_end=j == last)
             if self.decision_id is not None:
