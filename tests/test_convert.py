@@ -180,6 +180,23 @@ def test_a_reminder_and_its_twin_mark_the_frames_of_every_event_after_the_reques
     assert world.event_frames_s(moves, 5, 9, 2.0) == []
 
 
+def test_reminder_notes_note_every_event_up_to_the_answer_and_a_twin_every_event():
+    video = pairs_video()
+    said = {3.0: "The blue square starts moving up.", 6.0: "The red circle starts moving up.",
+            8.0: "A small yellow triangle appears."}
+    dialogues = [d for seed in range(10)
+                 for d in world.reminders(video, 2.0, 3, random.Random(seed), clip=(2.0, 2.0), pairs=True, notes=True)]
+    assert any(d.id.endswith("-unanswered") for d in dialogues)
+    for d in dialogues:
+        answer_s = None if d.id.endswith("-unanswered") else turns(d)[-1][1]
+        noted = [t for t in d.key_frames_s if answer_s is None or t <= answer_s]
+        expected = [("note", t, said[t]) for t in noted]
+        if answer_s is not None:
+            expected.append(("assistant", answer_s, turns(d)[-1][2]))
+        assert turns(d)[2:] == expected, d.id
+        d.validate()  # the schema's rules hold: a note first on its frame, the answer after it
+
+
 def test_a_reminder_is_not_asked_when_an_earlier_event_would_answer_it(tmp_path):
     events = world.parse_events(WORLD_EVENTS, "x")
     stop_like = world.Event(9.5, "The red circle stops.", "stop", RED, {})

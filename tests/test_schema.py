@@ -115,7 +115,7 @@ BAD_LINES = [
                                            "once"),
     (with_turn(3, time_s="3.5"), "turns[3].time_s: expected a finite number of seconds, got '3.5'"),
     (with_turn(3, who="me"), "turns[3].who: unknown field; a turn has ['role', 'time_s', 'text']"),
-    (with_turn(3, role="bot"), "turns[3].role: 'bot' is not one of ['system', 'user', 'assistant']"),
+    (with_turn(3, role="bot"), "turns[3].role: 'bot' is not one of ['system', 'user', 'assistant', 'note']"),
     (with_turn(3, role="system"), "turns[3].role: a system turn may only be the first turn"),
     (with_turn(3, text="  "), "turns[3].text: empty; every turn needs some text"),
     (with_turn(5, time_s=11.0), "turns[5].time_s: 11.0 is before the previous turn (12.0); turns must be in "
@@ -129,6 +129,9 @@ BAD_LINES = [
                                 "acknowledgement or the answer"),
     (with_turn(6, time_s=12.4), "turns[6].time_s: 12.4 falls on frame 24 like turns[5] (an assistant turn) "
                                 "with no user turn between; merge their texts into one turn"),
+    (with_turn(6, role="note", time_s=12.0), "turns[6].time_s: a note must be the first turn on its frame (frame "
+                                             "24), after turns[5] (assistant) there; move the note to a frame of "
+                                             "its own or before that turn"),
 ]
 
 
@@ -138,6 +141,15 @@ def test_a_malformed_line_names_the_file_line_field_and_problem(tmp_path, line, 
     with pytest.raises(DialogueError) as info:
         read_dialogues(path)
     assert str(info.value).startswith(f"{path} line 3: {message}")
+
+
+def test_a_note_may_come_first_on_its_frame_with_the_answer_after_it(tmp_path):
+    record = good_record()
+    record["turns"][3:4] = [{"role": "note", "time_s": 3.5, "text": "A red circle appears on the left."},
+                            {"role": "assistant", "time_s": 3.5, "text": "There is the red circle."},
+                            {"role": "note", "time_s": 5.0, "text": "A blue square appears."}]
+    (dialogue,) = read_dialogues(write_lines(tmp_path / "d.jsonl", [record]))
+    assert [turn.role for turn in dialogue.turns[3:6]] == ["note", "assistant", "note"]
 
 
 def test_a_user_turn_last_in_the_dialogue_is_reported(tmp_path):

@@ -104,6 +104,80 @@ def test_a_decision_token_that_is_not_one_token_of_its_own_is_rejected(tiny_toke
         StreamFormat(tiny_tokenizer, FormatConfig(decision=decision), tokens_per_frame=1)
 
 
+@pytest.fixture
+def note_fmt(tiny_tokenizer):
+    register_placeholder(tiny_tokenizer)
+    return StreamFormat(tiny_tokenizer, FormatConfig(note_role="Note"), tokens_per_frame=1)
+
+
+def learned_after(rendered, tokenizer, text):
+    """The targets from the first token of `text` (its last occurrence in the render) to the end: (token, label)
+    pairs."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    start = max(i for i in range(len(rendered.input_ids)) if rendered.input_ids[i:i + len(ids)] == ids)
+    return list(zip(rendered.input_ids[start:], rendered.labels[start:], strict=True))
+
+
+def test_a_note_then_frames_learns_to_go_on_watching(note_fmt, tiny_tokenizer):
+    rendered = note_fmt.render([Frames(1), Message("note", "A cat."), Frames(1)])
+    enc = lambda text: tiny_tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    assert frame_labels(rendered) == [note_fmt.speak_id, note_fmt.separator_id]
+    v, eos = note_fmt.placeholder_id, tiny_tokenizer.eos_token_id
+    # "]", "\n", "Note", ":", " A cat." and eos are learned as a response's are; then "\n[" too (the choice to go
+    # on watching), and nothing from the frame on but its own silence target.
+    tail = learned_after(rendered, tiny_tokenizer, "]\nNote: A cat.")
+    ids = enc("]\nNote: A cat.") + [eos] + enc("\n[") + [v]
+    assert [token for token, _ in tail] == ids
+    assert [label for _, label in tail] == ids[1:-1] + [IGNORE, note_fmt.separator_id]  # "[" -> frame: not learned
+
+
+def test_a_note_then_an_answer_learns_to_answer(note_fmt, tiny_tokenizer):
+    rendered = note_fmt.render([Frames(1), Message("note", "A cat."), Message("assistant", "There it is.")])
+    eos = tiny_tokenizer.eos_token_id
+    tail = learned_after(rendered, tiny_tokenizer, "]\nNote: A cat.")
+    ids = (tiny_tokenizer.encode("]\nNote: A cat.", add_special_tokens=False) + [eos]
+           + tiny_tokenizer.encode("\nAssistant: There it is.", add_special_tokens=False) + [eos])
+    assert [token for token, _ in tail] == ids
+    assert [label for _, label in tail] == ids[1:] + [IGNORE]  # every token after the frame is learned
+
+
+def test_a_response_is_followed_by_unlearned_frames_as_before(note_fmt, tiny_tokenizer):
+    rendered = note_fmt.render([Frames(1), Message("assistant", "A cat."), Frames(1)])
+    tail = learned_after(rendered, tiny_tokenizer, "\n[")
+    assert [label for _, label in tail] == [IGNORE, IGNORE, note_fmt.separator_id]  # only the frame's silence
+
+
+def test_engine_inputs_with_notes_concatenate_to_the_training_render(note_fmt):
+    f = note_fmt
+    steps = (f.prompt_ids() + f.frame_ids(True) + f.note_ids() + f.response_ids("A cat.") + [f.eos_id]
+             + f.reopen_ids() + f.frame_ids(True) + f.note_ids() + f.response_ids("A dog.") + [f.eos_id]
+             + f.answer_after_note_ids() + f.response_ids("There it is.") + [f.eos_id] + f.reopen_ids()
+             + f.frame_ids(True))
+    rendered = f.render([Frames(1), Message("note", "A cat."), Frames(1), Message("note", "A dog."),
+                         Message("assistant", "There it is."), Frames(1)])
+    assert steps == rendered.input_ids
+
+
+def test_a_note_needs_a_format_with_notes(fmt):
+    with pytest.raises(StreamFormatError, match="format.note_role"):
+        fmt.render([Frames(1), Message("note", "A cat.")])
+
+
+@pytest.mark.parametrize("before", [[Message("user", "Hi?"), Message("assistant", "Hello.")],
+                                    [Message("note", "A dog.")]])
+def test_a_note_must_follow_frames(note_fmt, before):
+    with pytest.raises(StreamFormatError, match="must follow frames"):
+        note_fmt.render([Frames(1), *before, Message("note", "A cat.")])
+
+
+@pytest.mark.parametrize("role", ["User", "Assistant"])
+def test_a_note_role_equal_to_another_role_is_rejected(role):
+    from livevlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="format.note_role"):
+        FormatConfig(note_role=role)
+
+
 def test_engine_inputs_concatenate_to_the_training_render(fmt):
     """The engine's step-wise ids (prompt, frames, speak + response, query, reopen) equal the render."""
     steps = (fmt.prompt_ids() + fmt.frame_ids(True) + fmt.frame_ids(False)

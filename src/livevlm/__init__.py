@@ -20,18 +20,18 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": "livevlm.api", "evaluate": "livevlm.api", "LiveVLM": "livevlm.api", "Stream": "livevlm.api",
     "FrameEvent": "livevlm.engine.session", "QueryEvent": "livevlm.engine.session",
-    "ResponseEvent": "livevlm.engine.session", "Event": "livevlm.engine.session",
+    "ResponseEvent": "livevlm.engine.session", "Event": "livevlm.engine.session", "NoteEvent": "livevlm.engine.session",
     "TokenEvent": "livevlm.engine.session", "TextDeltas": "livevlm.detokenize",
     "StreamSummary": "livevlm.engine.pipeline",
 }
-__all__ = ["Event", "FrameEvent", "LiveVLM", "QueryEvent", "ResponseEvent", "Stream", "StreamSummary",
+__all__ = ["Event", "FrameEvent", "LiveVLM", "NoteEvent", "QueryEvent", "ResponseEvent", "Stream", "StreamSummary",
            "TextDeltas", "TokenEvent", "__version__", "evaluate", "load"]
 
 if TYPE_CHECKING:
     from livevlm.api import LiveVLM, Stream, evaluate, load
     from livevlm.detokenize import TextDeltas
     from livevlm.engine.pipeline import StreamSummary
-    from livevlm.engine.session import Event, FrameEvent, QueryEvent, ResponseEvent, TokenEvent
+    from livevlm.engine.session import Event, FrameEvent, NoteEvent, QueryEvent, ResponseEvent, TokenEvent
 
 
 def __getattr__(name: str) -> Any:

@@ -124,8 +124,18 @@ class FormatConfig:
     # a frame token, whose embedding dwarfs a text token's (docs/experiments.md, "The decision reads that a
     # request exists").
     decision: str = ""
+    # The role of the model's notes to itself (dialogue turns of role "note"), e.g. "Note": after a frame the model
+    # may write a note ("]\nNote: A small red circle appears on the left.<eos>") and only then choose between
+    # answering the user ("\nAssistant: …") and going on with the frames ("\n["). The note names what it sees,
+    # and the choice is read at a text position right after those words: a reminder's decision, which the frame
+    # decision cannot make (docs/experiments.md, "A verdict after the event's words"). "" = no notes, the
+    # paper's layout.
+    note_role: str = ""
 
     def __post_init__(self) -> None:
+        if self.note_role and self.note_role in (self.user_role, self.assistant_role):
+            raise ConfigError(f"format.note_role {self.note_role!r} must differ from the user and assistant roles "
+                              f"({self.user_role!r}, {self.assistant_role!r}); the official-style choice is 'Note'")
         if self.fps <= 0:
             raise ConfigError(f"format.fps must be positive, got {self.fps}")
         if not self.placeholder:

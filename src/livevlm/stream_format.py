@@ -38,7 +38,7 @@ from typing import Literal
 from livevlm.config import FormatConfig
 
 IGNORE = -100
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "note"]
 
 
 class StreamFormatError(ValueError):
@@ -172,6 +172,15 @@ class StreamFormat:
                     f"the separator, the speak token, the placeholder and eos, got {decision_ids}; choose another "
                     "one, e.g. '|'")
             self.decision_id = decision_ids[0]
+        if config.note_role:
+            # The engine reads each choice a note brings where its two continuations first differ (`fork`).
+            heads = (self.speak_ids(), self.note_ids())
+            tails = (self.answer_after_note_ids(), self.reopen_ids())
+            if not 1 <= fork(*heads) < min(map(len, heads)) or fork(*tails) >= min(map(len, tails)):
+                raise StreamFormatError(
+                    f"tokenizer {name!r}: format.note_role {config.note_role!r}: the note header {heads[1]} must "
+                    f"part from the assistant's {heads[0]} after the speak token, and the answer after a note "
+                    f"{tails[0]} from the frames' reopening {tails[1]}; choose another note_role")
         if self.separator_id == self.speak_id:
             raise StreamFormatError(
                 f"tokenizer {name!r}: the silence token {self.separator_id} equals the speak token (first "
@@ -218,9 +227,9 @@ class StreamFormat:
     # ----------------------------------------------------------------------------------------------
     # pieces of the layout (shared by render and the engine)
 
-    def _add_frames(self, pieces: _Pieces, count: int, run_open: bool) -> None:
-        if not run_open:
-            pieces.text(self.config.frames_open)
+    def _add_frames(self, pieces: _Pieces, count: int, run_open: bool, after_note: bool = False) -> None:
+        if not run_open:  # after a note, "\n[" is the model's choice to go on watching: learned
+            pieces.text(self.config.frames_open, learned=after_note)
         last = self.tokens_per_frame - 1 if self.decision_id is None else -1  # the placeholder ending a frame, if any
         for i in range(count):
             if (run_open or i > 0) and self.config.separator:
@@ -238,10 +247,17 @@ class StreamFormat:
         self._add_turn_prefix(pieces, run_open, learned=False)
         pieces.text(f"{self.config.user_role}: {text}")
 
-    def _add_assistant_header(self, pieces: _Pieces, run_open: bool) -> None:
-        # "]\n" after frames is the speak target (learned); the "\n" after a query or eos is not.
-        self._add_turn_prefix(pieces, run_open, learned=run_open)
+    def _add_assistant_header(self, pieces: _Pieces, run_open: bool, after_note: bool = False) -> None:
+        # "]\n" after frames is the speak target (learned); the "\n" after a query or a response's eos is not, the
+        # "\n" after a note's eos is (the model chooses to answer there, rather than to go on watching).
+        self._add_turn_prefix(pieces, run_open, learned=run_open or after_note)
         pieces.text(f"{self.config.assistant_role}:", learned=True)
+
+    def _add_note(self, pieces: _Pieces, text: str) -> None:
+        # Only after frames: "]\n" is the speak target, then the note's header, words and eos, all learned.
+        self._add_turn_prefix(pieces, run_open=True, learned=True)
+        pieces.text(f"{self.config.note_role}: {text.strip()}", learned=True)
+        pieces.special(self.eos_id, learned=True)
 
     # ----------------------------------------------------------------------------------------------
     # rendering
@@ -250,14 +266,16 @@ class StreamFormat:
         """Render a conversation into ids and token-level targets.
 
         Args:
-            items: `Message("system", …)` optionally first, then frames and user/assistant turns. A
-                conversation without a system message uses `config.system_prompt`.
+            items: `Message("system", …)` optionally first, then frames and user/assistant turns, and notes
+                (`Message("note", …)`, with `config.note_role`) right after frames. A conversation without a
+                system message uses `config.system_prompt`.
             end_silent: label the very last frame "stay silent" when the stream ends with frames (the
                 video went on and nothing was said); False leaves it unlabelled.
 
         Raises:
             StreamFormatError: the conversation does not start with system/user/frames, a frame run has
-                zero frames, a system message is not first, a role is unknown, or a text is empty.
+                zero frames, a system message is not first, a role is unknown, a text is empty, or a note
+                does not follow frames (or the format has no `note_role`).
         """
         items = list(items)
         if not items:
@@ -275,14 +293,15 @@ class StreamFormat:
             pieces.special(token_id)
         pieces.text(system + "\n")
         run_open = False
+        after_note = False  # the last item was a note: what follows it is the model's choice, learned
         num_frames = 0
         for index, item in enumerate(items):
             if isinstance(item, Frames):
                 if item.count <= 0:
                     raise StreamFormatError(f"item {index}: a frame run must hold at least one frame, "
                                             f"got {item.count}")
-                self._add_frames(pieces, item.count, run_open)
-                run_open = True
+                self._add_frames(pieces, item.count, run_open, after_note)
+                run_open, after_note = True, False
                 num_frames += item.count
                 continue
             if not isinstance(item, Message):
@@ -294,12 +313,22 @@ class StreamFormat:
             if item.role == "user":
                 self._add_user(pieces, item.text, run_open)
             elif item.role == "assistant":
-                self._add_assistant_header(pieces, run_open)
+                self._add_assistant_header(pieces, run_open, after_note)
                 pieces.text(" " + item.text.strip(), learned=True)
                 pieces.special(self.eos_id, learned=True)
+            elif item.role == "note":
+                if not self.config.note_role:
+                    raise StreamFormatError(f"item {index}: a note turn needs a format with notes; set "
+                                            "format.note_role (e.g. 'Note') or drop the dialogue's note turns")
+                if not run_open:
+                    raise StreamFormatError(f"item {index}: a note must follow frames directly (the model notes "
+                                            "what it sees, then answers or goes on watching); move it to its "
+                                            "own frame, before any other turn there")
+                self._add_note(pieces, item.text)
             else:
-                raise StreamFormatError(f"item {index}: unknown role {item.role!r}; use system, user or assistant")
-            run_open = False
+                raise StreamFormatError(f"item {index}: unknown role {item.role!r}; use system, user, assistant "
+                                        "or note")
+            run_open, after_note = False, item.role == "note"
         ids, learned, frame_end = self._tokenize(pieces)
         return self._label(ids, learned, frame_end, num_frames, end_silent)
 
@@ -355,6 +384,19 @@ class StreamFormat:
         self._add_assistant_header(pieces, run_open=True)
         return self._ids(pieces)
 
+    def note_ids(self) -> list[int]:
+        """Fed when the model chooses to write a note after a frame (`config.note_role`): "]\nNote:"."""
+        pieces = _Pieces()
+        self._add_turn_prefix(pieces, run_open=True, learned=True)
+        pieces.text(f"{self.config.note_role}:", learned=True)
+        return self._ids(pieces)
+
+    def answer_after_note_ids(self) -> list[int]:
+        """Fed when the model chooses, after a note's eos, to answer: "\nAssistant:" (learned, as training has it)."""
+        pieces = _Pieces()
+        self._add_assistant_header(pieces, run_open=False, after_note=True)
+        return self._ids(pieces)
+
     def query_ids(self, text: str, run_open: bool) -> list[int]:
         """A user query and the assistant header of its immediate answer: "]\\nUser: q\\nAssistant:"."""
         if not text.strip():
@@ -377,6 +419,12 @@ class StreamFormat:
             target = "" if lab == IGNORE else f"-> {json.dumps(self.tokenizer.decode([lab]))} ({lab})"
             lines.append(f"{i:5d} {tok:7d} {shown:20s} {'F' if is_frame else ' '} {target}")
         return "\n".join(lines)
+
+
+def fork(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids two continuations share: the choice between them is the prediction at the last shared
+    one (at the position before them when 0)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 # --------------------------------------------------------------------------------------------------

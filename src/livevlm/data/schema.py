@@ -20,12 +20,15 @@ own frame despite float rounding. So a turn at `start_s` comes after the first f
 sees one frame before anything is said.
 
 Rules the validator enforces (each violation names the file, line, field and the fix):
-- roles are system / user / assistant; a system turn may only be the first turn; texts are non-empty;
+- roles are system / user / assistant / note; a system turn may only be the first turn; texts are non-empty;
 - times are non-decreasing and inside [start_s, end_s], on an existing frame (k < number of frames);
 - a user turn is immediately followed by an assistant turn on the same frame: the model answers a
   query at once (an acknowledgement or the answer); further assistant turns come later;
 - two assistant turns may not fall on the same frame without a user turn between them (there is
   only one "speak" decision per frame; converters merge such texts with " ").
+- a note (the model's note to itself, never shown to the user; trained with `format.note_role`) is the first
+  turn on its frame, at most one a frame; an assistant turn on the same frame may follow it (the model
+  answers after noting what it saw), or nothing (it goes on watching).
 - `key_frames_s` (optional) are times inside the clip, on an existing frame, each frame at most once: the
   frames whose speak-or-stay-silent target counts `train.key_frame_weight` times in the loss (e.g. a
   reminder's events, where one is answered and the others must be waited through).
@@ -45,7 +48,7 @@ from typing import Any
 from livevlm.files import atomic_path
 from livevlm.stream_format import FRAME_EPS, count_frames, frame_index
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "note")
 _RECORD_KEYS = ("id", "video", "features", "fps", "duration_s", "start_s", "end_s", "task", "meta", "key_frames_s",
                 "turns")
 _TURN_KEYS = ("role", "time_s", "text")
@@ -343,6 +346,12 @@ def _check_answer_rules(d: Dialogue, where: str) -> None:
                                     f"must be followed at once by an assistant turn at the same time; got "
                                     f"{got}; add an acknowledgement or the answer")
             last_assistant = None
+        elif turn.role == "note":
+            before = turns[i - 1] if i > 0 and turns[i - 1].role != "system" else None
+            if before is not None and d.frame_index(before.time_s) == d.frame_index(turn.time_s):
+                raise DialogueError(f"{where}: turns[{i}].time_s: a note must be the first turn on its frame "
+                                    f"(frame {d.frame_index(turn.time_s)}), after turns[{i - 1}] ({before.role}) "
+                                    "there; move the note to a frame of its own or before that turn")
         elif turn.role == "assistant":
             prev = last_assistant
             if prev is not None and d.frame_index(turns[prev].time_s) == d.frame_index(turn.time_s):

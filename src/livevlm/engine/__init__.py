@@ -3,7 +3,15 @@ pipeline."""
 
 from livevlm.engine.batch import SessionBatch
 from livevlm.engine.pipeline import StreamPipeline, StreamSummary
-from livevlm.engine.session import Event, FrameEvent, QueryEvent, ResponseEvent, StreamSession, TokenEvent
+from livevlm.engine.session import (
+    Event,
+    FrameEvent,
+    NoteEvent,
+    QueryEvent,
+    ResponseEvent,
+    StreamSession,
+    TokenEvent,
+)
 
-__all__ = ["Event", "FrameEvent", "QueryEvent", "ResponseEvent", "SessionBatch", "StreamPipeline", "StreamSession",
-           "StreamSummary", "TokenEvent"]
+__all__ = ["Event", "FrameEvent", "NoteEvent", "QueryEvent", "ResponseEvent", "SessionBatch", "StreamPipeline",
+           "StreamSession", "StreamSummary", "TokenEvent"]

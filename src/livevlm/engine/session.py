@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -53,7 +53,7 @@ from transformers.generation.logits_process import (
 from livevlm.config import EngineConfig
 from livevlm.engine.kv_cache import GrowingLayer, StaticStepCache, clear_cache, growing_cache
 from livevlm.model import CACHE_KWARG, LiveModel, silent_decisions
-from livevlm.stream_format import Frames, Message, StreamFormat
+from livevlm.stream_format import Frames, Message, StreamFormat, fork
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,23 @@ class ResponseEvent:
         return "assistant"
 
 
-Event = FrameEvent | QueryEvent | TokenEvent | ResponseEvent
+@dataclass(frozen=True)
+class NoteEvent:
+    """The model's note to itself after a frame (a format with `note_role`): what it saw, written before it chose
+    to answer (`answered`: a ResponseEvent at the same time follows) or to go on watching. Not a response: no
+    TokenEvents come before it, and a caller shows it only to someone debugging the model.
+
+    latency_s: wall time from the choice to write it to the choice after it; not compared by ==.
+    """
+
+    time_s: float
+    text: str
+    token_ids: tuple[int, ...]
+    answered: bool
+    latency_s: float = field(compare=False)
+
+
+Event = FrameEvent | QueryEvent | TokenEvent | ResponseEvent | NoteEvent
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,18 +139,18 @@ Event = FrameEvent | QueryEvent | TokenEvent | ResponseEvent
 
 @dataclass
 class _Entry:
-    kind: Literal["frame", "user", "response", "answer"]
+    kind: Literal["frame", "user", "response", "answer", "note"]
     time_s: float
     tokens: torch.Tensor | None = None  # [N, D] a frame's raw tokens (the model derives the rest when replayed)
-    text: str = ""  # the query of a "user" entry, the decoded text of a response/answer
-    token_ids: tuple[int, ...] = ()  # generated ids of a response/answer, without eos
+    text: str = ""  # the query of a "user" entry, the decoded text of a response/answer/note
+    token_ids: tuple[int, ...] = ()  # generated ids of a response/answer/note, without eos
 
 
 class _Cursor:
     """Where the layout stands, and the ids of the next piece (the same pieces live and when replaying).
 
-    state: "open" right after "\\n[" (the prompt), "frame" after a frame, "header" after "Assistant:",
-    "eos" after a response or answer.
+    state: "open" right after "\\n[" (the prompt), "frame" after a frame, "header" after "Assistant:" (or a
+    note's header), "eos" after a response or answer, "note" after a note's eos.
     """
 
     def __init__(self, fmt: StreamFormat, state: str = "open") -> None:
@@ -142,13 +158,13 @@ class _Cursor:
         self.state = state
 
     def frame(self) -> list[int]:
-        prefix = self.fmt.reopen_ids() if self.state == "eos" else []
+        prefix = self.fmt.reopen_ids() if self.state in ("eos", "note") else []
         ids = prefix + self.fmt.frame_ids(first_in_run=self.state != "frame")
         self.state = "frame"
         return ids
 
     def query(self, text: str) -> list[int]:
-        if self.state not in ("frame", "eos"):
+        if self.state not in ("frame", "eos", "note"):
             raise RuntimeError(f"a query cannot follow state {self.state!r}: the stream starts with a frame")
         ids = self.fmt.query_ids(text, run_open=self.state == "frame")
         self.state = "header"
@@ -160,8 +176,24 @@ class _Cursor:
         self.state = "header"
         return self.fmt.speak_ids()
 
+    def note(self) -> list[int]:
+        if self.state != "frame":
+            raise RuntimeError(f"the model can only write a note after a frame, not in state {self.state!r}")
+        self.state = "header"
+        return self.fmt.note_ids()
+
+    def answer_note(self) -> list[int]:
+        if self.state != "note":
+            raise RuntimeError(f"an answer after a note must follow the note's eos, not state {self.state!r}")
+        self.state = "header"
+        return self.fmt.answer_after_note_ids()
+
     def end_response(self) -> list[int]:
         self.state = "eos"
+        return [self.fmt.eos_id]
+
+    def end_note(self) -> list[int]:
+        self.state = "note"
         return [self.fmt.eos_id]
 
     def replay(self, entry: _Entry) -> list[int]:
@@ -169,7 +201,9 @@ class _Cursor:
             return self.frame()
         if entry.kind == "user":
             return self.query(entry.text)
-        prefix = self.speak() if entry.kind == "response" else []
+        if entry.kind == "note":
+            return self.note() + list(entry.token_ids) + self.end_note()
+        prefix = [] if entry.kind == "answer" else self.answer_note() if self.state == "note" else self.speak()
         return prefix + list(entry.token_ids) + self.end_response()
 
 
@@ -379,7 +413,7 @@ class StreamSession:
         for k in range(consumed):  # after the commit: a caller that stops here leaves a consistent session
             yield FrameEvent(times[k], 1.0 - p_sep[k])
         if speak_at is not None:
-            yield from self._generate(self._cursor.speak(), times[speak_at], answer=False)
+            yield from self._speak(times[speak_at])
         if not decide:
             yield from self._answer_queries()
         return consumed
@@ -420,16 +454,85 @@ class StreamSession:
     def _cursor_preview_query(self, text: str) -> list[int]:
         return self.fmt.query_ids(text, run_open=self._cursor.state == "frame")
 
-    def _generate(self, prefix: list[int], time_s: float, answer: bool) -> Iterator[TokenEvent | ResponseEvent]:
-        """Prefill `prefix` (speak or query header), decode until eos or the cap, leave eos pending.
+    def _speak(self, time_s: float) -> Iterator[Event]:
+        """The model chose to speak after a frame: respond; or, in a format with notes, first choose between a
+        response and a note, and after a note between answering and going on watching.
 
-        Yields a TokenEvent per token as it is decoded, then the ResponseEvent."""
+        Each choice is the model's prediction where the two continuations part (`stream_format.fork`), taken
+        from a forward of the likelier one, the assistant's: a response costs no forward more than without
+        notes, and a note the forward of its own header. Going on watching forgets the answer's header again
+        (the eos waits for the next frame's forward, as after any response)."""
+        if not self.fmt.config.note_role:
+            yield from self._generate(self._cursor.speak(), time_s, answer=False)
+            return
         start = time.perf_counter()
-        self._record(prefix)
-        ids = self._pending + prefix
+        header, note = self.fmt.speak_ids(), self.fmt.note_ids()
+        shared = fork(header, note)
+        ids = self._pending + header
+        rows = self._forward(ids, None, keep=[len(self._pending) + shared - 1, len(ids) - 1])  # [2, V]
         self.cache_ids += ids
         self._pending = []
-        logits = self._forward(ids, None, keep=[len(ids) - 1])[0]
+        if not self._prefers(rows[0], note[shared], header[shared]):
+            yield from self._generate(self._cursor.speak(), time_s, answer=False, logits=rows[1], start=start)
+            return
+        self._drop_from_cache(len(header) - shared)
+        self._cursor.note()
+        self._record(note)
+        self.cache_ids += note[shared:]
+        logits = self._forward(note[shared:], None, keep=[len(note) - shared - 1])[0]
+        out, _ = yield from self._decode_text(logits, time_s, answer=False, shown=False)
+        self._pending += self._cursor.end_note()
+        self._record([self.fmt.eos_id])
+        text = self.fmt.tokenizer.decode(out, skip_special_tokens=True).strip()
+        self._entries.append(_Entry("note", time_s, text=text, token_ids=tuple(out)))
+        # After the note: answer ("\nAssistant:") or go on watching ("\n[").
+        answer, reopen = self.fmt.answer_after_note_ids(), self.fmt.reopen_ids()
+        shared = fork(answer, reopen)
+        ids = self._pending + answer
+        rows = self._forward(ids, None, keep=[len(self._pending) + shared - 1, len(ids) - 1])  # [2, V]
+        answered = self._prefers(rows[0], answer[shared], reopen[shared])
+        yield NoteEvent(time_s, text, tuple(out), answered, time.perf_counter() - start)
+        if not answered:
+            self._cache.crop(-len(ids))  # the eos stays pending, the cursor at "note": the next frame reopens
+            return
+        self.cache_ids += ids
+        self._pending = []
+        yield from self._generate(self._cursor.answer_note(), time_s, answer=False, logits=rows[1])
+
+    def _prefers(self, logits: torch.Tensor, first: int, second: int) -> bool:
+        """Whether the model's next token is likelier `first` than `second` (a choice between two continuations)."""
+        return bool(logits[first] > logits[second])
+
+    def _drop_from_cache(self, count: int) -> None:
+        """Forget the last `count` forwarded ids (a continuation the model did not choose)."""
+        if count:
+            self._cache.crop(-count)
+            del self.cache_ids[-count:]
+
+    def _generate(self, prefix: list[int], time_s: float, answer: bool, logits: torch.Tensor | None = None,
+                  start: float | None = None) -> Iterator[TokenEvent | ResponseEvent]:
+        """Prefill `prefix` (speak or query header), decode until eos or the cap, leave eos pending.
+
+        `logits`: the prediction after `prefix` where the caller has already forwarded it (`_speak`), which is then
+        only recorded. Yields a TokenEvent per token as it is decoded, then the ResponseEvent."""
+        start = time.perf_counter() if start is None else start
+        self._record(prefix)
+        if logits is None:
+            ids = self._pending + prefix
+            self.cache_ids += ids
+            self._pending = []
+            logits = self._forward(ids, None, keep=[len(ids) - 1])[0]
+        out, reason = yield from self._decode_text(logits, time_s, answer)
+        self._pending += self._cursor.end_response()
+        self._record([self.fmt.eos_id])
+        text = self.fmt.tokenizer.decode(out, skip_special_tokens=True).strip()
+        self._entries.append(_Entry("answer" if answer else "response", time_s, text=text, token_ids=tuple(out)))
+        yield ResponseEvent(time_s, text, tuple(out), time.perf_counter() - start, reason, answer)
+
+    def _decode_text(self, logits: torch.Tensor, time_s: float, answer: bool, shown: bool = True
+                     ) -> Generator[TokenEvent, None, tuple[list[int], Literal["eos", "max_tokens"]]]:
+        """Decode from `logits` until eos or the cap (eos itself is neither fed nor kept). Yields a TokenEvent per
+        token when `shown`; returns (the ids, why it ended). The cap's last token waits in `_pending`."""
         out: list[int] = []
         reason: Literal["eos", "max_tokens"] = "max_tokens"
         while True:
@@ -438,7 +541,8 @@ class StreamSession:
                 reason = "eos"
                 break
             out.append(token)
-            yield TokenEvent(time_s, token, answer)
+            if shown:
+                yield TokenEvent(time_s, token, answer)
             if len(out) >= self.config.max_new_tokens:
                 self._pending = [token]  # fed with the eos by the next forward: the cache stays in layout
                 break
@@ -454,17 +558,14 @@ class StreamSession:
             while kept < len(guess) and self._sample(rows[kept], out) == guess[kept]:
                 out.append(guess[kept])
                 self.cache_ids.append(guess[kept])
-                yield TokenEvent(time_s, guess[kept], answer)
+                if shown:
+                    yield TokenEvent(time_s, guess[kept], answer)
                 kept += 1
             if kept < len(guess):
                 self._cache.crop(-(len(guess) - kept))
             logits = rows[kept]
         self._record(out)
-        self._pending += self._cursor.end_response()
-        self._record([self.fmt.eos_id])
-        text = self.fmt.tokenizer.decode(out, skip_special_tokens=True).strip()
-        self._entries.append(_Entry("answer" if answer else "response", time_s, text=text, token_ids=tuple(out)))
-        yield ResponseEvent(time_s, text, tuple(out), time.perf_counter() - start, reason, answer)
+        return out, reason
 
     def _lookup(self, room: int) -> list[int]:
         """Prompt lookup (`engine.prompt_lookup`): the tokens that followed the latest earlier occurrence of the
@@ -563,8 +664,13 @@ class StreamSession:
                              "lower engine.max_new_tokens")
 
     def _reserve(self) -> int:
-        """Room a response needs after the last frame: "]\\nAssistant:", max_new_tokens, eos, "\\n["."""
-        return len(self.fmt.speak_ids()) + self.config.max_new_tokens + 1 + len(self.fmt.reopen_ids())
+        """Room a response needs after the last frame: "]\\nAssistant:", max_new_tokens, eos, "\\n["; with notes, a
+        note before it ("]\\nNote:", max_new_tokens, eos, then "\\nAssistant:")."""
+        reply = len(self.fmt.speak_ids()) + self.config.max_new_tokens + 1 + len(self.fmt.reopen_ids())
+        if not self.fmt.config.note_role:
+            return reply
+        note = len(self.fmt.note_ids()) + self.config.max_new_tokens + 1 + len(self.fmt.answer_after_note_ids())
+        return note + reply
 
     def _frames_in_cache(self) -> int:
         return sum(entry.kind == "frame" for entry in self._entries)

@@ -52,6 +52,9 @@ class ConvertOptions:
     reminder_pairs: bool = field(default=False, metadata={
         "help": "world-reminders: follow each clip with its unanswered twin (the same frames and moment, the "
                 "request about another object, silent to the end) where the scene allows one"})
+    reminder_notes: bool = field(default=False, metadata={
+        "help": "world, world-reminders: the model notes each event after a reminder's request (\"note\" turns, "
+                "for a format with format.note_role) and answers after the note of the event asked about"})
     questions: int = field(default=4, metadata={"help": "world: questions per video (one dialogue); "
                                                         "world-questions: questions per dialogue"})
     question_dialogues: int = field(default=1, metadata={"help": "world-questions: question dialogues per "
@@ -244,9 +247,9 @@ class StreamBuilder:
     Events are said at the first frame at or after them; an event after the clip end, or before the frame
     period preceding its start, is dropped; one between the last frame and the end is said at the last
     frame. Queries are asked after the frame at
-    or before them and answered at once. On one frame: the events (merged with " ") come first, then
-    each query and its reply. A query with `absorb=True` takes the events of its frame as its reply
-    (e.g. the first narration answers the narration instruction), `reply` being the fallback.
+    or before them and answered at once. On one frame: the model's notes (merged with " "), then the events
+    (merged with " "), then each query and its reply. A query with `absorb=True` takes the events of its frame
+    as its reply (e.g. the first narration answers the narration instruction), `reply` being the fallback.
     """
 
     fps: float
@@ -254,6 +257,7 @@ class StreamBuilder:
     end_s: float | None = None
     _events: dict[int, list[str]] = field(default_factory=dict)
     _queries: dict[int, list[_Query]] = field(default_factory=dict)
+    _notes: dict[int, list[str]] = field(default_factory=dict)
     _seq: int = 0
 
     @property
@@ -265,13 +269,21 @@ class StreamBuilder:
 
     def say(self, time_s: float, text: str) -> int | None:
         """Add an assistant event; returns its frame, or None when it falls outside the clip."""
+        return self._place(self._events, time_s, text)
+
+    def note(self, time_s: float, text: str) -> int | None:
+        """Add the model's note to itself about an event (a "note" turn, placed as `say` places events); returns
+        its frame, or None when it falls outside the clip."""
+        return self._place(self._notes, time_s, text)
+
+    def _place(self, said: dict[int, list[str]], time_s: float, text: str) -> int | None:
         before_first = (time_s - self.start_s) * self.fps <= -1 + FRAME_EPS  # would be said before frame 0
         if before_first or (self.end_s is not None and time_s > self.end_s + FRAME_EPS):
             return None
         frame = ceil_frame(time_s, self.fps, self.start_s)
         if self.num_frames is not None:
             frame = min(frame, self.num_frames - 1)
-        self._events.setdefault(frame, []).append(text.strip())
+        said.setdefault(frame, []).append(text.strip())
         return frame
 
     def ask(self, time_s: float, question: str, reply: str, absorb: bool = False) -> int:
@@ -286,8 +298,10 @@ class StreamBuilder:
     def turns(self) -> list[Turn]:
         """The turns in time order, all on the fps grid, obeying the schema's answer rules."""
         turns: list[Turn] = []
-        for frame in sorted(set(self._events) | set(self._queries)):
+        for frame in sorted(set(self._events) | set(self._queries) | set(self._notes)):
             time_s = self.frame_time(frame)
+            if frame in self._notes:
+                turns.append(Turn("note", time_s, " ".join(self._notes[frame])))
             events = list(self._events.get(frame, []))
             queries = self._queries.get(frame, [])
             if queries and queries[0].absorb and events:

@@ -34,7 +34,11 @@ few to learn waiting through other events for the one asked about. `--reminder-d
 the video allows it, before another object's event of the same kind, which the reminder must stay silent
 through. `--reminder-pairs` follows each clip with its unanswered twin `{stem}-reminder-clip-{j}-unanswered`:
 the same frames and moment, the request about another object that the clip never answers, so that only the
-request tells answering from staying silent.
+request tells answering from staying silent. `--reminder-notes` has the model note every event after the
+request (a "note" turn with the event's sentences, for a format with `format.note_role`) and answer after the
+note of the event asked about: the choice to answer is then made right after the event's words, where the
+model can compare them with the request, rather than at the frame (docs/experiments.md, "A verdict after the
+event's words").
 
 `--from world-questions` makes the questions alone: `{stem}-questions-{j}`, `--question-dialogues` per video of
 `--questions` questions each, every dialogue at its own random frames. A question dialogue costs the whole
@@ -276,14 +280,15 @@ def event_frames_s(events: list[Event], after_frame: int, last_frame: int, fps: 
 
 def reminders(video: WorldVideo, fps: float, count: int, rng: random.Random,
               clip: tuple[float, float] | None = None, distractors: bool = False,
-              pairs: bool = False) -> list[Dialogue]:
+              pairs: bool = False, notes: bool = False) -> list[Dialogue]:
     """Up to `count` reminder dialogues, each about a different future event: over the whole video, or with
     `clip` = (lead_s, tail_s) a clip from lead_s before the request to tail_s after the frame that answers it
     (on the frame grid, within the video). With `distractors`, a request is asked before another object's
     event of the same kind wherever one allows it (`_distracted`): the hard case, answering too early. With
     `pairs` (clips only), each clip is followed by its unanswered twin `…-unanswered` where the scene allows
     one (`_unanswered_request`): the same frames, another object asked about, silent to the end. Every
-    reminder marks the frames of the events after its request as key frames (`event_frames_s`)."""
+    reminder marks the frames of the events after its request as key frames (`event_frames_s`). With `notes`,
+    the model notes each of those events (`_note_events`) up to the one it answers, a twin all of them."""
     candidates = [e for e in video.events if e.kind in REMINDERS and e.obj.get("color") and e.obj.get("shape")
                   and ceil_frame(e.time_s, fps) >= 1 and e.time_s <= video.duration_s]
     rng.shuffle(candidates)
@@ -312,16 +317,27 @@ def reminders(video: WorldVideo, fps: float, count: int, rng: random.Random,
         builder.say(target.time_s, target.text)
         shown_to = n_frames - 1 if clip is None else last_shown
         key_frames_s = event_frames_s(video.events, ask, shown_to, fps)
+        if notes:
+            _note_events(builder, video.events, [s for s in key_frames_s if s <= last / fps + FRAME_EPS], fps)
         dialogues.append(video.dialogue(f"{suffix}-{answered}", builder, "reminder", key_frames_s))
         if pairs and clip is not None:
             request = _unanswered_request(video.events, target, ask / fps, last_shown / fps, rng)
             if request is not None:
                 twin = StreamBuilder(fps, first_shown / fps, (last_shown + 1) / fps)
                 twin.ask(ask / fps, request, rng.choice(REMINDER_ACKS))
+                if notes:
+                    _note_events(twin, video.events, key_frames_s, fps)
                 dialogues.append(video.dialogue(f"{suffix}-{answered}-unanswered", twin, "reminder",
                                                 list(key_frames_s)))
         answered += 1
     return dialogues
+
+
+def _note_events(builder: StreamBuilder, events: list[Event], frames_s: list[float], fps: float) -> None:
+    """A note at each of these frames (video times): the sentences of the events it narrates."""
+    for time_s in frames_s:
+        said = [e.text for e in events if abs(ceil_frame(e.time_s, fps) / fps - time_s) < FRAME_EPS]
+        builder.note(time_s, " ".join(said))
 
 
 def with_article(name: str) -> str:
@@ -494,7 +510,7 @@ def convert_world(args: ConvertOptions) -> list[Dialogue]:
     for video in parse_world(args):
         rng = random.Random(f"{args.seed}:world:{video.stem}")
         dialogues.append(narration(video, args.fps, rng))
-        dialogues.extend(reminders(video, args.fps, args.reminders, rng))
+        dialogues.extend(reminders(video, args.fps, args.reminders, rng, notes=args.reminder_notes))
         asked = questions(video, args.fps, args.questions, rng)
         if asked is not None:
             dialogues.append(asked)
@@ -508,7 +524,8 @@ def convert_world_reminders(args: ConvertOptions) -> list[Dialogue]:
         rng = random.Random(f"{args.seed}:world-reminders:{video.stem}")
         dialogues.extend(reminders(video, args.fps, args.reminders, rng,
                                    clip=(REMINDER_CLIP_LEAD_S, REMINDER_CLIP_TAIL_S),
-                                   distractors=args.reminder_distractors, pairs=args.reminder_pairs))
+                                   distractors=args.reminder_distractors, pairs=args.reminder_pairs,
+                                   notes=args.reminder_notes))
     return dialogues
 
 
