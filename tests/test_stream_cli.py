@@ -237,3 +237,16 @@ def test_a_terminal_shows_a_responses_words_as_they_are_decoded(tiny_tokenizer, 
     assert len(set(shown)) > 1  # it grew word by word, before the response was finished
     view(ResponseEvent(0.5, "a red circle", tuple(ids), 0.1, "eos", False))
     assert terminal.text == "[    0.5s] Assistant: a red circle\n"  # the finished line, once
+
+
+@pytest.mark.parametrize("frames", [True, False])
+def test_a_note_is_a_jsonl_line_with_the_frames_and_never_said(capsys, frames):
+    from livevlm.cli.stream import _View
+    from livevlm.engine import NoteEvent
+
+    view = _View(jsonl=True, frames=frames)
+    view(NoteEvent(2.5, "A red circle appears.", (1, 2), False, 0.1))
+    out = capsys.readouterr().out
+    expected = {"type": "note", "time_s": 2.5, "text": "A red circle appears.", "answered": False}
+    assert [json.loads(line) for line in out.splitlines()] == ([expected] if frames else [])
+    assert view.said == []  # a note is not among what the model said

@@ -4,6 +4,7 @@ Events go out as they happen, as a readable live view or as JSON lines (`--jsonl
     {"type": "frame", "time_s", "p_speak"}            every frame
     {"type": "query", "time_s", "text"}               a user query, when it enters the stream
     {"type": "response", "time_s", "text", "latency_s"}
+    {"type": "note", "time_s", "text", "answered"}    with the frames: a model with notes (format.note_role)
     {"type": "summary", "frames", "fps", "max_lag_s", "threshold", "device"}  once, at the end (θ and
                                                       device + dtype as used, e.g. "cpu float32")
 Queries come from `--query "…" [--at SEC]` (repeatable; the n-th --at goes with the n-th --query, no --at =
@@ -121,7 +122,7 @@ class _View:
         print(text, end="", flush=True)
 
     def __call__(self, event: Any) -> None:
-        from livevlm.engine.session import FrameEvent, QueryEvent, ResponseEvent, TokenEvent
+        from livevlm.engine.session import FrameEvent, NoteEvent, QueryEvent, ResponseEvent, TokenEvent
 
         if isinstance(event, TokenEvent):
             if self._deltas is not None:
@@ -137,6 +138,10 @@ class _View:
                 fps = len(self.timeline) / max(time.monotonic() - self.start, 1e-9)
                 print(f"\r  {event.time_s:7.1f}s  p(speak) {event.p_speak:4.2f}  {fps:5.1f} fps", end="",
                       file=sys.stderr, flush=True)
+        elif isinstance(event, NoteEvent):  # the model's note to itself: not said, shown only with the frames
+            if self.jsonl and self.frames:
+                self._emit({"type": "note", "time_s": round(event.time_s, 3), "text": event.text,
+                            "answered": event.answered})
         elif isinstance(event, QueryEvent):
             self.said.append((event.time_s, "user", event.text))
             self._emit({"type": "query", "time_s": round(event.time_s, 3), "text": event.text},
