@@ -12,6 +12,7 @@ wait for it) and those after the reminder (it should be said once).
 
     python benchmarks/reminder_timing.py                         # the world benchmark's held-out set
     python benchmarks/reminder_timing.py data/world-heldout/dialogue.jsonl --results runs/reminders.jsonl
+    python benchmarks/reminder_timing.py data/world-val/dialogue.jsonl --features data/world-val/features-chg12
 
 The results file is the one `livevlm evaluate --benchmark world --results R` writes: with the same θ and
 tolerance, either reuses what the other streamed.
@@ -51,6 +52,8 @@ def reminder_line(record: dict, dialogue, tolerance_s: float) -> tuple[object, d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", nargs="?", type=Path, help="dialogue JSONL (default: the world benchmark's)")
+    parser.add_argument("--features", type=Path, default=None,
+                        help="with DATA: its feature cache (`livevlm data encode`); default: encode the frames")
     parser.add_argument("--model", default="default")
     parser.add_argument("--videos", type=int, default=20, help="world benchmark: how many videos")
     parser.add_argument("--seed", type=int, default=1, help="world benchmark: the seed (1 = the held-out set)")
@@ -76,7 +79,7 @@ def main() -> None:
                                     tolerance_s=args.tolerance, results=results, progress=True)
     else:
         data = args.data
-        free = model.evaluate_free_running(data, threshold=args.threshold, tolerance_s=args.tolerance,
+        free = model.evaluate_free_running(data, args.features, threshold=args.threshold, tolerance_s=args.tolerance,
                                            results=results, progress=True)
     dialogues = {d.id: d for d in read_dialogues(data) if d.task == "reminder"}
     records = {}  # of two lines of one dialogue the later counts, as in the evaluation

@@ -205,3 +205,21 @@ def test_check_videos_reports_a_missing_video(tmp_path):
     assert (n_dialogues, n_turns) == (1, 7)
     assert errors == [f"{path} line 2: video: videos/001.mp4 does not exist (looked for "
                       f"{tmp_path / 'videos' / '001.mp4'}); paths are relative to the JSONL file's folder"]
+
+
+def test_render_shows_a_dialogue_in_its_recipes_layout(tmp_path, capsys):
+    from conftest import save_tiny_llm
+    from livevlm.cli.render import RenderArgs, render
+    from livevlm.stream_format import StreamFormatError
+
+    save_tiny_llm(tmp_path / "llm")
+    record = good_record()
+    record["turns"][3]["role"] = "note"  # "A red circle appears on the left.", noted and not said
+    path = write_lines(tmp_path / "d.jsonl", [record])
+    recipe = tmp_path / "notes.yaml"
+    recipe.write_text("format:\n  note_role: Note\n")
+    assert render(RenderArgs(str(path), llm=str(tmp_path / "llm"), tokens_per_frame=1, recipe=str(recipe))) == 0
+    shown = capsys.readouterr().out
+    assert '-> "["' in shown  # after the note's eos, going on watching is learnt (never after a response)
+    with pytest.raises(StreamFormatError, match="format.note_role"):  # the paper's layout has no notes
+        render(RenderArgs(str(path), llm=str(tmp_path / "llm"), tokens_per_frame=1))

@@ -18,12 +18,16 @@ class RenderArgs:
     llm: str = field(default="default", metadata={"help": "tokenizer folder (an HF LLM folder) or 'default'"})
     tokens_per_frame: int = field(default=10, metadata={"help": "placeholders per frame"})
     max_frames: int = field(default=16, metadata={"help": "show at most this many frames"})
+    recipe: str = field(default="", metadata={"help": "a training recipe: render in its format (e.g. a decision "
+                                                      "token, notes) instead of the paper's layout"})
 
 
 def render(args: RenderArgs) -> int:
+    from dataclasses import replace
+
     from transformers import AutoTokenizer
 
-    from livevlm.config import FormatConfig
+    from livevlm.config import FormatConfig, load_recipe
     from livevlm.data.schema import read_dialogues
     from livevlm.default_model import resolve_llm
     from livevlm.stream_format import StreamFormat, register_placeholder, timeline_to_items
@@ -34,7 +38,8 @@ def render(args: RenderArgs) -> int:
     dialogue = dialogues[args.index]
     tokenizer = AutoTokenizer.from_pretrained(resolve_llm(args.llm))
     register_placeholder(tokenizer)
-    fmt = StreamFormat(tokenizer, FormatConfig(fps=dialogue.fps), args.tokens_per_frame)
+    layout = load_recipe(args.recipe).format if args.recipe else FormatConfig()
+    fmt = StreamFormat(tokenizer, replace(layout, fps=dialogue.fps), args.tokens_per_frame)
     frames = min(dialogue.num_frames(), args.max_frames)
     turns = [(t.role, t.time_s, t.text) for t in dialogue.turns]
     rendered = fmt.render(timeline_to_items(turns, frames, dialogue.fps, dialogue.start_s))
