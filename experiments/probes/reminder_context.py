@@ -23,13 +23,12 @@ import copy
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts, not a package: reminder_probe.py is beside it
-from reminder_probe import TWIN  # noqa: E402  (the id suffix of a clip's unanswered twin)
+from reminder_probe import rendered, twin_pairs  # noqa: E402
 
 REQUESTS = ("own", "twin", "narration", "none")
 
@@ -38,10 +37,8 @@ def variants(rows: list[dict], pairs: int) -> list[tuple[str, float, dict]]:
     """(request kind, answer time, dialogue) for the first `pairs` clips that have a twin, four each."""
     from livevlm.data.converters.world import NARRATION_PROMPTS
 
-    clips = {r["id"]: r for r in rows if not r["id"].endswith(TWIN)}
     out = []
-    for twin in [r for r in rows if r["id"].endswith(TWIN)][:pairs]:
-        clip = clips[twin["id"].removesuffix(TWIN)]
+    for clip, twin in twin_pairs(rows, pairs):
         request, acknowledgement = clip["turns"][0], clip["turns"][1]
         last_frame_s = clip["end_s"] - 1 / clip["fps"]
         turns = {
@@ -68,39 +65,33 @@ def main() -> None:
     a = p.parse_args()
 
     import livevlm
-    from livevlm.data.dataset import StreamDataset
 
     rows = [json.loads(line) for line in Path(a.data[0]).read_text().splitlines() if line.strip()]
     streams = variants(rows, a.pairs)
     vlm = livevlm.load(a.model)
-    # The dialogues name their videos relative to their file: write the variants beside it.
-    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", dir=Path(a.data[0]).parent) as file:
-        file.write("".join(json.dumps(record) + "\n" for _, _, record in streams))
-        file.flush()
-        dataset = StreamDataset(file.name, vlm.fmt, cache_dir=a.data[1], max_frames=1200)
-        separator = vlm.fmt.separator_id
-        silent = {kind: [] for kind in REQUESTS}
-        to_request: list[list[float]] = []
-        norms = {"frame": [], "text": []}
-        vlm.model.llm.config._attn_implementation = "eager"  # attention weights for the own request
-        with torch.no_grad():
-            for index, (kind, answer_s, _) in enumerate(streams):
-                dialogue, sample = dataset.dialogues[index], dataset[index]
-                position = sample.frame_ends[dialogue.frame_index(answer_s)]
-                embeds = vlm.model.embed(sample.input_ids[None], sample.frame_tokens)  # [1, L, H]
-                out = vlm.model.llm(inputs_embeds=embeds, output_attentions=kind == "own")
-                silent[kind].append(out.logits[0, position].float().softmax(-1)[separator].item())
-                if kind != "own":
-                    continue
-                is_frame = sample.input_ids == vlm.fmt.placeholder_id
-                norms["frame"].append(embeds[0][is_frame].norm(dim=-1).mean().item())
-                norms["text"].append(embeds[0][~is_frame].norm(dim=-1).mean().item())
-                ids = sample.input_ids.tolist()
-                prompt = len(vlm.fmt.prompt_ids())
-                end = ids.index(vlm.fmt.tokenizer.eos_token_id, prompt)  # the acknowledgement's last token
-                first = max([e + 1 for e in sample.frame_ends if e < end], default=prompt)  # after the frame before
-                to_request.append([layer[0, :, position, first:end + 1].sum(-1).mean().item()
-                                   for layer in out.attentions])
+    samples, dialogues = rendered([record for _, _, record in streams], a.data[0], vlm.fmt, a.data[1])
+    separator = vlm.fmt.separator_id
+    silent = {kind: [] for kind in REQUESTS}
+    to_request: list[list[float]] = []
+    norms = {"frame": [], "text": []}
+    vlm.model.llm.config._attn_implementation = "eager"  # attention weights for the own request
+    with torch.no_grad():
+        for (kind, answer_s, _), dialogue, sample in zip(streams, dialogues, samples, strict=True):
+            position = sample.frame_ends[dialogue.frame_index(answer_s)]
+            embeds = vlm.model.embed(sample.input_ids[None], sample.frame_tokens)  # [1, L, H]
+            out = vlm.model.llm(inputs_embeds=embeds, output_attentions=kind == "own")
+            silent[kind].append(out.logits[0, position].float().softmax(-1)[separator].item())
+            if kind != "own":
+                continue
+            is_frame = sample.input_ids == vlm.fmt.placeholder_id
+            norms["frame"].append(embeds[0][is_frame].norm(dim=-1).mean().item())
+            norms["text"].append(embeds[0][~is_frame].norm(dim=-1).mean().item())
+            ids = sample.input_ids.tolist()
+            prompt = len(vlm.fmt.prompt_ids())
+            end = ids.index(vlm.fmt.tokenizer.eos_token_id, prompt)  # the acknowledgement's last token
+            first = max([e + 1 for e in sample.frame_ends if e < end], default=prompt)  # after the frame before
+            to_request.append([layer[0, :, position, first:end + 1].sum(-1).mean().item()
+                               for layer in out.attentions])
     print(f"P(stay silent), teacher-forced, at the answer frame of {a.pairs} clips ({a.data[0]}), by request:")
     for kind in REQUESTS:
         gap = statistics.mean(abs(x - y) for x, y in zip(silent[kind], silent["own"], strict=True))

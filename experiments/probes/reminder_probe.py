@@ -32,6 +32,28 @@ from feature_probe import probe_accuracy  # noqa: E402
 TWIN = "-unanswered"
 
 
+def twin_pairs(rows: list[dict], count: int) -> list[tuple[dict, dict]]:
+    """(clip, twin) for the first `count` twins among dialogue records (`--reminder-pairs`)."""
+    clips = {r["id"]: r for r in rows if not r["id"].endswith(TWIN)}
+    return [(clips[t["id"].removesuffix(TWIN)], t) for t in [r for r in rows if r["id"].endswith(TWIN)][:count]]
+
+
+def rendered(records: list[dict], beside: str | Path, fmt, features: str) -> tuple[list, list]:
+    """The training render of dialogue records (`StreamSample`s) and their `Dialogue`s, with frames from a feature
+    cache. The records name their videos relative to the file `beside` (the JSONL they came from): they are
+    written to a temporary file in its folder."""
+    import json
+    import tempfile
+
+    from livevlm.data.dataset import StreamDataset
+
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", dir=Path(beside).parent) as file:
+        file.write("".join(json.dumps(r) + "\n" for r in records))
+        file.flush()
+        dataset = StreamDataset(file.name, fmt, cache_dir=features, max_frames=1200)
+        return [dataset[i] for i in range(len(records))], dataset.dialogues
+
+
 def request_colour(text: str) -> str | None:
     from livevlm.world import COLORS
 

@@ -32,14 +32,13 @@ import copy
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts, not a package: reminder_probe.py is beside it
-from reminder_probe import TWIN  # noqa: E402  (the id suffix of a clip's unanswered twin)
+from reminder_probe import rendered, twin_pairs  # noqa: E402
 
 LAYOUTS = ("frame", "near", "verdict", "notes")
 YES, NO = " You asked for this.", " Not yet."
@@ -47,10 +46,7 @@ YES, NO = " You asked for this.", " Not yet."
 
 def pairs(path: str, count: int) -> list[tuple[dict, dict]]:
     """The first `count` (clip, twin) pairs of a `--reminder-pairs` file."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    clips = {r["id"]: r for r in rows if not r["id"].endswith(TWIN)}
-    twins = [r for r in rows if r["id"].endswith(TWIN)][:count]
-    return [(clips[t["id"].removesuffix(TWIN)], t) for t in twins]
+    return twin_pairs([json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()], count)
 
 
 def fmt(vlm, layout: str):
@@ -86,31 +82,24 @@ def laid_out(clip: dict, twin: dict, layout: str) -> tuple[dict, dict]:
 class Scored:
     """Rendered dialogues of one layout, with the position whose prediction scores each."""
 
-    def __init__(self, vlm, records: list[dict], features: str, layout: str) -> None:
-        from livevlm.data.dataset import StreamDataset
+    def __init__(self, vlm, records: list[dict], data: tuple[str, str], layout: str) -> None:
         from livevlm.stream_format import fork
 
-        # The dialogues name their videos relative to their file: write them beside it.
-        folder = Path(features).parent
-        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", dir=folder) as file:
-            file.write("".join(json.dumps(r) + "\n" for r in records))
-            file.flush()
-            dataset = StreamDataset(file.name, fmt(vlm, layout), cache_dir=features, max_frames=1200)
-            self.samples = [dataset[i] for i in range(len(records))]
-            dialogues = dataset.dialogues
+        layout_fmt = fmt(vlm, layout)
+        self.samples, dialogues = rendered(records, data[0], layout_fmt, data[1])
         tokenizer = vlm.fmt.tokenizer
         self.yes, self.no = (tokenizer(text, add_special_tokens=False).input_ids for text in (YES, NO))
         self.layout, self.separator = layout, vlm.fmt.separator_id
         if layout == "notes":  # where "\nAssistant:" and "\n[" part after a note's eos
-            answer, reopen = dataset.fmt.answer_after_note_ids(), dataset.fmt.reopen_ids()
+            answer, reopen = layout_fmt.answer_after_note_ids(), layout_fmt.reopen_ids()
             shared = fork(answer, reopen)
             self.yes, self.no = answer[shared:], reopen[shared:]
         self.positions = []
         for index, sample in enumerate(self.samples):
             if layout == "notes":
-                ids, note = sample.input_ids.tolist(), dataset.fmt.note_ids()
+                ids, note = sample.input_ids.tolist(), layout_fmt.note_ids()
                 start = next(i for i in range(len(ids)) if ids[i:i + len(note)] == note)
-                self.positions.append(ids.index(dataset.fmt.eos_id, start) + shared)
+                self.positions.append(ids.index(layout_fmt.eos_id, start) + shared)
             elif layout == "verdict":
                 ids, verdict = sample.input_ids.tolist(), self.no if index % 2 else self.yes
                 start = next(i for i in range(len(ids)) if ids[i:i + len(verdict)] == verdict)
@@ -165,8 +154,8 @@ def main() -> None:
         torch.manual_seed(0)
         vlm = livevlm.load(a.model)
         model = vlm.model
-        train = Scored(vlm, [r for pair in train_pairs for r in laid_out(*pair, layout)], a.train[1], layout)
-        test = Scored(vlm, [r for pair in test_pairs for r in laid_out(*pair, layout)], a.test[1], layout)
+        train = Scored(vlm, [r for pair in train_pairs for r in laid_out(*pair, layout)], a.train, layout)
+        test = Scored(vlm, [r for pair in test_pairs for r in laid_out(*pair, layout)], a.test, layout)
         for parameter in model.parameters():
             parameter.requires_grad_(True)
         optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
