@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from livevlm.attention import NAME
-from livevlm.config import EngineConfig
-from livevlm.engine import FrameEvent, QueryEvent, ResponseEvent, SessionBatch, StreamSession
+from livevlm.config import EngineConfig, FormatConfig
+from livevlm.engine import FrameEvent, NoteEvent, QueryEvent, ResponseEvent, SessionBatch, StreamSession
 from livevlm.engine.kv_cache import BatchedCache
-from test_engine import fmt, frames, mixed_threshold, random_model  # noqa: F401 (fixtures)
+from livevlm.stream_format import StreamFormat, fork, register_placeholder
+from test_engine import N, fmt, frames, mixed_threshold, random_model  # noqa: F401 (fixtures)
 
 QUERY = "What just happened?"
 
@@ -152,6 +153,25 @@ def test_rebuilds_on_a_row_keep_each_session_its_events_alone(fmt, random_model)
     assert all(session.windowed for session in sessions)
     for stream, events in zip(streams, batched, strict=True):
         assert_same_events(events, run_alone(random_model, fmt, stream, chunk=3, max_cache_tokens=100)[0])
+
+
+def test_notes_on_a_row_keep_each_session_its_events_alone(tiny_tokenizer, random_model):  # noqa: F811
+    """A format with notes (the default model's): each choice (note or respond, then answer or watch on), the
+    assistant header a note forgets and the answer header a watch forgets happen on the session's own row, and
+    up to four frames a forward: the events and fed ids of each session alone."""
+    register_placeholder(tiny_tokenizer)
+    notes = StreamFormat(tiny_tokenizer, FormatConfig(note_role="Note"), tokens_per_frame=N)
+    answer, reopen = notes.answer_after_note_ids(), notes.reopen_ids()
+    with torch.no_grad():  # this random model notes at every speaking frame; -0.05: it answers after some notes
+        random_model.llm.lm_head.bias[answer[fork(answer, reopen)]] = -0.05
+    streams = three_streams(random_model, notes, 30, max_frames_per_forward=4)
+    batched, sessions = run_batched(random_model, notes, streams, chunk=5)
+    for stream, events, session in zip(streams, batched, sessions, strict=True):
+        expected, alone = run_alone(random_model, notes, stream, chunk=5)
+        assert_same_events(events, expected)
+        assert session.fed_ids == alone.fed_ids and session.cache_length == alone.cache_length
+    noted = [e for events in batched for e in events if isinstance(e, NoteEvent)]
+    assert {e.answered for e in noted} == {True, False}  # both choices after a note were taken
 
 
 def test_static_decode_on_a_row_gives_the_eager_events(fmt, random_model):  # noqa: F811
