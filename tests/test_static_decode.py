@@ -1,10 +1,11 @@
-"""Static-shape decode steps (engine.decode "static" / "compiled") say exactly what the eager decode loop says.
+"""Static-shape decode steps (engine.decode "static" / "compiled") say what the eager decode loop says.
 
 The static step attends over the cache's whole fixed-capacity buffer with the unfilled part masked, where the
-eager forward attends over the filled part only. The masked positions weigh exactly 0 (exp(-inf)) and leave the
-running maximum, hence every other term, as it was, so the logits are the same floats, not merely close:
-these tests compare with `==` (p_speak included). They would have to move to a 1e-6 tolerance only on a
-kernel that sums the keys in another order when there are more of them; PyTorch's CPU kernels do not.
+eager forward attends over the filled part only. The masked positions weigh exactly 0 (exp(-inf)), so the
+logits differ at most by the order in which the kernel sums the keys: on some CPUs (the AVX2 AMD EPYC of
+2026-12-06) PyTorch's SDPA kernel blocks a longer key range differently, and p_speak moves by ~4e-9. So the
+events are compared as `test_batch` compares them: times, decisions, token ids and texts exactly, p_speak
+within 1e-6.
 """
 
 import pytest
@@ -16,12 +17,13 @@ from livevlm.config import ConfigError, EngineConfig
 from livevlm.engine import ResponseEvent, StreamSession, TokenEvent
 from livevlm.engine.kv_cache import StaticStepCache
 from livevlm.model import CACHE_KWARG
+from test_batch import assert_same_events
 from test_engine import fmt, frames, mixed_threshold, random_model, run_stream  # noqa: F401 (fixtures)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager", NAME])
 def test_static_decode_gives_the_eager_events(fmt, random_model, attention):  # noqa: F811
-    """Responses and an answer decoded by the static step: the same frame decisions (p_speak ==), times,
+    """Responses and an answer decoded by the static step: the same frame decisions (p_speak within 1e-6), times,
     token ids and texts as the eager loop, so the later frames also saw the same cache. With transformers'
     attention functions and livevlm's (`livevlm.attention`, what loaded checkpoints use on a CPU)."""
     random_model.llm.set_attn_implementation(attention)
@@ -34,7 +36,7 @@ def test_static_decode_gives_the_eager_events(fmt, random_model, attention):  # 
                                tokens, times, query_at=13)[0] for decode in ("eager", "static")}
     said = [e for e in runs["eager"] if isinstance(e, ResponseEvent)]
     assert len(said) >= 4 and any(e.answer_to_query for e in said)
-    assert runs["static"] == runs["eager"]
+    assert_same_events(runs["static"], runs["eager"])
     # every token after a response's first went through the static step (the last of a cut one is not fed)
     decoded = sum(len(e.token_ids) - (e.reason == "max_tokens") for e in said)
     assert sum(isinstance(cache, StaticStepCache) for cache in caches) == decoded > 20
@@ -61,7 +63,7 @@ def test_static_decode_gives_the_eager_events_across_rebuilds(fmt, random_model)
     eager, after_rebuild = bounded_stream(random_model, fmt, "eager", threshold, tokens, times)
     static, _ = bounded_stream(random_model, fmt, "static", threshold, tokens, times)
     assert after_rebuild >= 3  # rebuilt early enough for responses to be decoded on a refilled cache
-    assert static == eager
+    assert_same_events(static, eager)
 
 
 def test_compiled_decode_gives_the_eager_tokens_from_one_graph(fmt, random_model):  # noqa: F811
