@@ -61,13 +61,12 @@ def test_smollm2_frame_targets_are_comma_and_bracket(smollm2_tokenizer):
     assert rendered.labels[speak_at + 1] == 198  # the newline after "]" is part of the learned reply
 
 
-@pytest.mark.parametrize("tokenizer", ["smollm2", "llama3"])
+@pytest.mark.parametrize("tokenizer", ["smollm2_tokenizer", "llama3"])  # the fixtures
 def test_notes_read_their_choices_where_the_continuations_part_and_the_engine_pieces_equal_the_render(
         request, tokenizer):
     from livevlm.stream_format import fork
 
-    fmt = StreamFormat(request.getfixturevalue(f"{tokenizer}_tokenizer" if tokenizer == "smollm2" else tokenizer),
-                       FormatConfig(note_role="Note"), tokens_per_frame=2)
+    fmt = StreamFormat(request.getfixturevalue(tokenizer), FormatConfig(note_role="Note"), tokens_per_frame=2)
     seen, other, answer = "A small purple star appears on the right.", "The red circle shrinks.", "There it is."
     steps = (fmt.prompt_ids() + fmt.frame_ids(True) + fmt.note_ids() + fmt.response_ids(other) + [fmt.eos_id]
              + fmt.reopen_ids() + fmt.frame_ids(True) + fmt.note_ids() + fmt.response_ids(seen) + [fmt.eos_id]
@@ -78,5 +77,5 @@ def test_notes_read_their_choices_where_the_continuations_part_and_the_engine_pi
     assert steps == rendered.input_ids
     # the note-or-respond choice follows "]\n" ("]" and "\n" in SmolLM2, one token in Llama-3); the answer-or-watch
     # choice follows the note's eos and the "\n" the two continuations share (in both)
-    assert fork(fmt.speak_ids(), fmt.note_ids()) == {"smollm2": 2, "llama3": 1}[tokenizer]
+    assert fork(fmt.speak_ids(), fmt.note_ids()) == {"smollm2_tokenizer": 2, "llama3": 1}[tokenizer]
     assert fork(fmt.answer_after_note_ids(), fmt.reopen_ids()) == 1
