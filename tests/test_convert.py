@@ -110,6 +110,32 @@ def test_world_reminder_clips_run_from_two_seconds_before_the_request_to_two_aft
         assert (clip.start_s, clip.end_s) == (max(0.0, ask_s - 2.0), min(10.0, answer_s + 2.5))  # frames to +2 s
 
 
+def test_world_narration_clips_say_every_event_from_their_request_each_prompt_once(tmp_path):
+    clips = run(tmp_path, "world-narration", world_file(tmp_path), narration_clips=4)
+    assert [c.id for c in clips] == [f"000-narration-clip-{j}" for j in range(4)]
+    assert sorted(turns(c)[0][2] for c in clips) == sorted(world.NARRATION_PROMPTS)  # the prompts in turn
+    assert turns(clips[0])[0][:2] == ("user", 0.0)  # the first clip asks at the video's first frame
+    for clip in clips:
+        (user, ask_s, _), (role, reply_s, reply), *said = turns(clip)
+        assert (clip.task, user, role, reply_s) == ("narration", "user", "assistant", ask_s)
+        assert (clip.start_s, clip.end_s) == (max(0.0, ask_s - 2.0), min(10.0, ask_s + 8.5))  # frames to +8 s
+        expected: dict[float, list[str]] = {}
+        for e in WORLD_EVENTS:  # each event at the first frame at or after it, from the request's, if shown
+            frame_s = math.ceil(e["time_s"] * 2) / 2
+            if ask_s <= frame_s <= clip.end_s - 0.5:
+                expected.setdefault(frame_s, []).append(e["text"])
+        first = expected.pop(ask_s, None)  # what the request's frame shows first answers it; else an ack
+        assert reply == " ".join(first) if first else reply in world.NARRATION_ACKS
+        assert said == [("assistant", t, " ".join(texts)) for t, texts in sorted(expected.items())]
+        assert clip.key_frames_s == [t for _, t, _ in said]  # the frames that narrate are the hard decisions
+    assert turns(clips[0])[1][2] == "A small red circle appears on the left. A large blue square appears on the right."
+
+
+def test_world_narration_needs_a_clip_per_video(tmp_path):
+    with pytest.raises(AnnotationError, match="--narration-clips 0: world-narration needs at least one clip"):
+        run(tmp_path, "world-narration", world_file(tmp_path), narration_clips=0)
+
+
 def test_reminders_with_distractors_are_asked_before_another_objects_event_of_the_kind():
     events = world.parse_events([
         {"time_s": 0.0, "kind": "appear", "text": "A small red circle appears.", "object": RED},
@@ -564,11 +590,11 @@ def test_segments_missing_field_names_the_record(tmp_path):
 
 
 def test_the_registry_lists_every_converter_and_rejects_unknown_names():
-    assert list(CONVERTERS) == ["world", "world-scene", "world-changes", "world-reminders", "world-questions",
-                                "ego4d-narration", "coin", "segments"]
+    assert list(CONVERTERS) == ["world", "world-scene", "world-changes", "world-reminders", "world-narration",
+                                "world-questions", "ego4d-narration", "coin", "segments"]
     with pytest.raises(AnnotationError, match="unknown source format 'epic'; choose one with --from: world, "
-                                              "world-scene, world-changes, world-reminders, world-questions, "
-                                              "ego4d-narration, coin, segments"):
+                                              "world-scene, world-changes, world-reminders, world-narration, "
+                                              "world-questions, ego4d-narration, coin, segments"):
         get_converter("epic")
 
 

@@ -17,6 +17,7 @@ from livevlm.data.converters.segments import convert_segments
 from livevlm.data.converters.world import (
     convert_world,
     convert_world_changes,
+    convert_world_narration,
     convert_world_questions,
     convert_world_reminders,
     convert_world_scene,
@@ -32,6 +33,7 @@ CONVERTERS: dict[str, Converter] = {
     "world-scene": convert_world_scene,  # the same: single-frame "What is on the screen?" clips (alignment)
     "world-changes": convert_world_changes,  # the same: two-frame "What just changed?" clips around events
     "world-reminders": convert_world_reminders,  # the same: reminders alone, clips from the request to past the answer
+    "world-narration": convert_world_narration,  # the same: narration alone, short clips under each prompt
     "world-questions": convert_world_questions,  # the same: question dialogues alone, many questions each
     "ego4d-narration": convert_ego4d_narration,  # Ego4D all_narrations_redacted.json / narration.json
     "coin": convert_coin,  # COIN.json step annotations: step-stream dialogues

@@ -30,7 +30,8 @@ class ConvertOptions:
     output: str = field(metadata={"help": "dialogue JSONL to write (paths in it are relative to its folder)"})
     # The command line spells it `--from KIND`: "aliases" is for the CLI builder (`from` is a keyword).
     kind: str = field(default="", metadata={"help": "source format: world, world-scene, world-changes, world-"
-                                                    "reminders, world-questions, ego4d-narration, coin, "
+                                                    "reminders, world-narration, world-questions, "
+                                                    "ego4d-narration, coin, "
                                                     "segments",
                                             "aliases": ["--from"]})
     fps: float = field(default=2.0, metadata={"help": "frame rate of the streams; assistant turns are put "
@@ -55,6 +56,8 @@ class ConvertOptions:
     reminder_notes: bool = field(default=False, metadata={
         "help": "world, world-reminders: the model notes each event after a reminder's request (\"note\" turns, "
                 "for a format with format.note_role) and answers after the note of the event asked about"})
+    narration_clips: int = field(default=4, metadata={"help": "world-narration: narration clips per video, "
+                                                              "the narration prompts taken in turn"})
     questions: int = field(default=4, metadata={"help": "world: questions per video (one dialogue); "
                                                         "world-questions: questions per dialogue"})
     question_dialogues: int = field(default=1, metadata={"help": "world-questions: question dialogues per "

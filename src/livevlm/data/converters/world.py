@@ -40,6 +40,15 @@ note of the event asked about: the choice to answer is then made right after the
 model can compare them with the request, rather than at the frame (docs/experiments.md, "A verdict after the
 event's words").
 
+`--from world-narration` makes narration alone, as short clips: `{stem}-narration-clip-{j}`, `--narration-clips`
+per video, each under its own narration prompt (the prompts taken in turn, so each is asked as often), the
+first at the video's first frame and the others `REMINDER_CLIP_LEAD_S` into the clip at a frame with an event in
+the `NARRATION_CLIP_S` from it; the events the request's frame shows first answer the request (as in the
+streams), every later one is said at its frame, never noted. Beside the reminder clips of a notes stage
+(which note every event after their request) they teach that a narration request, even one worded like a
+reminder ("Tell me what happens as soon as it happens."), is answered by saying each event
+(docs/experiments.md, "Narration kept").
+
 `--from world-questions` makes the questions alone: `{stem}-questions-{j}`, `--question-dialogues` per video of
 `--questions` questions each, every dialogue at its own random frames. A question dialogue costs the whole
 video's frames whatever its count, so many questions in a dialogue are cheap supervision: the streams hold four a
@@ -94,6 +103,7 @@ CHANGE_QUESTION = "What just changed?"
 REMINDER_WINDOW_S = 60.0  # a reminder is asked at most this long before its event (bounds the search, too)
 REMINDER_CLIP_LEAD_S = 2.0  # world-reminders: frames before the request (the streams ask it mid-video)
 REMINDER_CLIP_TAIL_S = 2.0  # and after the answer, silent: a reminder answered is done (no narration after it)
+NARRATION_CLIP_S = 8.0  # world-narration: seconds of a clip after its request (a reminder clip's length, ~10 s)
 _NUMBERS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 
@@ -214,6 +224,35 @@ def narration(video: WorldVideo, fps: float, rng: random.Random) -> Dialogue:
     for event in video.events:
         builder.say(event.time_s, event.text)
     return video.dialogue("narration", builder, "narration")
+
+
+def narration_clips(video: WorldVideo, fps: float, count: int, rng: random.Random) -> list[Dialogue]:
+    """Up to `count` narration clips, each asked with the next narration prompt (in a shuffled order): the first
+    at the video's first frame (where a user starting a stream asks, and the streams do), the others at random
+    frames, each with an event in the `NARRATION_CLIP_S` from its request. A clip runs from
+    `REMINDER_CLIP_LEAD_S` before the request to `NARRATION_CLIP_S` after it; the events its request's frame
+    shows first answer the request (as in the streams: "A large red circle appears on the left."), the later
+    ones are said at their frames up to the clip's last frame. Those frames are the clip's key frames."""
+    n_frames = count_frames(0.0, video.duration_s, fps)
+    span = round(NARRATION_CLIP_S * fps)
+    event_frames = sorted({ceil_frame(e.time_s, fps) for e in video.events if e.time_s <= video.duration_s})
+    asks = [k for k in range(n_frames) if any(k <= f <= min(k + span, n_frames - 1) for f in event_frames)]
+    chosen = [0] if 0 in asks and count > 0 else []
+    chosen += rng.sample([k for k in asks if k not in chosen], min(count - len(chosen), len(asks) - len(chosen)))
+    prompts = list(NARRATION_PROMPTS)
+    rng.shuffle(prompts)
+    dialogues: list[Dialogue] = []
+    for j, ask in enumerate(chosen):
+        first_shown = max(0, ask - round(REMINDER_CLIP_LEAD_S * fps))
+        last_shown = min(n_frames - 1, ask + span)
+        builder = StreamBuilder(fps, first_shown / fps, (last_shown + 1) / fps)
+        builder.ask(ask / fps, prompts[j % len(prompts)], rng.choice(NARRATION_ACKS), absorb=True)
+        for event in video.events:  # first shown at the request's frame or later, up to the clip's last frame
+            if ask <= ceil_frame(event.time_s, fps) <= last_shown:
+                builder.say(event.time_s, event.text)
+        key_frames_s = event_frames_s(video.events, ask, last_shown, fps)
+        dialogues.append(video.dialogue(f"narration-clip-{j}", builder, "narration", key_frames_s))
+    return dialogues
 
 
 def _reminder_ok(events: list[Event], target: Event, ask_s: float) -> bool:
@@ -526,6 +565,18 @@ def convert_world_reminders(args: ConvertOptions) -> list[Dialogue]:
                                    clip=(REMINDER_CLIP_LEAD_S, REMINDER_CLIP_TAIL_S),
                                    distractors=args.reminder_distractors, pairs=args.reminder_pairs,
                                    notes=args.reminder_notes))
+    return dialogues
+
+
+def convert_world_narration(args: ConvertOptions) -> list[Dialogue]:
+    """annotations.jsonl (`args.input`) → up to `args.narration_clips` short narration clips per video."""
+    if args.narration_clips <= 0:
+        raise AnnotationError(f"--narration-clips {args.narration_clips}: world-narration needs at least one "
+                              "clip per video")
+    dialogues: list[Dialogue] = []
+    for video in parse_world(args):
+        rng = random.Random(f"{args.seed}:world-narration:{video.stem}")
+        dialogues.extend(narration_clips(video, args.fps, args.narration_clips, rng))
     return dialogues
 
 
