@@ -31,8 +31,7 @@ class ConvertOptions:
     # The command line spells it `--from KIND`: "aliases" is for the CLI builder (`from` is a keyword).
     kind: str = field(default="", metadata={"help": "source format: world, world-scene, world-changes, world-"
                                                     "reminders, world-narration, world-questions, "
-                                                    "ego4d-narration, coin, "
-                                                    "segments",
+                                                    "ego4d-narration, coin, segments",
                                             "aliases": ["--from"]})
     fps: float = field(default=2.0, metadata={"help": "frame rate of the streams; assistant turns are put "
                                                      "on this grid"})
