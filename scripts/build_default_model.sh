@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Rebuild livevlm's shipped default model (v0.9) from scratch: synthetic-world videos, frame features with
+# Rebuild livevlm's shipped default model (v0.10) from scratch: synthetic-world videos, frame features with
 # their mean colours and hue histograms (and, for the later stages, the hues of the pixels that changed),
-# three stages of training — single frames read in reading order (recipes/default-align.yaml), pairs of
+# four stages of training — single frames read in reading order (recipes/default-align.yaml), pairs of
 # frames saying what just changed (recipes/default-changes.yaml, from stage 1 widened for the changed hues),
-# then the streams with some of those pairs mixed in (recipes/default.yaml, from stage 1b) — θ chosen
-# free-running on the validation split, the held-out targets, and the packaged copy under
-# src/livevlm/assets/default_model. About 3.1 hours on 2 CPU cores (about 130 minutes of them training; the sum
-# of the steps as measured, not rerun end to end; `livevlm train` uses a GPU when there is one). Every step
-# skips work already done, so rerunning continues where it stopped.
+# the streams with some of those pairs mixed in (recipes/default.yaml, from stage 1b), then reminders decided
+# after the model's own note of each event (recipes/default-notes.yaml, from stage 2) — θ chosen free-running
+# on the validation split, the held-out targets, and the packaged copy under src/livevlm/assets/default_model.
+# About 4.3 hours on 2 CPU cores (about 210 minutes of them training; the sum of the steps as measured, stages
+# 1 to 2 on an earlier machine, stage 3 on a slower one; not rerun end to end; `livevlm train` uses a GPU when
+# there is one). Every step skips work already done, so rerunning continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=data
@@ -40,11 +41,24 @@ livevlm train recipes/default-align.yaml  # stage 1: single frames
   python scripts/init_change_hues.py runs/default-align/model runs/default-align-chg
 livevlm train recipes/default-changes.yaml  # stage 1b: what just changed, from stage 1
 livevlm train recipes/default.yaml          # stage 2: the streams (+ 800 of stage 1b's clips), from stage 1b
+# Stage 3, reminders decided after the model's own note (recipes/default-notes.yaml, from stage 2): reminder
+# clips and their unanswered twins with notes, narration clips under each narration prompt, the streams with
+# notes in their reminders, and stage 2's "what just changed" clips of the same videos.
+[ -f $data/world-train5/reminder-notes.jsonl ] || livevlm data convert --from world-reminders --reminders 12 \
+  --reminder-pairs --reminder-notes $data/world-train5/annotations.jsonl $data/world-train5/reminder-notes.jsonl
+[ -f $data/world-train5/dialogue-notes.jsonl ] || livevlm data convert --from world --reminder-notes \
+  $data/world-train5/annotations.jsonl $data/world-train5/dialogue-notes.jsonl
+[ -f $data/world-train5/narration-clips.jsonl ] || livevlm data convert --from world-narration --narration-clips 4 \
+  $data/world-train5/annotations.jsonl $data/world-train5/narration-clips.jsonl
+[ -f $data/world-train5/changes.jsonl ] || \
+  livevlm data convert --from world-changes $data/world-train5/annotations.jsonl $data/world-train5/changes.jsonl
+livevlm train recipes/default-notes.yaml    # stage 3: notes, from stage 2
 # The recommended θ: the one whose own responses, free-running, match the validation turns best (of the θs
 # within one turn of the best F1, the fewest duplicates); stored in the model's livevlm.yaml.
-livevlm evaluate --model runs/default/model --data $data/world-val/dialogue.jsonl --features $data/world-val/features-chg12 \
+livevlm evaluate --model runs/default-notes/model --data $data/world-val/dialogue.jsonl --features $data/world-val/features-chg12 \
   --free-running --choose-threshold --threshold 0.7 --threshold 0.725 --threshold 0.8 \
-  --results runs/default/val_free_running.jsonl
-python benchmarks/default_model_targets.py --model runs/default/model --data $data/world-heldout/dialogue.jsonl \
-  --features $data/world-heldout/features-chg12 --results runs/default/heldout_free_running.jsonl | tee runs/default/targets.md
-livevlm assets package-default runs/default/model
+  --results runs/default-notes/val_free_running.jsonl
+python benchmarks/default_model_targets.py --model runs/default-notes/model --data $data/world-heldout/dialogue.jsonl \
+  --features $data/world-heldout/features-chg12 --results runs/default-notes/heldout_free_running.jsonl \
+  | tee runs/default-notes/targets.md
+livevlm assets package-default runs/default-notes/model

@@ -11,6 +11,7 @@ from that environment.
 from pathlib import Path
 
 import pytest
+import yaml
 
 from livevlm.config import ConfigError, load_recipe
 
@@ -108,9 +109,13 @@ def test_deepspeed_configs_build_accelerates_deepspeed_plugin(monkeypatch, name,
 
 
 def test_the_shipped_recipes_share_their_base(tmp_path):
-    """`base: base.yaml` is merged under a recipe, section by section, and the recipe's own keys win."""
+    """`base: base.yaml` is merged under a recipe, section by section, and the recipe's own keys win. Every
+    shipped recipe builds on it, directly or through another shipped recipe (stage 3 on stage 2)."""
     for path in RECIPE_FILES:
-        assert "base: base.yaml" in path.read_text(), path
+        chain = path
+        while "base: base.yaml" not in chain.read_text():
+            chain = RECIPES / yaml.safe_load(chain.read_text())["base"]
+            assert chain in RECIPE_FILES, path
         assert load_recipe(path).model.lora_targets[-1] == "lm_head"  # from the base
     (tmp_path / "b.yaml").write_text("model: {grid: 2, lora_r: 4}\ntrain: {lr: 1.0e-3}\n")
     (tmp_path / "r.yaml").write_text("base: b.yaml\nmodel: {grid: 3}\n")
@@ -142,6 +147,24 @@ def test_the_default_models_stages_chain():
     assert [(m.data, m.features) for m in streams.train.mix] == [(changes.train.data, changes.train.features)]
 
 
+def test_the_default_models_notes_stage_follows_the_streams_and_is_what_ships():
+    """Stage 3 (notes) starts from stage 2 with its model settings and the notes layout; the build chooses θ for,
+    evaluates and packages stage 3's model."""
+    from dataclasses import asdict
+
+    streams, notes = (load_recipe(RECIPES / name) for name in ("default.yaml", "default-notes.yaml"))
+    assert asdict(notes.model) == asdict(streams.model)
+    assert (streams.format.note_role, notes.format.note_role) == ("", "Note")
+    assert notes.train.init_from == f"{streams.train.output_dir}/model"
+    build = (ROOT / "scripts" / "build_default_model.sh").read_text()
+    assert build.index("livevlm train recipes/default.yaml") < build.index("livevlm train recipes/default-notes.yaml")
+    model = f"{notes.train.output_dir}/model"
+    assert f"livevlm evaluate --model {model} " in build and build.rstrip().endswith(f"package-default {model}")
+    # every file the stage reads is made by the build
+    for path in [notes.train.data, *(m.data for m in notes.train.mix)]:
+        assert f" $data/{Path(path).relative_to('data')}\n" in build, path
+
+
 def test_the_shipped_default_model_was_trained_with_the_default_recipes_model_settings():
     """What `scripts/build_default_model.sh` trains is what ships (a setting the checkpoint omits has its default)."""
     from dataclasses import asdict, fields
@@ -152,5 +175,6 @@ def test_the_shipped_default_model_was_trained_with_the_default_recipes_model_se
 
     shipped = yaml.safe_load((ROOT / "src" / "livevlm" / "assets" / "default_model" / "livevlm.yaml").read_text())
     defaults = {f.name: f.default for f in fields(ModelConfig)}
-    recipe = asdict(load_recipe(RECIPES / "default.yaml").model)
+    recipe = asdict(load_recipe(RECIPES / "default-notes.yaml").model)
     assert {name: shipped["model"].get(name, defaults[name]) for name in recipe} == recipe
+    assert shipped["format"]["note_role"] == load_recipe(RECIPES / "default-notes.yaml").format.note_role

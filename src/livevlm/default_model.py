@@ -6,7 +6,7 @@ tower (`resolve_vision`: DINOv2-small), both materialised from their PyPI packag
 
 Only what livevlm trained is shipped (connector + LoRA, a few MB, safetensors) under
 `livevlm/assets/default_model/`, with a model card and SHA-256 checksums; the backbones it sits on are
-materialised from their PyPI packages (`livevlm.backbones`). `recipes/default.yaml` reproduces it.
+materialised from their PyPI packages (`livevlm.backbones`). `scripts/build_default_model.sh` reproduces it.
 """
 
 from __future__ import annotations
@@ -74,14 +74,15 @@ def verify_checksums(folder: Path) -> None:
         path = folder / name
         if not path.is_file() or sha256(path) != digest:
             raise DefaultModelError(f"default model file {path} is missing or damaged (checksum mismatch); "
-                                    "reinstall livevlm, or retrain it: livevlm train recipes/default.yaml")
+                                    "reinstall livevlm, or rebuild it from a clone of livevlm: "
+                                    "bash scripts/build_default_model.sh")
 
 
 def default_model_path(verify: bool = True) -> Path:
     """The shipped default model's checkpoint folder (checked against its checksums)."""
     if not (DEFAULT_MODEL_DIR / "livevlm.yaml").is_file():
         raise DefaultModelError(
-            f"no default model in {DEFAULT_MODEL_DIR}; train it with `livevlm train recipes/default.yaml` "
+            f"no default model in {DEFAULT_MODEL_DIR}; rebuild it from a clone (bash scripts/build_default_model.sh) "
             "or pass --model FOLDER")
     if verify:
         verify_checksums(DEFAULT_MODEL_DIR)
