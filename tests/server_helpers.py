@@ -214,7 +214,7 @@ def run_session(url: str, frames: list[bytes], start: dict | None = None, querie
 
 def local_messages(model, frames, threshold, max_new_tokens, first_query=None, queries=None):
     """What the engine says on these frames run here, one frame per step, as (type, time, value) triples."""
-    from livevlm.engine.session import FrameEvent, QueryEvent, ResponseEvent
+    from livevlm.engine.session import FrameEvent, NoteEvent, QueryEvent, ResponseEvent
 
     session = model.session(threshold=threshold, max_new_tokens=max_new_tokens)
     tokens = model.encoder.encode(np.stack(frames))
@@ -226,10 +226,10 @@ def local_messages(model, frames, threshold, max_new_tokens, first_query=None, q
         if i in (queries or {}):
             session.add_query(queries[i])
             events += session.flush()
-    kinds = {FrameEvent: "frame", QueryEvent: "query", ResponseEvent: "response"}
+    kinds = {FrameEvent: "frame", QueryEvent: "query", ResponseEvent: "response", NoteEvent: "note"}
     return [(kinds[type(e)], e.time_s, round(e.p_speak, 5) if isinstance(e, FrameEvent) else e.text) for e in events]
 
 
 def as_triples(messages):
     return [(m["type"], m["time_s"], round(m["p_speak"], 5) if m["type"] == "frame" else m["text"])
-            for m in messages if m["type"] in ("frame", "query", "response")]
+            for m in messages if m["type"] in ("frame", "query", "response", "note")]

@@ -291,6 +291,49 @@ def test_batched_sessions_say_what_each_says_alone(tiny_model):
     assert results[0].of("response") and results[1].of("response")
 
 
+@pytest.fixture(scope="module")
+def notes_model(tiny_checkpoint, tmp_path_factory):
+    """The tiny model in the layout with notes (`format.note_role: Note`, as the shipped default model)."""
+    import shutil
+
+    import yaml
+
+    import livevlm
+
+    folder = tmp_path_factory.mktemp("notes") / "ckpt"
+    shutil.copytree(tiny_checkpoint[0], folder)
+    settings = yaml.safe_load((folder / "livevlm.yaml").read_text())
+    settings["format"]["note_role"] = "Note"
+    (folder / "livevlm.yaml").write_text(yaml.safe_dump(settings))
+    return livevlm.load(folder, device="cpu", dtype="float32")
+
+
+def scripted_choices(self, logits, first, second):
+    """Each session's choices in turn: note and watch on, note and answer, respond at once; again. Every path
+    of a note, whatever the random weights prefer (the model's own choice: tests/test_engine_notes.py)."""
+    self.choices_made = getattr(self, "choices_made", 0) + 1
+    return [True, False, True, True, False][(self.choices_made - 1) % 5]
+
+
+@pytest.mark.parametrize("batch_sessions", [False, True])
+def test_notes_come_as_note_messages_and_are_never_said(notes_model, monkeypatch, batch_sessions):
+    """A model with notes: each note comes as a `note` message, in the engine's order and never inside a
+    response's deltas, and the session says what the engine run here says."""
+    from livevlm.engine.session import StreamSession
+
+    monkeypatch.setattr(StreamSession, "_prefers", scripted_choices)
+    frames, start = make_frames(12, seed=3), {"threshold": 0.3, "max_new_tokens": 4, "query": "Tell me when."}
+    with LiveServer(notes_model, ServerOptions(limits=FAST, batch_sessions=batch_sessions)) as live:
+        result = run_session(live.ws, [png(f) for f in frames], start=start)
+    assert result.close_code == 1000
+    assert_same_triples(as_triples(result.messages), local_messages(notes_model, frames, 0.3, 4, "Tell me when."))
+    notes = result.of("note")
+    assert {n["answered"] for n in notes} == {True, False}
+    assert all(set(n) == {"type", "time_s", "text", "answered", "latency_s"} for n in notes)
+    kinds = [m["type"] for m in result.messages]
+    assert all(kinds[i - 1] != "delta" for i, kind in enumerate(kinds) if kind == "note")
+
+
 def test_a_batched_sessions_row_is_taken_by_the_next_session(tiny_model):
     """One row: the second session waits for the first's row to be freed, then says what it says alone."""
     frames = make_frames(6)

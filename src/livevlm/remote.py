@@ -209,7 +209,7 @@ class RemoteStream:
     def _receive(self) -> Iterator[Any]:
         from websockets.exceptions import ConnectionClosed
 
-        from livevlm.engine.session import FrameEvent, QueryEvent, ResponseEvent
+        from livevlm.engine.session import FrameEvent, NoteEvent, QueryEvent, ResponseEvent
 
         while True:
             try:
@@ -232,6 +232,8 @@ class RemoteStream:
                                     message.get("reason", "eos"), message.get("answer_to_query", False))
             elif kind == "query":
                 yield QueryEvent(message["time_s"], message["text"])
+            elif kind == "note":
+                yield NoteEvent(message["time_s"], message["text"], (), message["answered"], message["latency_s"])
             elif kind == "dropped":
                 self.dropped += message["count"]
                 self._answered(message["count"])

@@ -259,6 +259,12 @@ def query(time_s: float, text: str) -> dict[str, Any]:
     return {"type": "query", "time_s": time_s, "text": text}
 
 
+def note(time_s: float, text: str, answered: bool, latency_s: float) -> dict[str, Any]:
+    """The model's note to itself (a model with `format.note_role`): never said, so no deltas come before it;
+    `answered` is its choice after the note (a response follows when true)."""
+    return {"type": "note", "time_s": time_s, "text": text, "answered": answered, "latency_s": latency_s}
+
+
 def dropped(count: int, index: int) -> dict[str, Any]:
     """`count` frames dropped now (the oldest waiting; `index` is the newest of them)."""
     return {"type": "dropped", "count": count, "index": index}

@@ -44,7 +44,7 @@ import torch
 from livevlm.config import DecodeMode, EngineConfig
 from livevlm.detokenize import TextDeltas
 from livevlm.engine.batch import SessionBatch
-from livevlm.engine.session import Event, FrameEvent, QueryEvent, ResponseEvent, StreamSession, TokenEvent
+from livevlm.engine.session import Event, FrameEvent, NoteEvent, QueryEvent, ResponseEvent, StreamSession, TokenEvent
 from livevlm.server import protocol
 
 if TYPE_CHECKING:
@@ -484,6 +484,8 @@ class ModelWorker:
             with self._cond:
                 session.waiting_queries -= 1
             return protocol.query(event.time_s, event.text)
+        if isinstance(event, NoteEvent):
+            return protocol.note(event.time_s, event.text, event.answered, event.latency_s)
         raise TypeError(f"unknown engine event {event!r}")
 
     # -- the LLM thread, batch_sessions ----------------------------------------------------------------

@@ -319,6 +319,9 @@ const HANDLERS = {
     s.marks.push({t: msg.time_s, kind: "query"});
     scheduleStripDraw();
   },
+  note() {
+    // The model's note to itself (a model that notes each event while a reminder is pending): never shown.
+  },
   dropped(msg) {
     s.dropped += msg.count || 0;
     renderStatus();
