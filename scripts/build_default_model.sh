@@ -43,7 +43,7 @@ livevlm train recipes/default-changes.yaml  # stage 1b: what just changed, from 
 livevlm train recipes/default.yaml          # stage 2: the streams (+ 800 of stage 1b's clips), from stage 1b
 # Stage 3, reminders decided after the model's own note (recipes/default-notes.yaml, from stage 2): reminder
 # clips and their unanswered twins with notes, narration clips under each narration prompt, the streams with
-# notes in their reminders, and stage 2's "what just changed" clips of the same videos.
+# notes in their reminders, and "what just changed" clips of the streams' own videos.
 [ -f $data/world-train5/reminder-notes.jsonl ] || livevlm data convert --from world-reminders --reminders 12 \
   --reminder-pairs --reminder-notes $data/world-train5/annotations.jsonl $data/world-train5/reminder-notes.jsonl
 [ -f $data/world-train5/dialogue-notes.jsonl ] || livevlm data convert --from world --reminder-notes \
