@@ -4,7 +4,7 @@
 
     model = livevlm.load("default")                    # or a checkpoint folder, or the paper's model
     stream = model.stream("video.mp4", queries=[(0.0, "Please narrate the video in real time.")])
-    for event in stream:                               # FrameEvent, QueryEvent, ResponseEvent, in stream order
+    for event in stream:                               # Frame/Query/Token/Response/NoteEvent, in stream order
         if isinstance(event, livevlm.ResponseEvent):
             show(event.time_s, event.text)        # your own display
     summary = stream.summary                          # frames, fps, lag, responses
