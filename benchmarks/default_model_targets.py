@@ -18,7 +18,10 @@ videos of 30 s, never seen in training), the table of the default model's card:
     scores that reply, and a run that answered every request with an acknowledgement improved them all
     (docs/experiments.md, "Narration kept");
 - teacher-forced (`LiveVLM.evaluate` on the same dialogues): narration TimeDiff and the questions'
-  LM-Correctness.
+  LM-Correctness; below the table, the questions by kind (the world's question templates, the object named
+  in one read as "the X"): each kind's turns, its LM-Correctness and its most common first wrong words, the
+  truth's word then the model's. LM-Correctness counts a turn's tokens before its first wrong one, so this
+  says which kind and which word hold the row back ("What colour is the X?": "red → blue").
 
     python benchmarks/default_model_targets.py [--model runs/default/model] [--results runs/targets.jsonl]
     python benchmarks/default_model_targets.py --data data/world-heldout/dialogue.jsonl \
@@ -95,6 +98,74 @@ def object_scores(records: list[dict], dialogues: dict, kinds_by_video: dict, to
     return counts
 
 
+def question_kind(question: str) -> str:
+    """The world's question template a question comes from: the object it names ("the large red star": size,
+    colour, shape words) becomes "the X" ("What is the large red star doing?" → "What is the X doing?")."""
+    from livevlm.world import SHAPES
+
+    return re.sub(rf"\bthe (?:\w+ )*?(?:{'|'.join(SHAPES)})\b", "the X", question.strip())
+
+
+def asked_before_each_answer(dialogue) -> list[str]:
+    """Per assistant turn of a dialogue, in order: the last user turn before it (the question it answers)."""
+    asked, last = [], ""
+    for turn in dialogue.turns:
+        if turn.role == "user":
+            last = turn.text
+        elif turn.role == "assistant":
+            asked.append(last)
+    return asked
+
+
+def turn_first_errors(predicted: list[int], labels: list[int], frame_ends: list[int], eos_id: int
+                      ) -> list[tuple[float, int | None]]:
+    """Per assistant turn of a teacher-forced stream: its LM-Correctness (the share of its tokens before the
+    first wrong one, as `evaluation.metrics` scores it) and the position of that first wrong token (None: all
+    right). predicted: the argmax token at each position."""
+    from livevlm.evaluation.metrics import split_turns
+
+    scored = []
+    for turn in split_turns(labels, frame_ends, eos_id):
+        wrong = [i for i in turn.text_positions if predicted[i] != labels[i]]
+        first = wrong[0] if wrong else None
+        right = turn.text_positions.index(first) if wrong else len(turn.text_positions)
+        scored.append((right / len(turn.text_positions), first))
+    return scored
+
+
+def question_kinds(model, data: Path, features: str | None) -> dict[str, dict]:
+    """The teacher-forced questions by kind: turns, LM-Correctness and the first wrong words ("red → blue")."""
+    from collections import Counter
+
+    import torch
+
+    from livevlm.data.dataset import StreamDataset
+
+    dataset = StreamDataset(data, model.fmt, cache_dir=features or None, encoder=None if features else model.encoder,
+                            max_frames=1200)
+    tokenizer = model.loaded.tokenizer
+    kinds: dict[str, dict] = {}
+    for index, dialogue in enumerate(dataset.dialogues):
+        if dialogue.task != "questions":
+            continue
+        sample = dataset[index]
+        frame_tokens = sample.frame_tokens.to(model.model.device) if sample.frame_tokens is not None else None
+        with torch.no_grad():
+            logits, _, _ = model.model(sample.input_ids[None].to(model.model.device), frame_tokens)
+        predicted, labels = logits[0].argmax(-1).tolist(), sample.labels.tolist()
+        scored = turn_first_errors(predicted, labels, sample.frame_ends, model.fmt.eos_id)
+        for question, (correctness, first) in zip(asked_before_each_answer(dialogue), scored, strict=True):
+            kind = kinds.setdefault(question_kind(question), {"turns": 0, "correct": 0.0, "first_wrong": Counter()})
+            kind["turns"] += 1
+            kind["correct"] += correctness
+            if first is not None:
+                truth, said = (tokenizer.decode([token]).strip() for token in (labels[first], predicted[first]))
+                kind["first_wrong"][f"{truth} → {said}"] += 1
+    return {name: {"turns": kind["turns"], "lm_correctness": kind["correct"] / kind["turns"],
+                   "first_wrong": kind["first_wrong"].most_common(3)}
+            for name, kind in sorted(kinds.items(), key=lambda item: -item[1]["turns"])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="checkpoint folder (default: the shipped model)")
@@ -127,6 +198,7 @@ def main() -> None:
         free = model.evaluate_world(args.videos, args.seed, args.duration, threshold=args.threshold, results=results,
                                     progress=True)
     forced = model.evaluate(data, args.features or None, thresholds=[free["threshold"]])
+    by_question = question_kinds(model, data, args.features or None)
     records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     dialogues = {d.id: d for d in read_dialogues(data)}
     kinds_by_video = {}
@@ -151,7 +223,8 @@ def main() -> None:
     rows["narration_reply_word_f1"] = free["by_task"]["narration"]["answer_word_f1"]
     if args.json:
         print(json.dumps({"model": args.model, "threshold": free["threshold"], "rows": rows, "met": met,
-                          "counts": counts, "free_running": free, "teacher_forced": forced}, indent=2, default=str))
+                          "counts": counts, "free_running": free, "teacher_forced": forced,
+                          "questions_by_kind": by_question}, indent=2, default=str))
         return
     print(f"model {args.model}, θ {free['threshold']:g}, {args.videos} world videos of seed {args.seed} "
           f"({counts['object_turns']} matched object turns, {counts['appearances']} appearances)")
@@ -165,6 +238,11 @@ def main() -> None:
         shown = f"{value:.2f} s" if seconds else f"{value:.2f}" if name == "narration_f1" else f"{value:.1%}"
         goal = f"{target:g} s" if seconds else f"{target:g}" if name == "narration_f1" else f"{target:.0%}"
         print(f"| {LABELS[name]} | {shown} | {'≥' if how == '>=' else '≤'} {goal} | {'yes' if met[name] else 'no'} |")
+    print("\n| question (teacher-forced) | turns | LM-Correctness | first wrong words, truth → model |")
+    print("|---|---|---|---|")
+    for name, kind in by_question.items():
+        wrong = ", ".join(f"{pair} ({count})" for pair, count in kind["first_wrong"]) or "—"
+        print(f"| {name} | {kind['turns']} | {kind['lm_correctness']:.1%} | {wrong} |")
 
 
 if __name__ == "__main__":

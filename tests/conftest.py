@@ -154,3 +154,20 @@ def tiny_checkpoint(tmp_path_factory):
     video = root / "world.mp4"
     render_video(WorldSpec(seed=3, index=0, duration=6.0, size=64), video)
     return root / "ckpt", video
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """Import a script of the repository that is not a package module (`benchmarks/…`), by its path."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def load(relative: str):
+        spec = importlib.util.spec_from_file_location(Path(relative).stem, root / relative)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

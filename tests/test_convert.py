@@ -272,6 +272,22 @@ def test_world_question_dialogues_each_ask_at_their_own_frames_answered_from_the
     assert len({tuple(times) for times in asked_at}) == 3  # each dialogue draws its own frames
 
 
+def test_world_questions_of_one_tense_ask_only_that_tenses_questions(tmp_path):
+    dialogues = run(tmp_path, "world-questions", world_file(tmp_path), questions=8, question_dialogues=2,
+                    question_tenses="past")
+    events = world.parse_events(WORLD_EVENTS, "x")
+    pairs = [pair for d in dialogues for pair in zip(turns(d)[::2], turns(d)[1::2], strict=True)]
+    assert len(pairs) == 16
+    for (_, ask_s, question), (_, _, answer) in pairs:
+        assert (question, answer) in world.question_options(events, ask_s)["past"]
+
+
+def test_world_questions_name_an_unknown_tense(tmp_path):
+    with pytest.raises(AnnotationError, match=re.escape("--question-tenses 'past,future': give one or more of "
+                                                        "past, present, ongoing")):
+        run(tmp_path, "world-questions", world_file(tmp_path), question_tenses="past,future")
+
+
 def test_world_questions_needs_a_question(tmp_path):
     with pytest.raises(AnnotationError, match=re.escape("--questions 0 --question-dialogues 1: world-questions "
                                                         "needs at least one of each")):

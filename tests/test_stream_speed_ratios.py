@@ -1,19 +1,11 @@
 """benchmarks/stream_speed.py: each run's ratio is to the sequential run of its own round (the machine drifts)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "stream_speed.py"
 
 
 @pytest.fixture(scope="module")
-def stream_speed():
-    spec = importlib.util.spec_from_file_location("stream_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def stream_speed(load_script):
+    return load_script("benchmarks/stream_speed.py")
 
 
 def run(mode: str, fps: float, round_index: int | None, minutes: float = 1.0) -> dict:

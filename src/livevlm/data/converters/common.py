@@ -61,6 +61,10 @@ class ConvertOptions:
                                                         "world-questions: questions per dialogue"})
     question_dialogues: int = field(default=1, metadata={"help": "world-questions: question dialogues per "
                                                                  "video, each at its own random frames"})
+    question_tenses: str = field(default="past,present,ongoing", metadata={
+        "help": "world, world-questions: the tenses a question is drawn from, comma-separated: past (\"What "
+                "just happened?\", \"What appeared last?\"), present (how many, what colour, how big), "
+                "ongoing (what an object is doing)"})
     scene_frames: int = field(default=20, metadata={"help": "world-scene: single-frame \"What is on the "
                                                             "screen?\" clips per video"})
     min_words: int = field(default=2, metadata={"help": "ego4d-narration: drop narrations shorter than this "

@@ -505,20 +505,38 @@ def question_options(events: list[Event], time_s: float) -> dict[str, list[tuple
     return options
 
 
-def questions(video: WorldVideo, fps: float, count: int, rng: random.Random, suffix: str = "questions"
-              ) -> Dialogue | None:
-    """One dialogue `{stem}-{suffix}` of `count` questions at distinct random frames (a random tense, then a
-    random question of it), or None when count is 0."""
+QUESTION_TENSES = ("past", "present", "ongoing")
+
+
+def question_tenses(spec: str) -> tuple[str, ...]:
+    """`--question-tenses` ("past,present") → the tenses, checked against QUESTION_TENSES."""
+    tenses = tuple(t.strip() for t in spec.split(",") if t.strip())
+    unknown = [t for t in tenses if t not in QUESTION_TENSES]
+    if unknown or not tenses:
+        raise AnnotationError(f"--question-tenses {spec!r}: give one or more of {', '.join(QUESTION_TENSES)}, "
+                              "comma-separated")
+    return tenses
+
+
+def questions(video: WorldVideo, fps: float, count: int, rng: random.Random, suffix: str = "questions",
+              tenses: tuple[str, ...] = QUESTION_TENSES) -> Dialogue | None:
+    """One dialogue `{stem}-{suffix}` of `count` questions at distinct random frames (a random tense of
+    `tenses`, then a random question of it; a frame with no question of those tenses is passed over), or None
+    when count is 0 or no frame has one."""
     n_frames = count_frames(0.0, video.duration_s, fps)
     if count <= 0 or n_frames == 0:
         return None
     builder = StreamBuilder(fps, 0.0, video.duration_s)
+    asked = 0
     for frame in sorted(rng.sample(range(n_frames), min(count, n_frames))):
         options = question_options(video.events, frame / fps)
-        tense = rng.choice([t for t, items in options.items() if items])
-        question, answer = rng.choice(options[tense])
+        open_tenses = [t for t, items in options.items() if items and t in tenses]
+        if not open_tenses:
+            continue
+        question, answer = rng.choice(options[rng.choice(open_tenses)])
         builder.ask(frame / fps, question, answer)
-    return video.dialogue(suffix, builder, "questions")
+        asked += 1
+    return video.dialogue(suffix, builder, "questions") if asked else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -545,12 +563,13 @@ def parse_world(args: ConvertOptions) -> list[WorldVideo]:
 
 def convert_world(args: ConvertOptions) -> list[Dialogue]:
     """annotations.jsonl (`args.input`) → narration, reminder and question dialogues per video."""
+    tenses = question_tenses(args.question_tenses)
     dialogues: list[Dialogue] = []
     for video in parse_world(args):
         rng = random.Random(f"{args.seed}:world:{video.stem}")
         dialogues.append(narration(video, args.fps, rng))
         dialogues.extend(reminders(video, args.fps, args.reminders, rng, notes=args.reminder_notes))
-        asked = questions(video, args.fps, args.questions, rng)
+        asked = questions(video, args.fps, args.questions, rng, tenses=tenses)
         if asked is not None:
             dialogues.append(asked)
     return dialogues
@@ -586,11 +605,12 @@ def convert_world_questions(args: ConvertOptions) -> list[Dialogue]:
     if args.questions <= 0 or args.question_dialogues <= 0:
         raise AnnotationError(f"--questions {args.questions} --question-dialogues {args.question_dialogues}: "
                               "world-questions needs at least one of each")
+    tenses = question_tenses(args.question_tenses)
     dialogues: list[Dialogue] = []
     for video in parse_world(args):
         for j in range(args.question_dialogues):
             rng = random.Random(f"{args.seed}:world-questions:{video.stem}:{j}")
-            asked = questions(video, args.fps, args.questions, rng, suffix=f"questions-{j}")
+            asked = questions(video, args.fps, args.questions, rng, suffix=f"questions-{j}", tenses=tenses)
             if asked is not None:
                 dialogues.append(asked)
     return dialogues

@@ -1,0 +1,42 @@
+"""benchmarks/default_model_targets.py: the questions by kind, and which token of a turn is its first wrong one."""
+
+import pytest
+
+from livevlm.data.converters import world as world_converter
+from livevlm.data.schema import Dialogue, Turn
+from livevlm.world import WorldSpec, plan_video
+
+IGNORE = -100
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def targets(load_script):
+    return load_script("benchmarks/default_model_targets.py")
+
+
+def test_every_question_the_world_asks_falls_into_one_of_its_six_templates(targets):
+    asked = set()
+    for seed in range(4):
+        events = world_converter.parse_events(plan_video(WorldSpec(seed=seed, duration=30.0))["events"], "x")
+        for time_s in range(0, 30, 2):
+            for options in world_converter.question_options(events, float(time_s)).values():
+                asked.update(question for question, _ in options)
+    assert {targets.question_kind(question) for question in asked} == {
+        "What just happened?", "What appeared last?", "How many objects are there?", "What colour is the X?",
+        "How big is the X?", "What is the X doing?"}
+
+
+def test_each_answer_is_paired_with_the_last_question_before_it(targets):
+    turns = [Turn("user", 0.0, "What appeared last?"), Turn("assistant", 0.0, "A red star."),
+             Turn("user", 2.0, "How big is the red star?"), Turn("user", 2.5, "What is the red star doing?"),
+             Turn("assistant", 2.5, "It is standing still.")]
+    dialogue = Dialogue("d", "v.mp4", 2.0, turns)
+    assert targets.asked_before_each_answer(dialogue) == ["What appeared last?", "What is the red star doing?"]
+
+
+def test_a_turns_correctness_stops_at_its_first_wrong_token(targets):
+    # positions: 0 a frame end (unlabelled), 1-3 turn one (its middle token wrong), 4 a frame end, 5-6 turn two
+    labels = [IGNORE, 5, 6, EOS, IGNORE, 7, EOS]
+    predicted = [0, 5, 9, 8, 0, 7, EOS]  # turn one: 9 for 6, then 8 for EOS (after the first: not counted)
+    assert targets.turn_first_errors(predicted, labels, [0, 4], EOS) == [(1 / 3, 2), (1.0, None)]
