@@ -122,14 +122,13 @@ def turn_first_errors(predicted: list[int], labels: list[int], frame_ends: list[
     """Per assistant turn of a teacher-forced stream: its LM-Correctness (the share of its tokens before the
     first wrong one, as `evaluation.metrics` scores it) and the position of that first wrong token (None: all
     right). predicted: the argmax token at each position."""
-    from livevlm.evaluation.metrics import split_turns
+    from livevlm.evaluation.metrics import leading_run, split_turns
 
     scored = []
     for turn in split_turns(labels, frame_ends, eos_id):
-        wrong = [i for i in turn.text_positions if predicted[i] != labels[i]]
-        first = wrong[0] if wrong else None
-        right = turn.text_positions.index(first) if wrong else len(turn.text_positions)
-        scored.append((right / len(turn.text_positions), first))
+        text = turn.text_positions
+        right = leading_run([predicted[i] == labels[i] for i in text])
+        scored.append((right / len(text), text[right] if right < len(text) else None))
     return scored
 
 

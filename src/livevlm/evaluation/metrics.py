@@ -82,7 +82,8 @@ class StreamScores:
                 "threshold": threshold, "turns": len(self.ppl), "timed_turns": len(self.time_diff_s)}
 
 
-def _leading_run(correct: list[bool]) -> int:
+def leading_run(correct: list[bool]) -> int:
+    """How many of `correct` are True before the first False: LM-Correctness and Fluency count only those."""
     for i, ok in enumerate(correct):
         if not ok:
             return i
@@ -119,7 +120,7 @@ def stream_scores(logits: torch.Tensor, labels: list[int], frame_ends: list[int]
         ce = [-log_probs[i, labels[i]].item() for i in text]
         scores.ppl.append(math.exp(sum(ce) / len(ce)))
         text_correct = [predicted[i] == labels[i] for i in text]
-        scores.correctness.append(_leading_run(text_correct) / len(text))
+        scores.correctness.append(leading_run(text_correct) / len(text))
         frame_correct = []
         if turn.model_initiated:
             g = frame_index[turn.frame_positions[-1]]
@@ -128,7 +129,7 @@ def stream_scores(logits: torch.Tensor, labels: list[int], frame_ends: list[int]
         elif turn.frame_positions:  # frames before a query should be silent; the very last is unlabelled
             frame_correct = [silent[frame_index[p]] for p in turn.frame_positions[:-1]]
         run = frame_correct + text_correct
-        scores.fluency.append(_leading_run(run) / len(run))
+        scores.fluency.append(leading_run(run) / len(run))
         if turn.frame_positions:
             previous_end = frame_index[turn.frame_positions[-1]]
     return scores
