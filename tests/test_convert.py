@@ -223,6 +223,42 @@ def test_reminder_notes_note_every_event_up_to_the_answer_and_a_twin_every_event
         d.validate()  # the schema's rules hold: a note first on its frame, the answer after it
 
 
+def test_event_notes_note_every_event_of_a_question_dialogue_before_the_questions_of_its_frame(tmp_path):
+    dialogue = run(tmp_path, "world-questions", world_file(tmp_path), questions=20, event_notes=True)[0]
+    notes = [(t, text) for role, t, text in turns(dialogue) if role == "note"]
+    assert notes == [(0.0, "A small red circle appears on the left. A large blue square appears on the right."),
+                     (2.5, "The red circle starts moving to the right. The blue square shrinks."),
+                     (5.0, "The red circle bumps into the blue square."), (6.5, "The blue square turns green."),
+                     (7.5, "The red circle teleports."), (9.0, "The red circle vanishes on the left.")]
+    for i, (role, time_s, text) in enumerate(turns(dialogue)):
+        if role == "note":
+            assert all(t[1] < time_s for t in turns(dialogue)[:i])  # the first turn on its frame
+        if text == "What just happened?":  # its answer: the last note's latest events
+            assert [n for t, n in notes if t <= time_s][-1].endswith(turns(dialogue)[i + 1][2])
+    dialogue.validate()
+
+
+def test_event_notes_note_each_narrated_event_before_saying_it_and_a_reminder_clip_from_its_first_frame():
+    video = pairs_video()
+    video.note_every_event = True
+    narration = turns(world.narration(video, 2.0, random.Random(0)))
+    notes = [(t, text) for role, t, text in narration if role == "note"]
+    assert notes == [(0.0, "A small red circle appears. A large blue square appears. A small green star appears."),
+                     (3.0, "The blue square starts moving up."), (6.0, "The red circle starts moving up."),
+                     (8.0, "A small yellow triangle appears.")]
+    assert narration[0][0] == "note" and narration[1][0] == "user"  # the request, answered by what it shows
+    assert [(t, text) for role, t, text in narration[3:] if role == "assistant"] == notes[1:]  # each after its note
+    for d in world.reminders(video, 2.0, 3, random.Random(1), clip=(2.0, 2.0), pairs=True, notes=True):
+        noted = [t for role, t, _ in turns(d) if role == "note"]
+        assert noted == [t for t in (0.0, 3.0, 6.0, 8.0) if d.start_s - 0.5 < t < d.end_s], d.id
+        answers = [i for i, (role, _, _) in enumerate(turns(d)) if role == "assistant"][1:]  # after the ack
+        assert len(answers) == (0 if d.id.endswith("-unanswered") else 1)
+        for i in answers:  # the answer right after its event's note; the events after it noted too
+            (_, answer_s, answer), (before, note_s, note) = turns(d)[i], turns(d)[i - 1]
+            assert (before, note_s, note) == ("note", answer_s, answer)
+        d.validate()
+
+
 def test_a_reminder_is_not_asked_when_an_earlier_event_would_answer_it(tmp_path):
     events = world.parse_events(WORLD_EVENTS, "x")
     stop_like = world.Event(9.5, "The red circle stops.", "stop", RED, {})

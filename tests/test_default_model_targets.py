@@ -40,3 +40,13 @@ def test_a_turns_correctness_stops_at_its_first_wrong_token(targets):
     labels = [IGNORE, 5, 6, EOS, IGNORE, 7, EOS]
     predicted = [0, 5, 9, 8, 0, 7, EOS]  # turn one: 9 for 6, then 8 for EOS (after the first: not counted)
     assert targets.turn_first_errors(predicted, labels, [0, 4], EOS) == [(1 / 3, 2), (1.0, None)]
+
+
+def test_a_free_running_reply_scores_its_header_and_the_tokens_before_its_first_wrong_one():
+    from livevlm.evaluation.metrics import reply_correctness
+
+    truth = [5, 6, 7, EOS]  # "It is red." and eos, after a 3-token header the engine feeds
+    assert reply_correctness(3, truth, [5, 6, 7, EOS]) == 1.0
+    assert reply_correctness(3, truth, [5, 9, 7, EOS]) == 4 / 7  # the header and the first token
+    assert reply_correctness(3, truth, [5, 6]) == 5 / 7  # a reply cut short: the missing tokens are wrong
+    assert reply_correctness(3, truth, []) == 3 / 7  # no reply at all: the header alone

@@ -325,7 +325,8 @@ def score_dialogue(dialogue, events, tolerance_s: float, names=None) -> dict:
             # one reply per query, in order (zip stops short only for a clip with no frame to answer after)
             "answer_word_f1_sum": sum(word_f1(reply, truth)
                                       for (_, reply), (_, truth) in zip(replies, answers, strict=False)),
-            "said": [{"time_s": round(t, 3), "text": text} for t, text in said]}
+            "said": [{"time_s": round(t, 3), "text": text} for t, text in said],
+            "replies": [{"time_s": round(t, 3), "text": text} for t, text in replies]}
     if names is not None:
         verdicts = [names(said[j][1], spontaneous[i][1]) for i, j in pairs]
         record["namable"] = sum(v is not None for v in verdicts)

@@ -90,6 +90,20 @@ def leading_run(correct: list[bool]) -> int:
     return len(correct)
 
 
+def reply_correctness(header: int, truth: list[int], reply: list[int]) -> float:
+    """LM-Correctness of an answer the model decoded itself (greedy, free-running) rather than one scored under
+    teacher forcing: the share of the turn's labelled tokens before the first the reply gets wrong.
+
+    Why: before its first wrong token a greedy reply has seen exactly what teacher forcing would feed it, so on
+    the same history the two agree; free-running, the history is the model's own (its own notes, its own
+    silences), which is what a user gets. header: the turn's labelled tokens the engine feeds rather than the
+    model choosing them ("Assistant:" after a query: right by construction); truth, reply: the answer's tokens
+    after them, each ending with eos.
+    """
+    right = leading_run([i < len(reply) and reply[i] == token for i, token in enumerate(truth)])
+    return (header + right) / (header + len(truth))
+
+
 def stream_scores(logits: torch.Tensor, labels: list[int], frame_ends: list[int], separator_id: int,
                   eos_id: int, fps: float, threshold: float, silent: list[bool] | None = None) -> StreamScores:
     """Metrics of one teacher-forced stream.

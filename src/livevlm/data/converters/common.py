@@ -55,6 +55,10 @@ class ConvertOptions:
     reminder_notes: bool = field(default=False, metadata={
         "help": "world, world-reminders: the model notes each event after a reminder's request (\"note\" turns, "
                 "for a format with format.note_role) and answers after the note of the event asked about"})
+    event_notes: bool = field(default=False, metadata={
+        "help": "world, world-*: the model notes every event (\"note\" turns, for a format with "
+                "format.note_role), from the clip's first frame, then says it where narration is asked for; "
+                "questions about the past are answered from the notes; implies --reminder-notes"})
     narration_clips: int = field(default=4, metadata={"help": "world-narration: narration clips per video, "
                                                               "the narration prompts taken in turn"})
     questions: int = field(default=4, metadata={"help": "world: questions per video (one dialogue); "
@@ -282,14 +286,32 @@ class StreamBuilder:
         its frame, or None when it falls outside the clip."""
         return self._place(self._notes, time_s, text)
 
-    def _place(self, said: dict[int, list[str]], time_s: float, text: str) -> int | None:
+    def note_every_event(self, events: list[tuple[float, str]]) -> None:
+        """Note every event (time_s, sentence) of the clip on a frame that notes none yet: the model keeps a
+        note of each event whatever it is asked, and what follows the note (saying it, answering a reminder,
+        or watching on) is the requests' to decide; a later question about the past ("What just happened?")
+        is answered from the notes. A frame's events are noted together, in order."""
+        unnoted: dict[int, list[str]] = {}
+        for time_s, text in events:
+            frame = self._frame_of(time_s)
+            if frame is not None and frame not in self._notes:
+                unnoted.setdefault(frame, []).append(text.strip())
+        self._notes.update(unnoted)
+
+    def _frame_of(self, time_s: float) -> int | None:
+        """The frame an event at `time_s` is said on (the first at or after it), or None outside the clip."""
         before_first = (time_s - self.start_s) * self.fps <= -1 + FRAME_EPS  # would be said before frame 0
         if before_first or (self.end_s is not None and time_s > self.end_s + FRAME_EPS):
             return None
         frame = ceil_frame(time_s, self.fps, self.start_s)
         if self.num_frames is not None:
             frame = min(frame, self.num_frames - 1)
-        said.setdefault(frame, []).append(text.strip())
+        return frame
+
+    def _place(self, said: dict[int, list[str]], time_s: float, text: str) -> int | None:
+        frame = self._frame_of(time_s)
+        if frame is not None:
+            said.setdefault(frame, []).append(text.strip())
         return frame
 
     def ask(self, time_s: float, question: str, reply: str, absorb: bool = False) -> int:

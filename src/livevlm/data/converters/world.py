@@ -38,7 +38,10 @@ request tells answering from staying silent. `--reminder-notes` has the model no
 request (a "note" turn with the event's sentences, for a format with `format.note_role`) and answer after the
 note of the event asked about: the choice to answer is then made right after the event's words, where the
 model can compare them with the request, rather than at the frame (docs/experiments.md, "A verdict after the
-event's words").
+event's words"). `--event-notes` (any `--from world…`) has the model note every event, from a clip's first
+frame, whatever it was asked: narration says each event after its note (as a reminder answers after the note of
+its event), a question about the past ("What just happened?") is answered from the notes rather than from
+frames seconds back, and with no request the model notes and watches on; it implies `--reminder-notes`.
 
 `--from world-narration` makes narration alone, as short clips: `{stem}-narration-clip-{j}`, `--narration-clips`
 per video, each under its own narration prompt (the prompts taken in turn, so each is asked as often), the
@@ -206,11 +209,14 @@ class WorldVideo:
     video: str
     duration_s: float
     events: list[Event]
+    note_every_event: bool = False  # `--event-notes`: every clip notes each of its events
 
     def dialogue(self, suffix: str, builder: StreamBuilder, task: str,
                  key_frames_s: list[float] | None = None) -> Dialogue:
         """The builder's turns as a clip of this video, spanning the builder's clip (the whole video unless
-        the builder ends sooner)."""
+        the builder ends sooner); with `note_every_event`, a note at every frame with events."""
+        if self.note_every_event:
+            builder.note_every_event([(e.time_s, e.text) for e in self.events])
         end_s = self.duration_s if builder.end_s is None else builder.end_s
         return Dialogue(id=f"{self.stem}-{suffix}", video=self.video, fps=builder.fps, turns=builder.turns(),
                         duration_s=self.duration_s, start_s=builder.start_s, end_s=end_s, task=task,
@@ -557,7 +563,7 @@ def parse_world(args: ConvertOptions) -> list[WorldVideo]:
             continue
         stem = Path(video).stem if Path(video).stem not in stems else f"{Path(video).stem}-{number}"
         stems.add(stem)
-        videos.append(WorldVideo(stem, video, duration, events))
+        videos.append(WorldVideo(stem, video, duration, events, note_every_event=args.event_notes))
     return videos
 
 
@@ -568,7 +574,8 @@ def convert_world(args: ConvertOptions) -> list[Dialogue]:
     for video in parse_world(args):
         rng = random.Random(f"{args.seed}:world:{video.stem}")
         dialogues.append(narration(video, args.fps, rng))
-        dialogues.extend(reminders(video, args.fps, args.reminders, rng, notes=args.reminder_notes))
+        dialogues.extend(reminders(video, args.fps, args.reminders, rng,
+                                   notes=args.reminder_notes or args.event_notes))
         asked = questions(video, args.fps, args.questions, rng, tenses=tenses)
         if asked is not None:
             dialogues.append(asked)
@@ -583,7 +590,7 @@ def convert_world_reminders(args: ConvertOptions) -> list[Dialogue]:
         dialogues.extend(reminders(video, args.fps, args.reminders, rng,
                                    clip=(REMINDER_CLIP_LEAD_S, REMINDER_CLIP_TAIL_S),
                                    distractors=args.reminder_distractors, pairs=args.reminder_pairs,
-                                   notes=args.reminder_notes))
+                                   notes=args.reminder_notes or args.event_notes))
     return dialogues
 
 
