@@ -122,15 +122,14 @@ def asked_before_each_answer(dialogue) -> list[str]:
     return asked
 
 
-def turn_first_errors(predicted: list[int], labels: list[int], frame_ends: list[int], eos_id: int
-                      ) -> list[tuple[float, int | None]]:
-    """Per assistant turn of a teacher-forced stream: its LM-Correctness (the share of its tokens before the
-    first wrong one, as `evaluation.metrics` scores it) and the position of that first wrong token (None: all
-    right). predicted: the argmax token at each position."""
-    from livevlm.evaluation.metrics import leading_run, split_turns
+def turn_first_errors(predicted: list[int], labels: list[int], turns: list) -> list[tuple[float, int | None]]:
+    """Per assistant turn of a teacher-forced stream (`turns`: `evaluation.metrics.split_turns` of its labels):
+    its LM-Correctness (the share of its tokens before the first wrong one, as `evaluation.metrics` scores it)
+    and the position of that first wrong token (None: all right). predicted: the argmax token at each position."""
+    from livevlm.evaluation.metrics import leading_run
 
     scored = []
-    for turn in split_turns(labels, frame_ends, eos_id):
+    for turn in turns:
         text = turn.text_positions
         right = leading_run([predicted[i] == labels[i] for i in text])
         scored.append((right / len(text), text[right] if right < len(text) else None))
@@ -160,8 +159,8 @@ def question_kinds(model, data: Path, features: str | None, records: dict[str, d
         with torch.no_grad():
             logits, _, _ = model.model(sample.input_ids[None].to(model.model.device), frame_tokens)
         predicted, labels = logits[0].argmax(-1).tolist(), sample.labels.tolist()
-        scored = turn_first_errors(predicted, labels, sample.frame_ends, model.fmt.eos_id)
         turns = split_turns(labels, sample.frame_ends, model.fmt.eos_id)
+        scored = turn_first_errors(predicted, labels, turns)
         answers = [turn.text for turn in dialogue.turns if turn.role == "assistant"]
         replies = [reply["text"] for reply in records.get(dialogue.id, {}).get("replies", [])]
         for i, (question, (correctness, first)) in enumerate(zip(asked_before_each_answer(dialogue), scored,
@@ -183,6 +182,7 @@ def question_kinds(model, data: Path, features: str | None, records: dict[str, d
                 kind["first_wrong"][f"{truth} → {said}"] += 1
     return {name: {"turns": kind["turns"], "lm_correctness": kind["correct"] / kind["turns"],
                    "first_wrong": kind["first_wrong"].most_common(3), "replies": kind["replies"],
+                   "own_correct": kind["own_correct"],
                    "own_history": kind["own_correct"] / kind["replies"] if kind["replies"] else math.nan}
             for name, kind in sorted(kinds.items(), key=lambda item: -item[1]["turns"])}
 
@@ -243,8 +243,8 @@ def main() -> None:
            for name, value in rows.items()}
     rows["narration_reply_word_f1"] = free["by_task"]["narration"]["answer_word_f1"]
     replied = sum(kind["replies"] for kind in by_question.values())
-    rows["questions_own_history"] = (sum(kind["replies"] * kind["own_history"] for kind in by_question.values()
-                                         if kind["replies"]) / replied if replied else math.nan)
+    rows["questions_own_history"] = (sum(kind["own_correct"] for kind in by_question.values()) / replied
+                                     if replied else math.nan)
     if args.json:
         print(json.dumps({"model": args.model, "threshold": free["threshold"], "rows": rows, "met": met,
                           "counts": counts, "free_running": free, "teacher_forced": forced,

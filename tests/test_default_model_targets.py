@@ -36,10 +36,12 @@ def test_each_answer_is_paired_with_the_last_question_before_it(targets):
 
 
 def test_a_turns_correctness_stops_at_its_first_wrong_token(targets):
+    from livevlm.evaluation.metrics import split_turns
+
     # positions: 0 a frame end (unlabelled), 1-3 turn one (its middle token wrong), 4 a frame end, 5-6 turn two
     labels = [IGNORE, 5, 6, EOS, IGNORE, 7, EOS]
     predicted = [0, 5, 9, 8, 0, 7, EOS]  # turn one: 9 for 6, then 8 for EOS (after the first: not counted)
-    assert targets.turn_first_errors(predicted, labels, [0, 4], EOS) == [(1 / 3, 2), (1.0, None)]
+    assert targets.turn_first_errors(predicted, labels, split_turns(labels, [0, 4], EOS)) == [(1 / 3, 2), (1.0, None)]
 
 
 def test_a_free_running_reply_scores_its_header_and_the_tokens_before_its_first_wrong_one():
