@@ -26,6 +26,9 @@ videos of 30 s, never seen in training), the table of the default model's card:
   row, and per kind): the same count of a turn's tokens before its first wrong one, on the model's own history
   rather than the true one. The two agree for a model that only watches before it is asked; a model that keeps
   notes (`--event-notes`) must be scored this way, since teacher forcing would hand it the true notes.
+- last, narration's matched responses said word for word, and the kind of the others' first wrong word (the
+  object's article, size, colour or shape, the event, where it is or goes): which part of the sentence a user
+  sees go wrong.
 
     python benchmarks/default_model_targets.py [--model runs/default/model] [--results runs/targets.jsonl]
     python benchmarks/default_model_targets.py --data data/world-heldout/dialogue.jsonl \
@@ -102,6 +105,55 @@ def object_scores(records: list[dict], dialogues: dict, kinds_by_video: dict, to
                     counts["new_shape_named"] += bool(found & set(SHAPES) & response)
     return counts
 
+
+EVENT_WORDS = {"appears", "starts", "moving", "stops", "turns", "grows", "shrinks", "vanishes", "leaves", "bumps",
+               "into"}  # the world's event verbs (livevlm.world's sentence templates); the words after them place
+
+
+def word_kind(word: str) -> str:
+    """What a word of a world sentence says: its object's article, size, colour or shape, the event, or where
+    ("on the left", "to the right", "at the top": every other word)."""
+    from livevlm.world import COLORS, SHAPES, SIZES
+
+    for kind, group in (("article", {"a", "an", "the"}), ("size", SIZES), ("colour", COLORS), ("shape", SHAPES),
+                        ("event", EVENT_WORDS)):
+        if word in group:
+            return kind
+    return "place or direction"
+
+
+def sentence_errors(records: list[dict], dialogues: dict, tolerance_s: float) -> dict:
+    """Narration's matched responses said word for word, and the kind of each other one's first wrong word.
+
+    Why: the object rows check two words of a response; a user reads the whole sentence, and a question about
+    the past ("What just happened?") is answered with it. Pairs are matched as the scores were
+    (`match_one_to_one`); words are compared lower-case, the full stop a word of its own; a response that
+    stops short of its turn or runs past it is "length".
+    """
+    from collections import Counter
+
+    from livevlm.evaluation.free_running import ground_truth_turns, match_one_to_one
+
+    def words(text: str) -> list[str]:
+        return text.lower().replace(".", " .").split()
+
+    matched, exact, first_wrong = 0, 0, Counter()
+    for record in records:
+        if record["task"] != "narration":
+            continue
+        _, spontaneous, _ = ground_truth_turns(dialogues[record["id"]])
+        said = [(r["time_s"], r["text"]) for r in record["said"]]
+        for i, j in match_one_to_one([t for t, _ in spontaneous], [t for t, _ in said], tolerance_s):
+            truth, response = words(spontaneous[i][1]), words(said[j][1])
+            matched += 1
+            wrong = next((k for k, (a, b) in enumerate(zip(truth, response, strict=False)) if a != b), None)
+            if wrong is not None:
+                first_wrong[word_kind(truth[wrong])] += 1
+            elif len(truth) != len(response):
+                first_wrong["length"] += 1
+            else:
+                exact += 1
+    return {"matched": matched, "exact": exact, "first_wrong": first_wrong.most_common()}
 
 def question_kind(question: str) -> str:
     """The world's question template a question comes from: the object it names ("the large red star": size,
@@ -227,6 +279,7 @@ def main() -> None:
         video = json.loads(line)
         kinds_by_video[video["video"]] = {event["text"]: event["kind"] for event in video["events"]}
     counts = object_scores(records, dialogues, kinds_by_video, free["tolerance_s"])
+    wording = sentence_errors(records, dialogues, free["tolerance_s"])
 
     def share(part: str, whole: str) -> float:
         return counts[part] / counts[whole] if counts[whole] else math.nan
@@ -247,8 +300,8 @@ def main() -> None:
                                      if replied else math.nan)
     if args.json:
         print(json.dumps({"model": args.model, "threshold": free["threshold"], "rows": rows, "met": met,
-                          "counts": counts, "free_running": free, "teacher_forced": forced,
-                          "questions_by_kind": by_question}, indent=2, default=str))
+                          "counts": counts, "narration_wording": wording, "free_running": free,
+                          "teacher_forced": forced, "questions_by_kind": by_question}, indent=2, default=str))
         return
     print(f"model {args.model}, θ {free['threshold']:g}, {args.videos} world videos of seed {args.seed} "
           f"({counts['object_turns']} matched object turns, {counts['appearances']} appearances)")
@@ -270,6 +323,10 @@ def main() -> None:
         wrong = ", ".join(f"{pair} ({count})" for pair, count in kind["first_wrong"]) or "—"
         own = f"{kind['own_history']:.1%}" if kind["replies"] else "—"
         print(f"| {name} | {kind['turns']} | {kind['lm_correctness']:.1%} | {wrong} | {own} |")
+    if wording["matched"]:
+        kinds = ", ".join(f"{kind} {count}" for kind, count in wording["first_wrong"]) or "—"
+        print(f"\nnarration said word for word: {wording['exact']} of {wording['matched']} matched responses "
+              f"({wording['exact'] / wording['matched']:.0%}); the others' first wrong word: {kinds}")
 
 
 if __name__ == "__main__":

@@ -52,3 +52,30 @@ def test_a_free_running_reply_scores_its_header_and_the_tokens_before_its_first_
     assert reply_correctness(3, truth, [5, 9, 7, EOS]) == 4 / 7  # the header and the first token
     assert reply_correctness(3, truth, [5, 6]) == 5 / 7  # a reply cut short: the missing tokens are wrong
     assert reply_correctness(3, truth, []) == 3 / 7  # no reply at all: the header alone
+
+
+def test_narration_wording_counts_exact_responses_and_the_kind_of_each_first_wrong_word(targets):
+    turns = [Turn("user", 0.0, "Please narrate the video in real time."),
+             Turn("assistant", 0.0, "Sure."),  # the request's answer: not matched for timing
+             Turn("assistant", 1.0, "A large red star appears on the left."),
+             Turn("assistant", 5.0, "The red star starts moving up."),
+             Turn("assistant", 9.0, "The red star turns blue."),
+             Turn("assistant", 14.0, "The blue star leaves the frame at the top.")]
+    dialogue = Dialogue("d", "v.mp4", 2.0, turns, task="narration")
+    said = [(1.0, "A large red star appears on the left."),  # word for word
+            (5.5, "The red star starts moving to the left."),  # "up" → "to": where it goes
+            (9.0, "The red star turns green."),  # the new colour
+            (14.5, "The blue star leaves the frame."),  # "at" → ".": where
+            (20.0, "The blue star appears.")]  # matches no turn
+    record = {"id": "d", "task": "narration", "said": [{"time_s": t, "text": text} for t, text in said]}
+    wording = targets.sentence_errors([record], {"d": dialogue}, 1.0)
+    assert wording["matched"] == 4 and wording["exact"] == 1
+    assert dict(wording["first_wrong"]) == {"place or direction": 2, "colour": 1}
+
+
+def test_a_response_that_stops_short_of_its_turn_is_a_length_error(targets):
+    turns = [Turn("user", 0.0, "Please narrate the video in real time."), Turn("assistant", 0.0, "Sure."),
+             Turn("assistant", 3.0, "The red star grows.")]
+    record = {"id": "d", "task": "narration", "said": [{"time_s": 3.0, "text": "The red star"}]}
+    wording = targets.sentence_errors([record], {"d": Dialogue("d", "v.mp4", 2.0, turns, task="narration")}, 1.0)
+    assert wording == {"matched": 1, "exact": 0, "first_wrong": [("length", 1)]}
