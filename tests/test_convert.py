@@ -362,6 +362,26 @@ def test_world_scene_lists_objects_in_reading_order_where_every_centre_is_known(
     assert world.describe_scene(objects, [1]) == "A small red circle and a large blue star."  # one centre unknown
 
 
+def test_world_scene_places_each_object_in_the_ninth_of_the_frame_holding_its_centre():
+    """x 0.8 of the top third: "at the top right"; the middle ninth: "in the centre" (the world's own words)."""
+    objects = {0: world.ObjState("circle", "red", "small"), 1: world.ObjState("star", "blue", "large")}
+    centres = {0: (0.5, 0.5), 1: (0.8, 0.1)}
+    assert world.describe_scene(objects, [1, 0], centres) == \
+        "A large blue star at the top right and a small red circle in the centre."
+    assert world.describe_scene(objects, [1, 0], {0: (0.1, 0.5)}) == \
+        "A large blue star and a small red circle on the left."  # no centre: named without a place
+
+
+def test_world_scene_places_are_asked_for_with_an_option(tmp_path):
+    annotations = world_file(tmp_path)
+    plain = run(tmp_path, "world-scene", annotations, scene_frames=5)
+    placed = run(tmp_path, "world-scene", annotations, scene_frames=5, scene_places=True)
+    assert [c.start_s for c in placed] == [c.start_s for c in plain]  # the same frames
+    for with_places, without in zip(placed, plain, strict=True):
+        answer = turns(with_places)[1][2]
+        assert answer != turns(without)[1][2] or answer == "Nothing, the screen is empty."
+        assert any(word in answer for word in (" on the ", " at the ", " in the centre"))
+
 def test_world_scene_clips_are_one_frame_each_answered_from_the_timeline_at_that_frame(tmp_path):
     clips = run(tmp_path, "world-scene", world_file(tmp_path), scene_frames=5)
     events = world.parse_events(WORLD_EVENTS, "x")

@@ -71,6 +71,10 @@ class ConvertOptions:
                 "ongoing (what an object is doing)"})
     scene_frames: int = field(default=20, metadata={"help": "world-scene: single-frame \"What is on the "
                                                             "screen?\" clips per video"})
+    scene_places: bool = field(default=False, metadata={
+        "help": "world-scene: say where each object is, in the world's place words (\"a small red circle on "
+                "the left\"): the ninth of the frame holding its centre, which narration names at every "
+                "appearance, stop and departure"})
     min_words: int = field(default=2, metadata={"help": "ego4d-narration: drop narrations shorter than this "
                                                         "after cleaning"})
     subset: str = field(default="", metadata={"help": "coin: only videos whose subset contains this "

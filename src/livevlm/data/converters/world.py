@@ -444,28 +444,38 @@ def reading_order(centres: dict[Any, tuple[float, float]]) -> list[Any]:
     return sorted(centres, key=lambda oid: (min(2, max(0, int(centres[oid][1] * 3))), centres[oid][0]))
 
 
-def describe_scene(objects: dict[Any, ObjState], order: list[Any] | None = None) -> str:
+def describe_scene(objects: dict[Any, ObjState], order: list[Any] | None = None,
+                   centres: dict[Any, tuple[float, float]] | None = None) -> str:
     """The objects on screen: "A small red circle and a large blue square.". In `order` (object ids, e.g.
-    `reading_order`, which one frame shows) where it names every object; otherwise in order of appearance."""
+    `reading_order`, which one frame shows) where it names every object; otherwise in order of appearance.
+    With `centres` (object id → [x, y], fractions of the frame), each object with a centre is placed in the
+    world's words: "A small red circle on the left and a large blue square at the top right."."""
     if order is not None and len(order) == len(objects) and set(order) == set(objects):
         objects = {oid: objects[oid] for oid in order}
     names = [with_article(" ".join(part for part in (o.size, o.color, o.shape) if part)) for o in objects.values()]
+    if centres is not None:
+        from livevlm.world import position_phrase, position_word  # the world's own place words (it imports av)
+
+        names = [f"{name} {position_phrase(position_word(*centres[oid]))}" if oid in centres else name
+                 for oid, name in zip(objects, names, strict=True)]
     if not names:
         return "Nothing, the screen is empty."
     listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
     return sentence(listed) + "."
 
 
-def scene_frames(video: WorldVideo, fps: float, count: int, rng: random.Random) -> list[Dialogue]:
+def scene_frames(video: WorldVideo, fps: float, count: int, rng: random.Random, places: bool = False
+                 ) -> list[Dialogue]:
     """`count` single-frame clips at distinct random frames, each "What is on the screen?" answered from
-    the objects after every event at or before that frame's time."""
+    the objects after every event at or before that frame's time; with `places`, each object's place too."""
     n_frames = count_frames(0.0, video.duration_s, fps)
     clips = []
     for k, frame in enumerate(sorted(rng.sample(range(n_frames), min(count, n_frames)))):
         time_s = frame / fps
         builder = StreamBuilder(fps, time_s, time_s + 1 / fps)
-        order = reading_order(centres_at(video.events, time_s))
-        builder.ask(time_s, SCENE_QUESTION, describe_scene(state_at(video.events, time_s), order))
+        centres = centres_at(video.events, time_s)
+        answer = describe_scene(state_at(video.events, time_s), reading_order(centres), centres if places else None)
+        builder.ask(time_s, SCENE_QUESTION, answer)
         clips.append(video.dialogue(f"scene-{k}", builder, "scene"))
     return clips
 
@@ -635,5 +645,5 @@ def convert_world_scene(args: ConvertOptions) -> list[Dialogue]:
     dialogues: list[Dialogue] = []
     for video in parse_world(args):
         rng = random.Random(f"{args.seed}:world-scene:{video.stem}")
-        dialogues.extend(scene_frames(video, args.fps, args.scene_frames, rng))
+        dialogues.extend(scene_frames(video, args.fps, args.scene_frames, rng, places=args.scene_places))
     return dialogues
