@@ -155,6 +155,7 @@ def sentence_errors(records: list[dict], dialogues: dict, tolerance_s: float) ->
                 exact += 1
     return {"matched": matched, "exact": exact, "first_wrong": first_wrong.most_common()}
 
+
 def question_kind(question: str) -> str:
     """The world's question template a question comes from: the object it names ("the large red star": size,
     colour, shape words) becomes "the X" ("What is the large red star doing?" → "What is the X doing?")."""
