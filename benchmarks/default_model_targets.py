@@ -71,13 +71,23 @@ def sentences(text: str) -> list[str]:
     return [part.strip() for part in re.split(r"(?<=[.!?])\s+", text.strip()) if part.strip()]
 
 
+def matched_turns(record: dict, dialogue, tolerance_s: float) -> list[tuple[str, str]]:
+    """(true turn, response) texts of a free-running record's spontaneous turns and what the model said,
+    paired again exactly as the scores were (`match_one_to_one`)."""
+    from livevlm.evaluation.free_running import ground_truth_turns, match_one_to_one
+
+    _, spontaneous, _ = ground_truth_turns(dialogue)
+    said = [(r["time_s"], r["text"]) for r in record["said"]]
+    return [(spontaneous[i][1], said[j][1])
+            for i, j in match_one_to_one([t for t, _ in spontaneous], [t for t, _ in said], tolerance_s)]
+
+
 def object_scores(records: list[dict], dialogues: dict, kinds_by_video: dict, tolerance_s: float) -> dict[str, int]:
     """Counts of the object rows over free-running records (`score_dialogue`'s, with what the model said).
 
     records: the world benchmark's results lines; dialogues: id → Dialogue; kinds_by_video: video → {event
     sentence: kind}. Pairs are matched again exactly as the scores were (`match_one_to_one`).
     """
-    from livevlm.evaluation.free_running import ground_truth_turns, match_one_to_one
     from livevlm.evaluation.world_benchmark import object_words
     from livevlm.world import COLORS, SHAPES
 
@@ -87,11 +97,9 @@ def object_scores(records: list[dict], dialogues: dict, kinds_by_video: dict, to
             continue
         dialogue = dialogues[record["id"]]
         kinds = kinds_by_video[dialogue.video]
-        _, spontaneous, _ = ground_truth_turns(dialogue)
-        said = [(r["time_s"], r["text"]) for r in record["said"]]
-        for i, j in match_one_to_one([t for t, _ in spontaneous], [t for t, _ in said], tolerance_s):
-            response = object_words(said[j][1])
-            events = [(kinds.get(s), object_words(s)) for s in sentences(spontaneous[i][1])]
+        for turn, said in matched_turns(record, dialogue, tolerance_s):
+            response = object_words(said)
+            events = [(kinds.get(s), object_words(s)) for s in sentences(turn)]
             events = [(kind, found) for kind, found in events if kind in OBJECT_KINDS]
             if not events:
                 continue
@@ -132,8 +140,6 @@ def sentence_errors(records: list[dict], dialogues: dict, tolerance_s: float) ->
     """
     from collections import Counter
 
-    from livevlm.evaluation.free_running import ground_truth_turns, match_one_to_one
-
     def words(text: str) -> list[str]:
         return text.lower().replace(".", " .").split()
 
@@ -141,10 +147,8 @@ def sentence_errors(records: list[dict], dialogues: dict, tolerance_s: float) ->
     for record in records:
         if record["task"] != "narration":
             continue
-        _, spontaneous, _ = ground_truth_turns(dialogues[record["id"]])
-        said = [(r["time_s"], r["text"]) for r in record["said"]]
-        for i, j in match_one_to_one([t for t, _ in spontaneous], [t for t, _ in said], tolerance_s):
-            truth, response = words(spontaneous[i][1]), words(said[j][1])
+        for turn, said in matched_turns(record, dialogues[record["id"]], tolerance_s):
+            truth, response = words(turn), words(said)
             matched += 1
             wrong = next((k for k, (a, b) in enumerate(zip(truth, response, strict=False)) if a != b), None)
             if wrong is not None:
